@@ -1,0 +1,20 @@
+"""Backends: one module each behind the small interface in :mod:`.base`."""
+
+from __future__ import annotations
+
+from pyflannel.backend.base import Backend, BackendError
+from pyflannel.config import NetworkConfig
+from pyflannel.host.netlink import ExternalInterface
+
+
+def make_backend(cfg: NetworkConfig, ext: ExternalInterface) -> Backend:
+    """The backend the network config asks for; a clear error for one not built yet."""
+    if cfg.backend_type == "udp":
+        from pyflannel.backend.udp import UdpBackend
+
+        return UdpBackend(cfg, ext)
+    raise BackendError(f"backend {cfg.backend_type!r} is not supported yet by pyflannel "
+                       "(supported: udp)")
+
+
+__all__ = ["Backend", "BackendError", "make_backend"]

@@ -1,0 +1,106 @@
+"""The udp backend: TUN ``flannel0``, each inner IPv4 packet sent raw to the peer on 8285.
+
+The data path is the fast-path process; this module sets the host up around it and keeps
+its peer table current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from ipaddress import IPv4Network
+
+from pyflannel.backend.base import Backend, BackendError
+from pyflannel.fastpath.forwarder import tune_socket
+from pyflannel.fastpath.handle import FastPath, Route
+from pyflannel.host import netlink
+from pyflannel.host.tun import open_tun
+from pyflannel.lease.model import Lease, LeaseAttrs
+
+log = logging.getLogger("pyflannel.udp")
+
+DEVICE = "flannel0"
+UDP_OVERHEAD = 28  # outer IPv4 (20) + UDP (8)
+
+
+class UdpBackend(Backend):
+    type = "udp"
+
+    def __init__(self, cfg, ext) -> None:
+        super().__init__(cfg, ext)
+        self.port = int(cfg.backend_option("Port", 8285))
+        self.tun = None
+        self.sock: socket.socket | None = None
+        self.fastpath: FastPath | None = None
+        self.lease: Lease | None = None
+        self.routes: dict[IPv4Network, Route] = {}
+
+    @property
+    def mtu(self) -> int:
+        return self.ext.mtu - UDP_OVERHEAD
+
+    async def prepare(self) -> LeaseAttrs:
+        self.tun = await asyncio.to_thread(open_tun, DEVICE)
+        _disable_ipv6(DEVICE)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind((str(self.ext.address), self.port))
+        except OSError as e:
+            sock.close()
+            raise BackendError(
+                f"cannot bind udp {self.ext.address}:{self.port}: {e.strerror}") from None
+        tune_socket(sock)
+        self.sock = sock
+        self.fastpath = FastPath(self.tun.fileno(), sock,
+                                 mode=os.environ.get("PYFLANNEL_FASTPATH", "process"))
+        self.fastpath.start()
+        return LeaseAttrs(public_ip=self.ext.public_ip, backend_type="udp")
+
+    async def activate(self, lease: Lease) -> None:
+        self.lease = lease
+        await asyncio.to_thread(
+            netlink.configure_overlay_device, DEVICE, lease.subnet.network_address,
+            self.mtu, self.cfg.network,
+        )
+        self._push()
+
+    async def add_peer(self, lease: Lease) -> None:
+        self.routes[lease.subnet] = Route(lease.subnet, lease.attrs.public_ip, self.port)
+        self._push()
+
+    async def remove_peer(self, lease: Lease) -> None:
+        if self.routes.pop(lease.subnet, None) is not None:
+            self._push()
+
+    def _push(self) -> None:
+        if self.fastpath is not None and self.lease is not None:
+            self.fastpath.configure(self.lease.subnet, self.lease.subnet.network_address,
+                                    self.routes.values())
+
+    def healthy(self) -> bool:
+        return self.fastpath is not None and self.fastpath.alive()
+
+    def counters(self) -> dict[str, int]:
+        return self.fastpath.counters() if self.fastpath is not None else {}
+
+    async def teardown(self) -> None:
+        if self.fastpath is not None:
+            await asyncio.to_thread(self.fastpath.stop)
+            self.fastpath = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.tun is not None:
+            self.tun.close()  # a non-persistent TUN disappears, with its routes
+            self.tun = None
+
+
+def _disable_ipv6(device: str) -> None:
+    """flannel0 carries IPv4 only; keep the kernel's IPv6 chatter out of the drop counters."""
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{device}/disable_ipv6", "w") as f:
+            f.write("1")
+    except OSError:
+        pass

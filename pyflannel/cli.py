@@ -1,0 +1,87 @@
+"""Command line: ``pyflanneld`` (the daemon, flanneld's flags) and ``pyflannel <command>``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from pyflannel import __version__
+from pyflannel.flags import FlagError, Options, parse_flags, usage
+
+COMMANDS = """\
+usage: pyflannel <command> [flags]
+
+commands:
+  run       run the daemon (same as pyflanneld; flanneld's flags)
+  status    the cluster's subnet table from etcd (--json for scripts)
+  demo      build a local lab (etcd + nodes in network namespaces) and ping across it
+  version   print the version
+"""
+
+
+def _parse(prog: str, argv: Sequence[str]) -> Options | None:
+    try:
+        opts = parse_flags(argv)
+    except FlagError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if opts.help:
+        print(f"usage: {prog} [flags]\n\n{usage()}")
+        return None
+    if opts.version:
+        print(__version__)
+        return None
+    return opts
+
+
+def daemon_main(argv: Sequence[str] | None = None, prog: str = "pyflanneld") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = _parse(prog, argv)
+    if opts is None:
+        return 0
+    from pyflannel import daemon
+    from pyflannel.logutil import setup_logging
+
+    setup_logging(opts.verbosity)
+    return daemon.run(opts)
+
+
+def status_main(argv: Sequence[str]) -> int:
+    as_json = False
+    rest = []
+    for arg in argv:
+        if arg in ("--json", "-json"):
+            as_json = True
+        else:
+            rest.append(arg)
+    opts = _parse("pyflannel status", rest)
+    if opts is None:
+        return 0
+    from pyflannel import status
+
+    return status.run(opts, as_json=as_json)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(COMMANDS, end="")
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "run":
+        return daemon_main(rest, prog="pyflannel run")
+    if cmd == "status":
+        return status_main(rest)
+    if cmd == "demo":
+        from pyflannel import demo
+
+        return demo.main(rest)
+    if cmd in ("version", "--version", "-version"):
+        print(__version__)
+        return 0
+    print(f"pyflannel: unknown command {cmd!r}\n\n{COMMANDS}", file=sys.stderr, end="")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+"""pyflanneld: the per-node control plane, wiring config, leases, backend and hand-off.
+
+Order matters and is flanneld's: find the interface, read and validate the network config
+(before any device is touched), prepare the backend, take a lease, program the data path,
+write the subnet file, then tell systemd we are ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from ipaddress import IPv4Interface
+
+from pyflannel import __version__
+from pyflannel.backend import Backend, BackendError, make_backend
+from pyflannel.config import ConfigError, NetworkConfig, parse_config
+from pyflannel.flags import Options
+from pyflannel.host import netlink, systemd
+from pyflannel.host.subnetfile import SubnetEnv, previous_subnet, write_subnet_file
+from pyflannel.host.tun import TunError
+from pyflannel.lease.etcd import EtcdAuthError, EtcdRegistry, EtcdUnavailable
+from pyflannel.lease.manager import Backoff, LeaseManager
+from pyflannel.lease.model import Lease, config_key
+from pyflannel.lease.policy import PeerDiff, SubnetPoolExhausted
+from pyflannel.logutil import RateLimitedLog
+from pyflannel.metrics import HealthServer, Metrics
+
+log = logging.getLogger("pyflannel")
+
+
+class Fatal(Exception):
+    """An error the operator must fix; the daemon exits non-zero with this one line."""
+
+
+class Daemon:
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.registry = EtcdRegistry(
+            opts.etcd_endpoints, opts.etcd_prefix,
+            username=opts.etcd_username, password=opts.etcd_password,
+        )
+        self.errors = RateLimitedLog(log)
+        self.backend: Backend | None = None
+        self.manager: LeaseManager | None = None
+        self.cfg: NetworkConfig | None = None
+        self.ready = asyncio.Event()
+        self._ignored_backends: set[str] = set()
+        self.metrics = Metrics(self.state)
+        self.http: HealthServer | None = None
+
+    def is_ready(self) -> bool:
+        """Ready while we hold a lease and the data path it needs is running."""
+        m, b = self.manager, self.backend
+        return (self.ready.is_set() and m is not None and m.lease is not None
+                and not m.lease_is_lost() and b is not None and b.healthy())
+
+    def state(self) -> dict:
+        """A snapshot for the metrics collector."""
+        m, b = self.manager, self.backend
+        lease = m.lease if m is not None else None
+        return {
+            "backend": b.type if b is not None else "",
+            "subnet": str(lease.subnet) if lease is not None else "",
+            "peers": len(m.peers) if m is not None else 0,
+            "lease_expiry": m.expires_at if m is not None else 0.0,
+            "renewals": m.renewals if m is not None else 0,
+            "etcd_errors": self.registry.errors,
+            "ready": self.is_ready(),
+            "counters": b.counters() if b is not None else {},
+        }
+
+    # -- start-up ----------------------------------------------------------------------
+
+    async def wait_for_config(self) -> NetworkConfig:
+        """Read ``<prefix>/config``; wait (saying so once) while it is missing or etcd is
+        down; a config that breaks a rule is fatal."""
+        key = config_key(self.opts.etcd_prefix)
+        backoff = Backoff(0.5, 5.0)
+        said_missing = False
+        while True:
+            try:
+                raw = await self.registry.get_config()
+            except EtcdUnavailable as e:
+                self.errors.error("etcd", "%s; retrying", e)
+                await asyncio.sleep(backoff.next())
+                continue
+            except EtcdAuthError as e:
+                raise Fatal(str(e)) from None
+            self.errors.clear("etcd", f"connected to etcd at {self.registry.endpoint}")
+            if raw is None:
+                if not said_missing:
+                    log.warning("network config %s not found in etcd; waiting for it", key)
+                    said_missing = True
+                await asyncio.sleep(backoff.next())
+                continue
+            try:
+                return parse_config(raw)
+            except ConfigError as e:
+                raise Fatal(f"{e} (key {key})") from None
+
+    async def acquire(self) -> Lease:
+        assert self.manager is not None
+        previous = previous_subnet(self.opts.subnet_file)
+        backoff = Backoff(0.5, 5.0)
+        while True:
+            try:
+                lease = await self.manager.acquire(previous)
+                self.errors.clear("acquire", "etcd reachable again")
+                return lease
+            except SubnetPoolExhausted as e:
+                raise Fatal(str(e)) from None
+            except EtcdUnavailable as e:
+                self.errors.error("acquire", "cannot acquire a lease: %s", e)
+                await asyncio.sleep(backoff.next())
+
+    async def start(self) -> None:
+        opts = self.opts
+        if opts.healthz_port:
+            self.http = HealthServer(opts.healthz_ip, opts.healthz_port, self.metrics,
+                                     self.is_ready)
+            try:
+                await self.http.start()
+            except OSError as e:
+                raise Fatal(f"cannot listen on {opts.healthz_ip}:{opts.healthz_port} for "
+                            f"-healthz-port: {e.strerror}") from None
+        try:
+            ext = await asyncio.to_thread(
+                netlink.find_external_interface, opts.iface, opts.iface_regex,
+                opts.iface_can_reach, opts.public_ip,
+            )
+        except netlink.InterfaceError as e:
+            raise Fatal(str(e)) from None
+        log.info("using interface %s (address %s, public address %s, mtu %d)",
+                 ext.name, ext.address, ext.public_ip, ext.mtu)
+        self.cfg = cfg = await self.wait_for_config()
+        log.info("network %s, subnets /%d from %s to %s, backend %s", cfg.network,
+                 cfg.subnet_len, cfg.subnet_min, cfg.subnet_max, cfg.backend_type)
+        try:
+            self.backend = make_backend(cfg, ext)
+            attrs = await self.backend.prepare()
+        except (BackendError, TunError) as e:
+            raise Fatal(str(e)) from None
+        self.manager = LeaseManager(
+            self.registry, cfg, attrs,
+            renew_margin_s=opts.subnet_lease_renew_margin * 60,
+            on_peers=self.on_peers, on_lease=self.on_lease,
+        )
+        lease = await self.acquire()
+        await self.on_lease(lease)
+        await self.initial_peers()
+        self.ready.set()
+        systemd.notify("READY=1")
+        log.info("ready: subnet %s, mtu %d", lease.subnet, self.backend.mtu)
+
+    async def initial_peers(self) -> None:
+        """Program the peers we know before claiming readiness (best effort)."""
+        assert self.manager is not None
+        try:
+            await self.manager.resync()
+        except EtcdUnavailable as e:
+            self.errors.error("watch", "cannot list peers yet: %s", e)
+
+    # -- callbacks from the lease manager ----------------------------------------------
+
+    async def on_lease(self, lease: Lease) -> None:
+        assert self.backend is not None and self.cfg is not None
+        await self.backend.activate(lease)
+        env = SubnetEnv(
+            network=self.cfg.network,
+            subnet=IPv4Interface(f"{lease.subnet.network_address + 1}/{lease.subnet.prefixlen}"),
+            mtu=self.backend.mtu,
+            ipmasq=self.opts.ip_masq,
+        )
+        write_subnet_file(self.opts.subnet_file, env)
+        log.info("wrote %s (FLANNEL_SUBNET=%s)", self.opts.subnet_file, env.subnet)
+
+    async def on_peers(self, diff: PeerDiff) -> None:
+        assert self.backend is not None
+        for lease in diff.removed:
+            if self._compatible(lease):
+                await self.backend.remove_peer(lease)
+                log.info("peer removed: %s (%s)", lease.subnet, lease.attrs.public_ip)
+        for lease in diff.added:
+            if self._compatible(lease):
+                await self.backend.add_peer(lease)
+                log.info("peer added: %s via %s", lease.subnet, lease.attrs.public_ip)
+
+    def _compatible(self, lease: Lease) -> bool:
+        assert self.backend is not None
+        kind = lease.attrs.effective_backend
+        if kind == self.backend.type:
+            return True
+        if str(lease.subnet) not in self._ignored_backends:
+            self._ignored_backends.add(str(lease.subnet))
+            log.warning("peer %s uses backend %s, not %s; ignored", lease.subnet, kind,
+                        self.backend.type)
+        return False
+
+    # -- running -----------------------------------------------------------------------
+
+    async def watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(1)
+            if self.backend is not None and not self.backend.healthy():
+                raise Fatal("the data path stopped unexpectedly")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks: list[asyncio.Task] = []
+        try:
+            starter = asyncio.create_task(self.start())
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({starter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not starter.done():
+                starter.cancel()
+                await asyncio.gather(starter, return_exceptions=True)
+                return
+            stopper.cancel()
+            starter.result()
+            assert self.manager is not None
+            tasks = [
+                asyncio.create_task(self.manager.watch_forever(), name="watch"),
+                asyncio.create_task(self.manager.renew_forever(), name="renew"),
+                asyncio.create_task(self.watch_health(), name="health"),
+            ]
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait({*tasks, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stopper:
+                    t.result()  # re-raise a task's failure
+            stopper.cancel()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop the data path and leave the lease in etcd, so a restart keeps the subnet."""
+        if self.backend is not None:
+            await self.backend.teardown()
+        if self.http is not None:
+            await self.http.close()
+        await self.registry.close()
+
+
+async def _amain(opts: Options) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    daemon = Daemon(opts)
+    try:
+        await daemon.run(stop)
+    except Fatal as e:
+        log.error("%s", e)
+        return 1
+    log.info("stopped; lease kept for restart")
+    return 0
+
+
+def run(opts: Options) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the process exit status."""
+    import uvloop
+
+    log.info("pyflanneld %s starting", __version__)
+    if opts.ip_masq:
+        log.error("flag -ip-masq: IP masquerading is not supported yet")
+        return 2
+    return uvloop.run(_amain(opts))

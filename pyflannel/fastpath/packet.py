@@ -1,0 +1,102 @@
+"""Pure IPv4 packet helpers for the udp backend: validation, TTL, ICMP errors.
+
+Functions work on a buffer plus a length so the loop can reuse one preallocated buffer.
+"""
+
+from __future__ import annotations
+
+import struct
+
+ICMP_PROTO = 1
+ICMP_DEST_UNREACH = 3
+ICMP_NET_UNREACH = 0
+# ICMP types that are themselves errors: never answer those with another error (RFC 1122).
+ICMP_ERROR_TYPES = frozenset({3, 4, 5, 11, 12})
+
+# Drop reasons: the names are part of the metrics interface.
+NOT_IPV4 = "not_ipv4"
+TRUNCATED = "truncated"
+BAD_HEADER_LENGTH = "bad_header_length"
+
+
+def check_ipv4(buf: bytes | bytearray | memoryview, n: int) -> str | None:
+    """Why the first ``n`` bytes are not a usable IPv4 packet, or None if they are."""
+    if n < 1 or buf[0] >> 4 != 4:
+        return NOT_IPV4
+    if n < 20:
+        return TRUNCATED
+    ihl = (buf[0] & 0x0F) * 4
+    if ihl < 20:
+        return BAD_HEADER_LENGTH
+    total = (buf[2] << 8) | buf[3]
+    if total < ihl:
+        return BAD_HEADER_LENGTH
+    if total > n or ihl > n:
+        return TRUNCATED
+    return None
+
+
+def decrement_ttl(buf: bytearray | memoryview) -> bool:
+    """Decrement the TTL in place with an incremental checksum update (RFC 1624).
+
+    Returns False, leaving the packet untouched, when the TTL would reach zero.
+    """
+    ttl = buf[8]
+    if ttl <= 1:
+        return False
+    buf[8] = ttl - 1
+    # The TTL is the high byte of header word 4: the word drops by 0x0100, so the
+    # one's-complement checksum rises by 0x0100 with end-around carry.
+    csum = ((buf[10] << 8) | buf[11]) + 0x0100
+    csum = (csum & 0xFFFF) + (csum >> 16)
+    buf[10] = csum >> 8
+    buf[11] = csum & 0xFF
+    return True
+
+
+def checksum(data: bytes | bytearray | memoryview) -> int:
+    """The Internet checksum (RFC 1071) of ``data``."""
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def header_checksum_ok(buf: bytes | bytearray | memoryview) -> bool:
+    ihl = (buf[0] & 0x0F) * 4
+    return checksum(bytes(buf[:ihl])) == 0
+
+
+def wants_icmp_error(buf: bytes | bytearray | memoryview, n: int) -> bool:
+    """May this packet be answered with an ICMP error? Not if it is a non-first fragment,
+    an ICMP error itself, or addressed from nowhere."""
+    if check_ipv4(buf, n) is not None:
+        return False
+    if ((buf[6] & 0x1F) << 8 | buf[7]) != 0:  # fragment offset
+        return False
+    src = bytes(buf[12:16])
+    if src == b"\0\0\0\0" or src[0] >= 224:
+        return False
+    if buf[9] == ICMP_PROTO:
+        ihl = (buf[0] & 0x0F) * 4
+        if n <= ihl or buf[ihl] in ICMP_ERROR_TYPES:
+            return False
+    return True
+
+
+def icmp_net_unreachable(orig: bytes | bytearray | memoryview, n: int, src: bytes) -> bytes:
+    """An ICMP destination-unreachable/net-unreachable from ``src`` back to the sender of
+    ``orig``, quoting its header and first 8 data bytes as RFC 792 asks."""
+    ihl = (orig[0] & 0x0F) * 4
+    quoted = bytes(orig[: min(n, ihl + 8)])
+    icmp = bytearray(struct.pack("!BBHI", ICMP_DEST_UNREACH, ICMP_NET_UNREACH, 0, 0) + quoted)
+    struct.pack_into("!H", icmp, 2, checksum(icmp))
+    total = 20 + len(icmp)
+    hdr = bytearray(
+        struct.pack("!BBHHHBBH4s4s", 0x45, 0xC0, total, 0, 0, 64, ICMP_PROTO, 0, src,
+                    bytes(orig[12:16]))
+    )
+    struct.pack_into("!H", hdr, 10, checksum(hdr))
+    return bytes(hdr + icmp)

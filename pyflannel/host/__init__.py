@@ -1,0 +1,1 @@
+"""The host side: interfaces, addresses, routes (netlink), TUN devices, files for others."""

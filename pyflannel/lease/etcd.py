@@ -1,0 +1,305 @@
+"""Thin etcd v3 I/O for leases (aetcd), with fail-over across endpoints.
+
+All decisions live in :mod:`pyflannel.lease.policy`; this module only reads and writes keys,
+turning etcd's many failure shapes into two exceptions the daemon can reason about.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Network
+from urllib.parse import urlsplit
+
+import aetcd
+import aetcd.exceptions as aexc
+
+from pyflannel.lease.model import (
+    Lease,
+    LeaseAttrs,
+    LeaseFormatError,
+    config_key,
+    parse_subnet_key,
+    subnet_key,
+    subnets_prefix,
+)
+
+log = logging.getLogger("pyflannel.etcd")
+
+RPC_TIMEOUT_S = 5
+
+
+class EtcdUnavailable(ConnectionError):
+    """No endpoint answered; the caller retries with back-off."""
+
+
+class EtcdAuthError(PermissionError):
+    """etcd refused our credentials: retrying will not help."""
+
+
+class WatchCompacted(RuntimeError):
+    """The watch start revision was compacted away: list again, then watch anew."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    tls: bool
+
+    def __str__(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
+
+def parse_endpoint(url: str) -> Endpoint:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"etcd endpoint {url!r} is not http(s)://host:port")
+    return Endpoint(parts.hostname, parts.port or 2379, parts.scheme == "https")
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """A change under ``<prefix>/subnets/``: a lease put (``lease`` set) or a key gone."""
+
+    subnet: IPv4Network
+    lease: Lease | None
+    revision: int
+
+
+@dataclass(frozen=True)
+class Listing:
+    leases: list[Lease]
+    revision: int
+    malformed: list[tuple[str, str]]  # (key, reason)
+
+
+def kv_to_lease(key: str, value: bytes, lease_id: int, mod_revision: int) -> Lease:
+    return Lease(
+        subnet=parse_subnet_key(key),
+        attrs=LeaseAttrs.from_json(value),
+        lease_id=lease_id,
+        mod_revision=mod_revision,
+    )
+
+
+class EtcdRegistry:
+    """Lease keys in etcd for one network prefix, over one or more endpoints."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        prefix: str,
+        *,
+        username: str = "",
+        password: str = "",
+        timeout: float = RPC_TIMEOUT_S,
+    ) -> None:
+        self.endpoints = [parse_endpoint(e) for e in endpoints]
+        if not self.endpoints:
+            raise ValueError("no etcd endpoints given")
+        for ep in self.endpoints:
+            if ep.tls:
+                raise ValueError(
+                    f"etcd endpoint {ep}: TLS endpoints are not supported yet "
+                    "(use http:// or a local TLS proxy)"
+                )
+        self.prefix = prefix.rstrip("/")
+        self._username = username or None
+        self._password = password or None
+        self._timeout = timeout
+        self._index = 0
+        self._client: aetcd.Client | None = None
+        self.errors = 0  # failed requests, for the metrics
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.endpoints[self._index]
+
+    def _make_client(self) -> aetcd.Client:
+        ep = self.endpoint
+        return aetcd.Client(
+            host=ep.host,
+            port=ep.port,
+            username=self._username,
+            password=self._password,
+            timeout=self._timeout,
+            options={"grpc.enable_retries": 0},
+        )
+
+    async def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            # A broken channel may fail to close; drop it all the same.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.close(), 2)
+
+    async def close(self) -> None:
+        await self._drop_client()
+
+    async def _call(self, op):
+        """Run ``op(client)``, moving to the next endpoint when one does not answer."""
+        errors: list[str] = []
+        for _ in range(len(self.endpoints)):
+            if self._client is None:
+                self._client = self._make_client()
+            try:
+                return await op(self._client)
+            except aexc.UnauthenticatedError as e:
+                raise EtcdAuthError(f"etcd {self.endpoint} refused the credentials: {e}") from None
+            except (TimeoutError, aexc.ConnectionFailedError, aexc.ConnectionTimeoutError,
+                    OSError) as e:
+                errors.append(f"{self.endpoint}: {_one_line(e)}")
+            except aexc.ClientError as e:
+                if "auth" in str(e).lower() or "permission" in str(e).lower():
+                    raise EtcdAuthError(f"etcd {self.endpoint}: {_one_line(e)}") from None
+                errors.append(f"{self.endpoint}: {_one_line(e)}")
+            self.errors += 1
+            await self._drop_client()
+            self._index = (self._index + 1) % len(self.endpoints)
+        raise EtcdUnavailable("etcd unreachable (" + "; ".join(errors) + ")")
+
+    # -- reads -------------------------------------------------------------------------
+
+    async def get_config(self) -> bytes | None:
+        key = config_key(self.prefix).encode()
+        got = await self._call(lambda c: c.get(key))
+        return None if got is None else bytes(got.value)
+
+    async def put_config(self, value: bytes) -> None:
+        key = config_key(self.prefix).encode()
+        await self._call(lambda c: c.put(key, value))
+
+    async def list_leases(self) -> Listing:
+        prefix = subnets_prefix(self.prefix).encode()
+        rng = await self._call(lambda c: c.get_prefix(prefix))
+        leases, malformed = [], []
+        for kv in rng.kvs:
+            key = kv.key.decode(errors="replace")
+            try:
+                leases.append(kv_to_lease(key, kv.value, kv.lease, kv.mod_revision))
+            except LeaseFormatError as e:
+                malformed.append((key, str(e)))
+        return Listing(leases, rng.header.revision, malformed)
+
+    async def get_lease(self, subnet: IPv4Network) -> Lease | None:
+        key = subnet_key(self.prefix, subnet)
+        got = await self._call(lambda c: c.get(key.encode()))
+        if got is None:
+            return None
+        return kv_to_lease(key, got.value, got.lease, got.mod_revision)
+
+    async def lease_ttl(self, lease_id: int) -> int:
+        """Seconds left on an etcd lease; -1 when it no longer exists."""
+        info = await self._call(lambda c: c.get_lease_info(lease_id, keys=False))
+        return int(info.TTL)
+
+    # -- writes ------------------------------------------------------------------------
+
+    async def create(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease | None:
+        """Claim a free subnet atomically; None when another node got there first."""
+        key = subnet_key(self.prefix, subnet).encode()
+
+        async def op(c: aetcd.Client):
+            grant = await c.lease(ttl)
+            ok, _ = await c.transaction(
+                compare=[c.transactions.create(key) == 0],
+                success=[c.transactions.put(key, attrs.to_json().encode(), lease=grant.id)],
+                failure=[],
+            )
+            if not ok:
+                await c.revoke_lease(grant.id)
+                return None
+            return grant.id
+
+        lease_id = await self._call(op)
+        if lease_id is None:
+            return None
+        return Lease(subnet, attrs, lease_id=lease_id)
+
+    async def reclaim(self, existing: Lease, attrs: LeaseAttrs, ttl: int) -> Lease | None:
+        """Re-put a key that already names us on a fresh lease (or keep a reservation's
+        missing TTL); None when the key changed under us since we read it."""
+        key = subnet_key(self.prefix, existing.subnet).encode()
+
+        async def op(c: aetcd.Client):
+            lease_id = 0
+            if not existing.reserved:
+                lease_id = (await c.lease(ttl)).id
+            ok, _ = await c.transaction(
+                compare=[c.transactions.mod(key) == existing.mod_revision],
+                success=[c.transactions.put(key, attrs.to_json().encode(), lease=lease_id)],
+                failure=[],
+            )
+            if not ok:
+                if lease_id:
+                    await c.revoke_lease(lease_id)
+                return None
+            if existing.lease_id:
+                # The old lease now holds no key: let it go rather than wait a day.
+                with contextlib.suppress(aexc.ClientError):
+                    await c.revoke_lease(existing.lease_id)
+            return lease_id
+
+        lease_id = await self._call(op)
+        if lease_id is None:
+            return None
+        return Lease(existing.subnet, attrs, lease_id=lease_id)
+
+    async def refresh(self, lease_id: int) -> int:
+        """Keep a lease alive; returns the new TTL, or 0 if etcd no longer has it."""
+        reply = await self._call(lambda c: c.refresh_lease(lease_id))
+        return int(reply.TTL) if reply is not None else 0
+
+    async def put_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, lease_id: int = 0) -> None:
+        key = subnet_key(self.prefix, subnet).encode()
+        await self._call(lambda c: c.put(key, attrs.to_json().encode(), lease=lease_id or None))
+
+    async def delete_lease(self, subnet: IPv4Network) -> bool:
+        key = subnet_key(self.prefix, subnet).encode()
+        return bool(await self._call(lambda c: c.delete(key)))
+
+    # -- watch -------------------------------------------------------------------------
+
+    async def watch(self, start_revision: int) -> AsyncIterator[WatchEvent]:
+        """Changes under the subnets directory from ``start_revision`` on.
+
+        Ends by raising: EtcdUnavailable when the stream breaks, WatchCompacted when the
+        revision is gone. Malformed values are reported as events with ``lease=None`` only
+        for deletes; malformed puts are logged by the caller via :func:`decode_event`.
+        """
+        prefix = subnets_prefix(self.prefix).encode()
+        watch = await self._call(lambda c: c.watch_prefix(prefix, start_revision=start_revision))
+        try:
+            async for ev in watch:
+                key = ev.kv.key.decode(errors="replace")
+                try:
+                    subnet = parse_subnet_key(key)
+                except LeaseFormatError:
+                    continue
+                if ev.kind == "DELETE":
+                    yield WatchEvent(subnet, None, ev.kv.mod_revision)
+                    continue
+                try:
+                    lease = kv_to_lease(key, ev.kv.value, ev.kv.lease, ev.kv.mod_revision)
+                except LeaseFormatError as e:
+                    log.warning("ignoring malformed lease %s: %s", key, e)
+                    continue
+                yield WatchEvent(subnet, lease, ev.kv.mod_revision)
+        except aexc.RevisionCompactedError as e:
+            raise WatchCompacted(str(e)) from None
+        except aexc.ClientError as e:
+            await self._drop_client()
+            raise EtcdUnavailable(f"watch on {self.endpoint} ended: {_one_line(e)}") from None
+        finally:
+            with contextlib.suppress(Exception):  # the stream may already be gone
+                await asyncio.wait_for(watch.cancel(), 1)
+        raise EtcdUnavailable(f"watch on {self.endpoint} ended")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return " ".join(text.split())[:300]

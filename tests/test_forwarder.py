@@ -1,0 +1,141 @@
+"""The forwarding loop's decisions, driven through real sockets on loopback.
+
+A datagram socketpair stands in for the TUN device (both carry one IP packet per read),
+so these run without root; the namespace tests drive a real TUN end to end.
+"""
+
+import json
+import socket
+import struct
+import threading
+import time
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pyflannel.fastpath import counters
+from pyflannel.fastpath.forwarder import Forwarder
+from pyflannel.fastpath.packet import header_checksum_ok
+from tests.test_packet import ipv4
+
+LOCAL = IPv4Network("10.1.1.0/24")
+
+
+class Rig:
+    """A forwarder between a fake TUN (socketpair) and a UDP socket on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.tun_app, tun_fwd = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        tun_fwd.setblocking(False)
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # plays node 10.1.2.0/24
+        self.peer.bind(("127.0.0.2", 0))
+        self.peer.settimeout(2)
+        self.tun_app.settimeout(2)
+        self.ctl, fwd_ctl = socket.socketpair()
+        self.mem_fd, self.mem = counters.create_shared()
+        self.fwd = Forwarder(tun_fwd.fileno(), self.udp, fwd_ctl, self.mem)
+        self._keep = (tun_fwd, fwd_ctl)
+        self.thread = threading.Thread(target=self.fwd.run, daemon=True)
+        self.thread.start()
+        self.configure()
+
+    def configure(self, peers=None) -> None:
+        peers = peers if peers is not None else [
+            [int(IPv4Address("10.1.2.0")), "127.0.0.2", self.peer.getsockname()[1]]]
+        msg = {"op": "config", "subnet_len": 24, "local_net": int(LOCAL.network_address),
+               "local_addr": int(LOCAL.network_address), "peers": peers}
+        generation = self.fwd.generation
+        self.ctl.sendall(json.dumps(msg).encode() + b"\n")
+        deadline = time.monotonic() + 2
+        while self.fwd.generation == generation:
+            assert time.monotonic() < deadline, "forwarder did not take the table"
+            time.sleep(0.005)
+
+    def counters(self) -> dict:
+        time.sleep(0.05)
+        return counters.read(self.mem)
+
+    def close(self) -> None:
+        self.ctl.sendall(b'{"op":"stop"}\n')
+        self.thread.join(2)
+
+
+@pytest.fixture
+def rig():
+    r = Rig()
+    yield r
+    r.close()
+
+
+def test_a_packet_for_a_peer_goes_out_unchanged_but_for_the_ttl(rig):
+    pkt = ipv4(src="10.1.1.5", dst="10.1.2.7", ttl=64, payload=b"hello")
+    rig.tun_app.send(pkt)
+    data, _ = rig.peer.recvfrom(65536)
+    assert data[8] == 63 and header_checksum_ok(data)
+    assert data[:8] == pkt[:8] and data[12:] == pkt[12:]
+    c = rig.counters()
+    assert c["tx_packets"] == 1 and c["tx_bytes"] == len(pkt)
+
+
+def test_a_packet_from_a_peer_reaches_the_tun(rig):
+    pkt = ipv4(src="10.1.2.7", dst="10.1.1.5", ttl=64)
+    rig.peer.sendto(pkt, rig.udp.getsockname())
+    got = rig.tun_app.recv(65536)
+    assert got[8] == 63 and got[16:20] == pkt[16:20] and header_checksum_ok(got)
+    assert rig.counters()["rx_packets"] == 1
+
+
+def test_no_lease_for_the_destination_answers_net_unreachable(rig):
+    rig.tun_app.send(ipv4(src="10.1.1.5", dst="10.1.77.1", proto=1,
+                          payload=bytes([8, 0]) + bytes(6)))
+    reply = rig.tun_app.recv(65536)
+    assert reply[9] == 1 and reply[20] == 3 and reply[21] == 0
+    assert reply[16:20] == bytes([10, 1, 1, 5])
+    c = rig.counters()
+    assert c["drop_no_route"] == 1 and c["icmp_unreachable_sent"] == 1
+
+
+def test_datagrams_from_hosts_without_a_lease_are_dropped(rig):
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stranger.bind(("127.0.0.3", 0))
+    stranger.sendto(ipv4(src="10.1.2.7", dst="10.1.1.5"), rig.udp.getsockname())
+    time.sleep(0.1)
+    assert rig.counters()["drop_unknown_source"] == 1
+    stranger.close()
+
+
+@pytest.mark.parametrize(("payload", "reason"), [
+    (bytes([0x60]) + bytes(39), "drop_not_ipv4"),
+    (ipv4(src="10.1.2.7", dst="10.1.1.5")[:15], "drop_truncated"),
+    (ipv4(src="10.1.2.7", dst="10.1.3.5"), "drop_wrong_subnet"),
+    (ipv4(src="10.1.2.7", dst="10.1.1.5", ttl=1), "drop_ttl_exceeded"),
+])
+def test_bad_inner_packets_are_dropped_by_reason(rig, payload, reason):
+    rig.peer.sendto(payload, rig.udp.getsockname())
+    time.sleep(0.1)
+    assert rig.counters()[reason] == 1
+
+
+def test_a_new_table_applies_at_once(rig):
+    rig.configure(peers=[])
+    rig.tun_app.send(ipv4(src="10.1.1.5", dst="10.1.2.7"))
+    time.sleep(0.1)
+    assert rig.counters()["drop_no_route"] == 1
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=120))
+def test_garbage_from_a_peer_never_stops_the_loop(rig, data):
+    rig.peer.sendto(data, rig.udp.getsockname())
+    assert rig.thread.is_alive()
+
+
+def test_the_loop_still_forwards_after_garbage(rig):
+    for junk in (b"", b"\x45", b"\xff" * 100, struct.pack("!BBH", 0x4F, 0, 65535)):
+        rig.peer.sendto(junk, rig.udp.getsockname())
+    rig.peer.sendto(ipv4(src="10.1.2.7", dst="10.1.1.5"), rig.udp.getsockname())
+    assert rig.tun_app.recv(65536)[16:20] == bytes([10, 1, 1, 5])

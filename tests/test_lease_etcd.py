@@ -1,0 +1,157 @@
+"""Leases against a real etcd: atomic claims, a full pool, restarts, watches."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from pyflannel.config import parse_config
+from pyflannel.lease.etcd import EtcdRegistry, EtcdUnavailable
+from pyflannel.lease.manager import LeaseManager
+from pyflannel.lease.model import LeaseAttrs, subnet_key
+from pyflannel.lease.policy import PeerDiff, SubnetPoolExhausted
+
+CFG = parse_config('{"Network": "10.1.0.0/16"}')
+
+
+def node(i: int) -> LeaseAttrs:
+    return LeaseAttrs(IPv4Address(f"198.18.1.{i}"), "udp")
+
+
+@pytest.fixture
+def registry(etcd_server, etcd_prefix):
+    return EtcdRegistry([etcd_server.endpoint], etcd_prefix)
+
+
+async def test_twenty_nodes_starting_at_once_get_twenty_distinct_subnets(etcd_server,
+                                                                          etcd_prefix):
+    regs = [EtcdRegistry([etcd_server.endpoint], etcd_prefix) for _ in range(20)]
+    managers = [LeaseManager(r, CFG, node(i)) for i, r in enumerate(regs, 1)]
+    leases = await asyncio.gather(*(m.acquire() for m in managers))
+    assert len({lease.subnet for lease in leases}) == 20
+    listing = await regs[0].list_leases()
+    assert {lease.subnet for lease in listing.leases} == {lease.subnet for lease in leases}
+    for r in regs:
+        await r.close()
+
+
+async def test_a_full_pool_gives_the_fifth_node_a_clear_error(etcd_server, etcd_prefix):
+    cfg = parse_config('{"Network":"10.1.0.0/16","SubnetMin":"10.1.1.0","SubnetMax":"10.1.4.0"}')
+    reg = EtcdRegistry([etcd_server.endpoint], etcd_prefix)
+    for i in range(1, 5):
+        await LeaseManager(reg, cfg, node(i)).acquire()
+    with pytest.raises(SubnetPoolExhausted, match="no free subnet"):
+        await LeaseManager(reg, cfg, node(5)).acquire()
+    await reg.close()
+
+
+async def test_lease_value_and_ttl_are_flanneld_s(registry, etcd_server, etcd_prefix):
+    lease = await LeaseManager(registry, CFG, node(1)).acquire()
+    key = subnet_key(etcd_prefix, lease.subnet)
+    raw = etcd_server.etcdctl("get", key, "--print-value-only").stdout.strip()
+    assert json.loads(raw) == {"PublicIP": "198.18.1.1", "PublicIPv6": None,
+                               "BackendType": "udp"}
+    ttl = await registry.lease_ttl(lease.lease_id)
+    assert 24 * 3600 - 60 < ttl <= 24 * 3600
+    await registry.close()
+
+
+async def test_a_restarted_node_takes_back_its_key_on_a_fresh_lease(registry):
+    first = await LeaseManager(registry, CFG, node(1)).acquire()
+    again = await LeaseManager(registry, CFG, node(1)).acquire()
+    assert again.subnet == first.subnet and again.lease_id != first.lease_id
+    assert await registry.lease_ttl(first.lease_id) == -1  # the old lease was let go
+    await registry.close()
+
+
+async def test_with_its_key_gone_a_node_prefers_its_previous_subnet(registry):
+    first = await LeaseManager(registry, CFG, node(1)).acquire()
+    await registry.delete_lease(first.subnet)
+    again = await LeaseManager(registry, CFG, node(1)).acquire(previous=first.subnet)
+    assert again.subnet == first.subnet
+    await registry.close()
+
+
+async def test_a_reservation_is_adopted_without_a_ttl(registry):
+    await registry.put_lease(IPv4Network("10.1.42.0/24"), node(1))
+    lease = await LeaseManager(registry, CFG, node(1)).acquire()
+    assert lease.subnet == IPv4Network("10.1.42.0/24") and lease.reserved
+    assert (await registry.get_lease(lease.subnet)).lease_id == 0
+    await registry.close()
+
+
+async def test_the_watch_follows_peers_joining_and_leaving(registry, etcd_server, etcd_prefix):
+    diffs: list[PeerDiff] = []
+
+    async def on_peers(diff: PeerDiff) -> None:
+        diffs.append(diff)
+
+    me = LeaseManager(registry, CFG, node(1), on_peers=on_peers)
+    await me.acquire()
+    watcher = asyncio.create_task(me.watch_forever())
+    other_reg = EtcdRegistry([etcd_server.endpoint], etcd_prefix)
+    other = await LeaseManager(other_reg, CFG, node(2)).acquire()
+    await _until(lambda: other.subnet in me.peers)
+    assert me.lease.subnet not in me.peers
+    await other_reg.delete_lease(other.subnet)
+    await _until(lambda: other.subnet not in me.peers)
+    assert any(other.subnet in {x.subnet for x in d.removed} for d in diffs)
+    watcher.cancel()
+    await other_reg.close()
+    await registry.close()
+
+
+async def test_losing_its_own_key_makes_a_node_take_a_lease_again(registry):
+    taken = []
+
+    async def on_lease(lease):
+        taken.append(lease)
+
+    me = LeaseManager(registry, CFG, node(1), on_lease=on_lease)
+    first = await me.acquire()
+    tasks = [asyncio.create_task(me.watch_forever()), asyncio.create_task(me.renew_forever())]
+    await asyncio.sleep(0.3)
+    await registry.delete_lease(first.subnet)
+    await _until(lambda: taken)
+    assert taken[0].subnet == first.subnet  # the old subnet was free, so it came back
+    assert (await registry.get_lease(first.subnet)) is not None
+    for t in tasks:
+        t.cancel()
+    await registry.close()
+
+
+async def test_malformed_peer_values_are_ignored(registry, etcd_server, etcd_prefix):
+    etcd_server.etcdctl("put", f"{etcd_prefix}/subnets/10.1.99.0-24", "not json")
+    etcd_server.etcdctl("put", f"{etcd_prefix}/subnets/garbage", "{}")
+    me = LeaseManager(registry, CFG, node(1))
+    lease = await me.acquire()
+    await me.resync()
+    assert lease.subnet != IPv4Network("10.1.99.0/24")
+    assert me.peers == {}
+    await registry.close()
+
+
+async def test_an_unreachable_etcd_is_one_clear_error():
+    reg = EtcdRegistry(["http://127.0.0.1:1", "http://127.0.0.1:2"], "/coreos.com/network")
+    with pytest.raises(EtcdUnavailable) as e:
+        await reg.get_config()
+    assert "127.0.0.1:1" in str(e.value) and "127.0.0.1:2" in str(e.value)
+    assert "\n" not in str(e.value)
+    await reg.close()
+
+
+async def test_a_second_endpoint_is_used_when_the_first_is_down(etcd_server, etcd_prefix):
+    reg = EtcdRegistry(["http://127.0.0.1:1", etcd_server.endpoint], etcd_prefix)
+    assert await reg.get_config() is None
+    await reg.close()
+
+
+async def _until(cond, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
