@@ -47,7 +47,7 @@ class Rig:
         peers = peers if peers is not None else [
             [int(IPv4Address("10.1.2.0")), "127.0.0.2", self.peer.getsockname()[1]]]
         msg = {"op": "config", "subnet_len": 24, "local_net": int(LOCAL.network_address),
-               "local_addr": int(LOCAL.network_address), "peers": peers}
+               "icmp_src": int(IPv4Address("10.1.0.0")), "peers": peers}
         generation = self.fwd.generation
         self.ctl.sendall(json.dumps(msg).encode() + b"\n")
         deadline = time.monotonic() + 2
@@ -95,6 +95,7 @@ def test_no_lease_for_the_destination_answers_net_unreachable(rig):
     reply = rig.tun_app.recv(65536)
     assert reply[9] == 1 and reply[20] == 3 and reply[21] == 0
     assert reply[16:20] == bytes([10, 1, 1, 5])
+    assert reply[12:16] == bytes([10, 1, 0, 0])  # from the overlay, not a local address
     c = rig.counters()
     assert c["drop_no_route"] == 1 and c["icmp_unreachable_sent"] == 1
 
@@ -127,7 +128,8 @@ def test_a_new_table_applies_at_once(rig):
     assert rig.counters()["drop_no_route"] == 1
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=120))
 def test_garbage_from_a_peer_never_stops_the_loop(rig, data):
     rig.peer.sendto(data, rig.udp.getsockname())

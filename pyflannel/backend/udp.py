@@ -76,7 +76,7 @@ class UdpBackend(Backend):
 
     def _push(self) -> None:
         if self.fastpath is not None and self.lease is not None:
-            self.fastpath.configure(self.lease.subnet, self.lease.subnet.network_address,
+            self.fastpath.configure(self.lease.subnet, self.cfg.network.network_address,
                                     self.routes.values())
 
     def healthy(self) -> bool:

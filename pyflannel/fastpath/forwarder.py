@@ -43,7 +43,7 @@ class Forwarder:
         self.sources: dict[str, int] = {}  # public ip -> subnet key
         self.shift = 8
         self.local_key = -1
-        self.local_addr = b"\0\0\0\0"
+        self.icmp_src = b"\0\0\0\0"
         self.running = True
         self.generation = 0  # tables installed so far
         self._ctl_buf = b""
@@ -62,7 +62,9 @@ class Forwarder:
         peers = {int(net) >> shift: (ip, int(port)) for net, ip, port in msg["peers"]}
         self.shift = shift
         self.local_key = local_net >> shift
-        self.local_addr = struct.pack("!I", int(msg["local_addr"]))
+        # ICMP errors come from the overlay network's own address (10.1.0.0): never a
+        # local address, which the kernel would drop as a martian source.
+        self.icmp_src = struct.pack("!I", int(msg["icmp_src"]))
         self.sources = {ip: key for key, (ip, _port) in peers.items()}
         self.peers = peers
         self.generation += 1
@@ -122,7 +124,7 @@ class Forwarder:
         self.c[C["drop_no_route"]] += 1
         if wants_icmp_error(self._buf, n):
             try:
-                os.write(self.tun_fd, icmp_net_unreachable(self._buf, n, self.local_addr))
+                os.write(self.tun_fd, icmp_net_unreachable(self._buf, n, self.icmp_src))
                 self.c[C["icmp_unreachable_sent"]] += 1
             except OSError:
                 pass

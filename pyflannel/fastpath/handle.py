@@ -69,13 +69,14 @@ class FastPath:
             return self._proc.poll() is None
         return self._thread is not None and self._thread.is_alive()
 
-    def configure(self, local: IPv4Network, local_addr: IPv4Address,
+    def configure(self, local: IPv4Network, icmp_src: IPv4Address,
                   routes: Iterable[Route]) -> None:
+        """Install our subnet and the peer table; ``icmp_src`` signs our ICMP errors."""
         msg = {
             "op": "config",
             "subnet_len": local.prefixlen,
             "local_net": int(local.network_address),
-            "local_addr": int(local_addr),
+            "icmp_src": int(icmp_src),
             "peers": [[int(r.subnet.network_address), str(r.public_ip), r.port] for r in routes],
         }
         self._ctl.sendall(json.dumps(msg).encode() + b"\n")

@@ -1,0 +1,130 @@
+"""Small programs run inside lab namespaces, and the cluster set-up e2e tests share."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.request  # noqa: F401 - used by the snippets below, run in other processes
+from dataclasses import dataclass
+
+from pyflannel.lab import Lab, LabNode
+
+HEALTHZ_PORT = 9180
+CONFIG_KEY = "/coreos.com/network/config"
+
+# Receive one TCP stream and print its length and SHA-256.
+TCP_SINK = r"""
+import hashlib, socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1)
+print("listening", flush=True)
+c, _ = s.accept(); h = hashlib.sha256(); n = 0
+while True:
+    b = c.recv(1 << 20)
+    if not b: break
+    h.update(b); n += len(b)
+print(n, h.hexdigest(), flush=True)
+"""
+
+# Send N bytes of seeded pseudo-random data and print length and SHA-256.
+TCP_SOURCE = r"""
+import hashlib, random, socket, sys
+dst, port, size, src = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+rng = random.Random(1234); h = hashlib.sha256(); sent = 0
+c = socket.socket(); c.bind((src, 0)); c.connect((dst, port))
+while sent < size:
+    chunk = rng.randbytes(min(1 << 20, size - sent))
+    c.sendall(chunk); h.update(chunk); sent += len(chunk)
+c.close()
+print(sent, h.hexdigest(), flush=True)
+"""
+
+# Send each hex-encoded line of stdin as one UDP datagram to argv[1]:argv[2].
+UDP_SPRAY = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+dst = (sys.argv[1], int(sys.argv[2]))
+for line in sys.stdin:
+    s.sendto(bytes.fromhex(line.strip()), dst)
+print("sent", flush=True)
+"""
+
+FETCH = r"""
+import sys, urllib.request
+try:
+    r = urllib.request.urlopen(sys.argv[1], timeout=5); print(r.status); print(r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code)
+"""
+
+
+@dataclass
+class Node:
+    lab_node: LabNode
+    subnet: str  # FLANNEL_SUBNET, e.g. 10.1.15.1/24
+
+    @property
+    def gw(self) -> str:
+        return self.subnet.split("/")[0]
+
+
+def start_node(lab: Lab, node: LabNode, *extra: str, timeout: float = 20) -> Node:
+    """Start pyflanneld on ``node``, wait for its subnet file, give it a docker0."""
+    if node.subnet_file.exists():
+        node.subnet_file.unlink()
+    lab.start_daemon(node, f"-healthz-port={HEALTHZ_PORT}", *extra)
+    env = lab.wait_subnet_file(node, timeout=timeout)
+    lab.add_docker0(node, env["FLANNEL_SUBNET"])
+    return Node(node, env["FLANNEL_SUBNET"])
+
+
+def restart_node(lab: Lab, node: LabNode, *extra: str) -> Node:
+    """Start again after a stop, keeping the old subnet file (as a real host would)."""
+    lab.start_daemon(node, f"-healthz-port={HEALTHZ_PORT}", *extra)
+    deadline = time.monotonic() + 20
+    while not ready(lab, node):
+        assert time.monotonic() < deadline, lab.tail_log(node)
+        time.sleep(0.1)
+    env = lab.wait_subnet_file(node)
+    lab.add_docker0(node, env["FLANNEL_SUBNET"])
+    return Node(node, env["FLANNEL_SUBNET"])
+
+
+def http_get(lab: Lab, node: LabNode, path: str) -> tuple[int, str]:
+    out = lab.run(node.ns, [sys.executable, "-c", FETCH,
+                            f"http://127.0.0.1:{HEALTHZ_PORT}{path}"], check=False, text=True)
+    lines = out.stdout.split("\n", 1)
+    if not lines[0].strip().isdigit():
+        return 0, out.stderr
+    return int(lines[0]), lines[1] if len(lines) > 1 else ""
+
+
+def ready(lab: Lab, node: LabNode) -> bool:
+    return http_get(lab, node, "/readyz")[0] == 200
+
+
+def metric(lab: Lab, node: LabNode, name: str, **labels: str) -> float:
+    """One sample from the node's /metrics (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _status, body = http_get(lab, node, "/metrics")
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def status_json(lab: Lab, node: LabNode) -> list[dict]:
+    out = lab.run(node.ns, [sys.executable, "-m", "pyflannel", "status", "--json",
+                            f"-etcd-endpoints={lab.etcd_endpoint}",
+                            f"-subnet-file={node.subnet_file}"], text=True)
+    return json.loads(out.stdout)
+
+
+def wait_until(cond, timeout: float = 10, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
+        time.sleep(0.1)

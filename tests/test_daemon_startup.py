@@ -1,0 +1,125 @@
+"""How the daemon starts, waits and refuses: config rules, an absent etcd, bad flags."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pyflannel.lab import Lab, require_root_and_tools
+from tests.labtools import CONFIG_KEY, ready, wait_until
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture
+def lab():
+    reason = require_root_and_tools()
+    if reason:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
+    with Lab(1) as lab:
+        yield lab
+
+
+def links(lab: Lab, ns: str) -> set[str]:
+    from pyroute2 import NetNS
+
+    with NetNS(ns, flags=0) as nl:
+        return {link.get("ifname") for link in nl.get_links()}
+
+
+def routes(lab: Lab, ns: str) -> set[str]:
+    from pyroute2 import NetNS
+
+    with NetNS(ns, flags=0) as nl:
+        return {f"{r.get('dst')}/{r['dst_len']}" for r in nl.get_routes(family=2, table=254)}
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ('{"Network": "10.1.0.0/16", "SubnetLen": 31}', "SubnetLen"),
+    ('{"Backend": {"Type": "udp"}}', "Network is required"),
+    ('{"Network": "10.1.0.0/16", "Backend": {"Type": "nope"}}', "nope"),
+    ("{not json", "invalid JSON"),
+])
+def test_a_config_that_breaks_a_rule_stops_the_daemon_before_any_device(lab, config, message):
+    node = lab.nodes[0]
+    before_links, before_routes = links(lab, node.ns), routes(lab, node.ns)
+    lab.etcdctl("put", CONFIG_KEY, config)
+    proc = lab.start_daemon(node)
+    assert proc.wait(20) == 1
+    errors = [line for line in lab.tail_log(node).splitlines() if " E pyflannel" in line]
+    assert len(errors) == 1 and message in errors[0], lab.tail_log(node)
+    assert links(lab, node.ns) == before_links and "flannel0" not in before_links
+    assert routes(lab, node.ns) == before_routes
+    assert not node.subnet_file.exists()
+
+
+def test_an_unreachable_etcd_is_retried_and_said_once_then_the_daemon_gets_ready(lab):
+    node = lab.nodes[0]
+    lab.stop_etcd()
+    lab.start_daemon(node, "-healthz-port=9180")
+    time.sleep(4)
+    log = lab.tail_log(node, 200)
+    unreachable = [line for line in log.splitlines() if "etcd unreachable" in line]
+    assert len(unreachable) == 1, log  # said once, then rate-limited
+    assert node.process.poll() is None and not node.subnet_file.exists()
+    lab.start_etcd()
+    lab.etcdctl("put", CONFIG_KEY, '{"Network": "10.1.0.0/16"}')
+    env = lab.wait_subnet_file(node, timeout=20)
+    assert env["FLANNEL_SUBNET"].startswith("10.1.")
+    wait_until(lambda: ready(lab, node), 10, "readyz")
+    assert "connected to etcd" in lab.tail_log(node, 200)
+
+
+def test_a_missing_config_is_waited_for_and_said_once(lab):
+    node = lab.nodes[0]
+    lab.start_daemon(node)
+    time.sleep(3)
+    log = lab.tail_log(node, 200)
+    assert sum("not found in etcd; waiting" in line for line in log.splitlines()) == 1, log
+    lab.etcdctl("put", CONFIG_KEY, '{"Network": "10.1.0.0/16"}')
+    lab.wait_subnet_file(node, timeout=20)
+
+
+def test_etcd_prefix_is_honoured(lab):
+    node = lab.nodes[0]
+    lab.etcdctl("put", "/atomic.io/network/config", '{"Network": "10.1.0.0/16"}')
+    lab.start_daemon(node, "-etcd-prefix=/atomic.io/network")
+    env = lab.wait_subnet_file(node)
+    key = "/atomic.io/network/subnets/" + env["FLANNEL_SUBNET"].replace(".1/", ".0-")
+    assert "198.18.0.1" in lab.etcdctl("get", key, "--print-value-only")
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pyflannel", *args], capture_output=True,
+                          text=True, timeout=30, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["run", "-no-such-flag"], "unknown flag"),
+    (["run", "-subnet-lease-renew-margin=0"], "subnet-lease-renew-margin"),
+    (["run", "-etcd-endpoints=localhost"], "etcd-endpoints"),
+])
+def test_bad_flags_fail_at_once_with_one_line(args, needle):
+    out = run_cli(*args)
+    assert out.returncode == 2
+    assert needle in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_ip_masq_is_refused_clearly_until_it_is_built():
+    out = run_cli("run", "-ip-masq")
+    assert out.returncode == 2 and "not supported yet" in out.stderr
+
+
+def test_status_with_etcd_unreachable_is_one_line():
+    out = run_cli("status", "-etcd-endpoints=http://127.0.0.1:1")
+    assert out.returncode == 1
+    assert len(out.stderr.strip().splitlines()) == 1 and "unreachable" in out.stderr
+
+
+def test_version_and_help():
+    assert run_cli("--version").stdout.strip() == run_cli("version").stdout.strip()
+    assert "-etcd-endpoints" in run_cli("run", "--help").stdout
