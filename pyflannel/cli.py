@@ -15,6 +15,7 @@ commands:
   run       run the daemon (same as pyflanneld; flanneld's flags)
   status    the cluster's subnet table from etcd (--json for scripts)
   demo      build a local lab (etcd + nodes in network namespaces) and ping across it
+  mk-docker-opts  write Docker daemon options from the subnet file (like mk-docker-opts.sh)
   version   print the version
 """
 
@@ -76,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pyflannel import demo
 
         return demo.main(rest)
+    if cmd == "mk-docker-opts":
+        from pyflannel import dockeropts
+
+        return dockeropts.main(rest)
     if cmd in ("version", "--version", "-version"):
         print(__version__)
         return 0

@@ -17,6 +17,7 @@ from pyflannel.backend import Backend, BackendError, make_backend
 from pyflannel.config import ConfigError, NetworkConfig, parse_config
 from pyflannel.flags import Options
 from pyflannel.host import netlink, systemd
+from pyflannel.host.iptables import Iptables, IptablesError, RuleSet
 from pyflannel.host.subnetfile import SubnetEnv, previous_subnet, write_subnet_file
 from pyflannel.host.tun import TunError
 from pyflannel.lease.etcd import EtcdAuthError, EtcdRegistry, EtcdUnavailable
@@ -48,6 +49,8 @@ class Daemon:
         self._ignored_backends: set[str] = set()
         self.metrics = Metrics(self.state)
         self.http: HealthServer | None = None
+        self.iptables = Iptables()
+        self._iptables_ok = False
 
     def is_ready(self) -> bool:
         """Ready while we hold a lease and the data path it needs is running."""
@@ -146,6 +149,8 @@ class Daemon:
             renew_margin_s=opts.subnet_lease_renew_margin * 60,
             on_peers=self.on_peers, on_lease=self.on_lease,
         )
+        self.backend.publish = self.manager.republish
+        await self.remove_disabled_iptables()
         lease = await self.acquire()
         await self.on_lease(lease)
         await self.initial_peers()
@@ -172,8 +177,49 @@ class Daemon:
             mtu=self.backend.mtu,
             ipmasq=self.opts.ip_masq,
         )
+        await self.ensure_iptables(lease)
         write_subnet_file(self.opts.subnet_file, env)
         log.info("wrote %s (FLANNEL_SUBNET=%s)", self.opts.subnet_file, env.subnet)
+
+    # -- iptables ----------------------------------------------------------------------
+
+    def rule_set(self, lease: Lease) -> RuleSet:
+        assert self.cfg is not None
+        return RuleSet(self.cfg.network, lease.subnet, masq=self.opts.ip_masq,
+                       forward=self.opts.iptables_forward_rules, random_fully=True)
+
+    async def ensure_iptables(self, lease: Lease) -> None:
+        """Masquerade and forward rules for this lease; fatal at first only for -ip-masq."""
+        rules = self.rule_set(lease)
+        if not rules.tables():
+            return
+        try:
+            restored = await asyncio.to_thread(self.iptables.ensure, rules)
+        except IptablesError as e:
+            if self.opts.ip_masq and not self._iptables_ok:
+                raise Fatal(f"-ip-masq: cannot install iptables rules: {e}") from None
+            self.errors.error("iptables", "iptables rules: %s", e)
+            return
+        if restored:
+            log.info("iptables rules %s", "restored" if self._iptables_ok else "installed")
+        self._iptables_ok = True
+        self.errors.clear("iptables", "iptables rules in place again")
+
+    async def remove_disabled_iptables(self) -> None:
+        """Rules an earlier run installed that the flags now turn off (e.g. -ip-masq)."""
+        nat, fwd = not self.opts.ip_masq, not self.opts.iptables_forward_rules
+        if nat or fwd:
+            try:
+                await asyncio.to_thread(self.iptables.remove, nat=nat, filter=fwd)
+            except IptablesError as e:
+                log.warning("cannot check for old iptables rules: %s", e)
+
+    async def keep_iptables(self) -> None:
+        """Put back any rule someone removed, every -iptables-resync seconds."""
+        while True:
+            await asyncio.sleep(self.opts.iptables_resync)
+            if self.manager is not None and self.manager.lease is not None:
+                await self.ensure_iptables(self.manager.lease)
 
     async def on_peers(self, diff: PeerDiff) -> None:
         assert self.backend is not None
@@ -185,6 +231,7 @@ class Daemon:
             if self._compatible(lease):
                 await self.backend.add_peer(lease)
                 log.info("peer added: %s via %s", lease.subnet, lease.attrs.public_ip)
+        await self.backend.commit()
 
     def _compatible(self, lease: Lease) -> bool:
         assert self.backend is not None
@@ -217,11 +264,13 @@ class Daemon:
                 return
             stopper.cancel()
             starter.result()
-            assert self.manager is not None
+            assert self.manager is not None and self.backend is not None
             tasks = [
                 asyncio.create_task(self.manager.watch_forever(), name="watch"),
                 asyncio.create_task(self.manager.renew_forever(), name="renew"),
                 asyncio.create_task(self.watch_health(), name="health"),
+                asyncio.create_task(self.backend.run(), name="reconcile"),
+                asyncio.create_task(self.keep_iptables(), name="iptables"),
             ]
             stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({*tasks, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -264,7 +313,4 @@ def run(opts: Options) -> int:
     import uvloop
 
     log.info("pyflanneld %s starting", __version__)
-    if opts.ip_masq:
-        log.error("flag -ip-masq: IP masquerading is not supported yet")
-        return 2
     return uvloop.run(_amain(opts))

@@ -109,11 +109,6 @@ def test_bad_flags_fail_at_once_with_one_line(args, needle):
     assert needle in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
-def test_ip_masq_is_refused_clearly_until_it_is_built():
-    out = run_cli("run", "-ip-masq")
-    assert out.returncode == 2 and "not supported yet" in out.stderr
-
-
 def test_status_with_etcd_unreachable_is_one_line():
     out = run_cli("status", "-etcd-endpoints=http://127.0.0.1:1")
     assert out.returncode == 1

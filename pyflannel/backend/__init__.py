@@ -13,8 +13,16 @@ def make_backend(cfg: NetworkConfig, ext: ExternalInterface) -> Backend:
         from pyflannel.backend.udp import UdpBackend
 
         return UdpBackend(cfg, ext)
-    raise BackendError(f"backend {cfg.backend_type!r} is not supported yet by pyflannel "
-                       "(supported: udp)")
+    if cfg.backend_type == "vxlan":
+        from pyflannel.backend.vxlan import VxlanBackend
+
+        return VxlanBackend(cfg, ext)
+    if cfg.backend_type == "host-gw":
+        from pyflannel.backend.hostgw import HostGwBackend
+
+        return HostGwBackend(cfg, ext)
+    raise BackendError(f"backend {cfg.backend_type!r} is not supported by pyflannel "
+                       "(supported: udp, vxlan, host-gw)")
 
 
 __all__ = ["Backend", "BackendError", "make_backend"]

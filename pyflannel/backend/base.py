@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from ipaddress import IPv4Network
 from typing import ClassVar
 
 from pyflannel.config import NetworkConfig
+from pyflannel.host.monitor import NetlinkMonitor
 from pyflannel.host.netlink import ExternalInterface
+from pyflannel.host.routes import RouteSpec, sync_routes
 from pyflannel.lease.model import Lease, LeaseAttrs
+from pyflannel.logutil import RateLimitedLog
+
+log = logging.getLogger("pyflannel.backend")
+
+RECONCILE_EVERY_S = 10.0  # safety net behind the netlink events
+DEBOUNCE_S = 0.05
 
 
 class BackendError(RuntimeError):
@@ -19,7 +32,8 @@ class Backend(abc.ABC):
 
     Life cycle: ``prepare`` (devices that do not depend on the subnet, and the lease
     attributes to publish) -> ``activate(lease)`` (again whenever our subnet changes) ->
-    ``add_peer``/``remove_peer`` as leases come and go -> ``teardown``.
+    ``add_peer``/``remove_peer`` as leases come and go, each batch closed by ``commit`` ->
+    ``teardown``. ``run`` keeps the kernel state equal to the wanted state meanwhile.
     """
 
     type: ClassVar[str]
@@ -27,6 +41,13 @@ class Backend(abc.ABC):
     def __init__(self, cfg: NetworkConfig, ext: ExternalInterface) -> None:
         self.cfg = cfg
         self.ext = ext
+        self.lease: Lease | None = None
+        self.peers: dict[IPv4Network, Lease] = {}
+        # Set by the daemon: publish changed lease attributes (e.g. a new VtepMAC).
+        self.publish: Callable[[LeaseAttrs], Awaitable[None]] | None = None
+        self._dirty: asyncio.Event | None = None
+        self._monitor: NetlinkMonitor | None = None
+        self._errors = RateLimitedLog(log)
 
     @property
     @abc.abstractmethod
@@ -36,17 +57,58 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def prepare(self) -> LeaseAttrs: ...
 
-    @abc.abstractmethod
-    async def activate(self, lease: Lease) -> None: ...
+    async def activate(self, lease: Lease) -> None:
+        self.lease = lease
+        await self.commit()
 
-    @abc.abstractmethod
-    async def add_peer(self, lease: Lease) -> None: ...
+    async def add_peer(self, lease: Lease) -> None:
+        self.peers[lease.subnet] = lease
 
-    @abc.abstractmethod
-    async def remove_peer(self, lease: Lease) -> None: ...
+    async def remove_peer(self, lease: Lease) -> None:
+        self.peers.pop(lease.subnet, None)
 
-    @abc.abstractmethod
-    async def teardown(self) -> None: ...
+    async def commit(self) -> None:
+        """Apply the peer changes made since the last commit."""
+        await self.reconcile()
+
+    async def teardown(self) -> None:
+        if self._monitor is not None:
+            self._monitor.stop()
+
+    def desired_routes(self) -> dict[IPv4Network, RouteSpec]:
+        """Every route this backend wants in the main table (and no other of ours)."""
+        return {}
+
+    async def reconcile(self) -> None:
+        added, removed, errors = await asyncio.to_thread(sync_routes, self.desired_routes())
+        if added or removed:
+            log.info("routes reconciled: %d set, %d removed", added, removed)
+        if errors:
+            self._errors.error("routes", "cannot set routes yet (%s); will retry",
+                               "; ".join(errors[:3]))
+        else:
+            self._errors.clear("routes", "all routes in place")
+
+    def on_netlink(self, kind: str, what: str) -> None:
+        """A link or route changed somewhere on the host: check ours soon."""
+        if self._dirty is not None:
+            self._dirty.set()
+
+    async def run(self) -> None:
+        """Keep kernel state as wanted: react to netlink events, and check every 10 s."""
+        self._dirty = asyncio.Event()
+        self._monitor = NetlinkMonitor(asyncio.get_running_loop(), self.on_netlink)
+        self._monitor.start()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), RECONCILE_EVERY_S)
+            await asyncio.sleep(DEBOUNCE_S)
+            self._dirty.clear()
+            await self.reconcile_all()
+
+    async def reconcile_all(self) -> None:
+        """Periodic/event-driven repair; backends with devices extend it."""
+        await self.reconcile()
 
     def healthy(self) -> bool:
         """False when the data path has died and the daemon must not claim readiness."""

@@ -16,13 +16,15 @@ from pyflannel.backend.base import Backend, BackendError
 from pyflannel.fastpath.forwarder import tune_socket
 from pyflannel.fastpath.handle import FastPath, Route
 from pyflannel.host import netlink
+from pyflannel.host.routes import RouteSpec
 from pyflannel.host.tun import open_tun
-from pyflannel.lease.model import Lease, LeaseAttrs
+from pyflannel.lease.model import LeaseAttrs
 
 log = logging.getLogger("pyflannel.udp")
 
 DEVICE = "flannel0"
 UDP_OVERHEAD = 28  # outer IPv4 (20) + UDP (8)
+TX_QUEUE_LEN = 10000  # flanneld keeps the default 500 and drops bursts
 
 
 class UdpBackend(Backend):
@@ -32,16 +34,18 @@ class UdpBackend(Backend):
         super().__init__(cfg, ext)
         self.port = int(cfg.backend_option("Port", 8285))
         self.tun = None
+        self.tun_index = 0
         self.sock: socket.socket | None = None
         self.fastpath: FastPath | None = None
-        self.lease: Lease | None = None
-        self.routes: dict[IPv4Network, Route] = {}
 
     @property
     def mtu(self) -> int:
         return self.ext.mtu - UDP_OVERHEAD
 
     async def prepare(self) -> LeaseAttrs:
+        gone = await asyncio.to_thread(netlink.remove_stale_devices, DEVICE)
+        if gone:
+            log.info("removed devices of an earlier backend: %s", ", ".join(gone))
         self.tun = await asyncio.to_thread(open_tun, DEVICE)
         _disable_ipv6(DEVICE)
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -58,26 +62,23 @@ class UdpBackend(Backend):
         self.fastpath.start()
         return LeaseAttrs(public_ip=self.ext.public_ip, backend_type="udp")
 
-    async def activate(self, lease: Lease) -> None:
-        self.lease = lease
-        await asyncio.to_thread(
-            netlink.configure_overlay_device, DEVICE, lease.subnet.network_address,
-            self.mtu, self.cfg.network,
-        )
-        self._push()
+    async def activate(self, lease) -> None:
+        self.tun_index = await asyncio.to_thread(
+            netlink.set_device_address, DEVICE, lease.subnet.network_address, self.mtu,
+            TX_QUEUE_LEN)
+        await super().activate(lease)
 
-    async def add_peer(self, lease: Lease) -> None:
-        self.routes[lease.subnet] = Route(lease.subnet, lease.attrs.public_ip, self.port)
-        self._push()
+    def desired_routes(self) -> dict[IPv4Network, RouteSpec]:
+        if not self.tun_index:
+            return {}
+        net = self.cfg.network
+        return {net: RouteSpec(net, self.tun_index)}
 
-    async def remove_peer(self, lease: Lease) -> None:
-        if self.routes.pop(lease.subnet, None) is not None:
-            self._push()
-
-    def _push(self) -> None:
+    async def commit(self) -> None:
         if self.fastpath is not None and self.lease is not None:
-            self.fastpath.configure(self.lease.subnet, self.cfg.network.network_address,
-                                    self.routes.values())
+            routes = [Route(s, p.attrs.public_ip, self.port) for s, p in self.peers.items()]
+            self.fastpath.configure(self.lease.subnet, self.cfg.network.network_address, routes)
+        await self.reconcile()
 
     def healthy(self) -> bool:
         return self.fastpath is not None and self.fastpath.alive()
@@ -86,6 +87,7 @@ class UdpBackend(Backend):
         return self.fastpath.counters() if self.fastpath is not None else {}
 
     async def teardown(self) -> None:
+        await super().teardown()
         if self.fastpath is not None:
             await asyncio.to_thread(self.fastpath.stop)
             self.fastpath = None

@@ -131,10 +131,10 @@ def link_index(name: str) -> int | None:
         return _by_name(ipr, name)
 
 
-def configure_overlay_device(name: str, address: IPv4Address, mtu: int,
-                             network: IPv4Network, txqueuelen: int = 10000) -> None:
-    """Give the overlay device exactly one address (``address``/32), its MTU and queue,
-    bring it up, and route the whole overlay network through it."""
+def set_device_address(name: str, address: IPv4Address, mtu: int,
+                       txqueuelen: int | None = None) -> int:
+    """Give the overlay device exactly one address (``address``/32), its MTU (and queue
+    length), and bring it up; returns its index."""
     with IPRoute() as ipr:
         index = _by_name(ipr, name)
         if index is None:
@@ -148,8 +148,89 @@ def configure_overlay_device(name: str, address: IPv4Address, mtu: int,
         except NetlinkError as e:
             if e.code != EEXIST:
                 raise
-        ipr.link("set", index=index, mtu=mtu, txqlen=txqueuelen, state="up")
-        ipr.route("replace", dst=str(network), oif=index, scope="link", src=str(address))
+        kw = {"txqlen": txqueuelen} if txqueuelen else {}
+        ipr.link("set", index=index, mtu=mtu, state="up", **kw)
+        return index
+
+
+@dataclass(frozen=True)
+class VxlanParams:
+    name: str
+    vni: int
+    local: IPv4Address
+    link: int
+    port: int
+    gbp: bool
+
+
+def ensure_vxlan(p: VxlanParams) -> tuple[int, str, bool]:
+    """The VXLAN device as asked (learning off), reusing an identical one so its MAC, and
+    the peers' FDB entries pointing at it, survive our restarts. Returns (index, MAC,
+    created)."""
+    with IPRoute() as ipr:
+        index = _by_name(ipr, p.name)
+        if index is not None:
+            if _vxlan_matches(ipr.get_links(index)[0], p):
+                link = ipr.get_links(index)[0]
+                return index, link.get("address"), False
+            ipr.link("del", index=index)
+        kw = {"vxlan_gbp": True} if p.gbp else {}
+        ipr.link("add", ifname=p.name, kind="vxlan", vxlan_id=p.vni, vxlan_local=str(p.local),
+                 vxlan_link=p.link, vxlan_port=p.port, vxlan_learning=0, **kw)
+        index = _by_name(ipr, p.name)
+        link = ipr.get_links(index)[0]
+        return index, link.get("address"), True
+
+
+def _vxlan_matches(link, p: VxlanParams) -> bool:
+    info = link.get_attr("IFLA_LINKINFO")
+    if info is None or info.get_attr("IFLA_INFO_KIND") != "vxlan":
+        return False
+    data = info.get_attr("IFLA_INFO_DATA")
+    if data is None:
+        return False
+    return (data.get_attr("IFLA_VXLAN_ID") == p.vni
+            and data.get_attr("IFLA_VXLAN_LOCAL") == str(p.local)
+            and data.get_attr("IFLA_VXLAN_LINK") == p.link
+            and data.get_attr("IFLA_VXLAN_PORT") == p.port
+            and not data.get_attr("IFLA_VXLAN_LEARNING")
+            and bool(data.get_attr("IFLA_VXLAN_GBP") is not None) == p.gbp)
+
+
+def link_kind(link) -> str | None:
+    info = link.get_attr("IFLA_LINKINFO")
+    return info.get_attr("IFLA_INFO_KIND") if info is not None else None
+
+
+def remove_stale_devices(keep: str | None) -> list[str]:
+    """Delete overlay devices of other backends (``flannel0``, ``flannel.<VNI>``) left by an
+    earlier run, except ``keep``. Their routes, neighbours and FDB entries go with them."""
+    removed = []
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            name = link.get("ifname")
+            ours = name == "flannel0" or (name.startswith("flannel.")
+                                          and link_kind(link) == "vxlan")
+            if ours and name != keep:
+                try:
+                    ipr.link("del", index=link["index"])
+                    removed.append(name)
+                except NetlinkError as e:
+                    if e.code != ENODEV:
+                        raise
+    return removed
+
+
+def interface_networks(index: int) -> list[IPv4Network]:
+    """The IPv4 networks directly connected through interface ``index``."""
+    with IPRoute() as ipr:
+        return [IPv4Network(f"{a.get('address')}/{a.get('prefixlen')}", strict=False)
+                for a in ipr.get_addr(family=socket.AF_INET, index=index)]
+
+
+def interface_addresses(index: int) -> set[IPv4Address]:
+    with IPRoute() as ipr:
+        return {a for _i, a in _ipv4_addrs(ipr, index)}
 
 
 def delete_link(name: str) -> bool:

@@ -158,6 +158,23 @@ class LeaseManager:
         if self.on_lease is not None:
             await self.on_lease(lease)
 
+    async def republish(self, attrs: LeaseAttrs) -> None:
+        """Publish changed attributes (a new VtepMAC) on the lease we hold."""
+        self.attrs = attrs
+        backoff = Backoff(0.5, 5.0)
+        for _attempt in range(10):
+            lease = self.lease
+            if lease is None or self._lost.is_set():
+                return  # re-acquiring publishes self.attrs anyway
+            try:
+                await self.registry.put_lease(lease.subnet, attrs, lease.lease_id)
+                self.lease = Lease(lease.subnet, attrs, lease.lease_id, lease.mod_revision)
+                log.info("published new lease attributes for %s", lease.subnet)
+                return
+            except EtcdUnavailable as e:
+                self._errors.error("publish", "cannot publish lease attributes: %s", e)
+                await asyncio.sleep(backoff.next())
+
     def lease_is_lost(self) -> bool:
         return self._lost.is_set()
 
