@@ -128,3 +128,21 @@ def wait_until(cond, timeout: float = 10, what: str = "condition") -> None:
     while not cond():
         assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
         time.sleep(0.1)
+
+# Print the source address of the first UDP datagram to argv[1]:argv[2].
+UDP_SOURCE_OF = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+s.settimeout(10)
+_data, addr = s.recvfrom(2048)
+print(addr[0], flush=True)
+"""
+
+# Send a few UDP datagrams from argv[1] to argv[2]:argv[3].
+UDP_SEND_FROM = r"""
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 0))
+for _ in range(3):
+    s.sendto(b"hello", (sys.argv[2], int(sys.argv[3]))); time.sleep(0.1)
+"""
