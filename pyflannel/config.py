@@ -80,9 +80,9 @@ _CANONICAL_BY_LOWER = {name.lower(): name for name in _CANONICAL_OPTIONS}
 @dataclass(frozen=True)
 class _Option:
     name: str
-    kind: type  # int or bool
+    kind: type  # int, bool or str
     default: Any
-    check: Callable[[int], bool] | None = None  # for ints: is the value allowed?
+    check: Callable[[Any], bool] | None = None  # is the value allowed?
     allowed: str = ""  # how the allowed range reads in an error message
 
 
@@ -91,7 +91,10 @@ def _between(lo: int, hi: int) -> Callable[[int], bool]:
 
 
 _BACKEND_OPTIONS: dict[str, tuple[_Option, ...]] = {
-    "udp": (_Option("Port", int, 8285, _between(1, 65535), "1..65535"),),
+    "udp": (
+        _Option("Port", int, 8285, _between(1, 65535), "1..65535"),
+        _Option("Framing", str, "auto", lambda v: v in ("auto", "flannel"), '"auto" or "flannel"'),
+    ),
     "vxlan": (
         _Option("VNI", int, 1, _between(0, 16_777_215), "0..16777215"),
         _Option("Port", int, 0, _between(0, 65535), "0..65535; 0 means the kernel's 8472"),
@@ -105,6 +108,10 @@ _BACKEND_OPTIONS: dict[str, tuple[_Option, ...]] = {
 
 def _check_option(opt: _Option, value: Any) -> Any:
     where = f"Backend.{opt.name}"
+    if opt.kind is str:
+        if not isinstance(value, str) or (opt.check is not None and not opt.check(value)):
+            raise _fail(f"{where} must be {opt.allowed}, got {_json_type(value)} {_show(value)}")
+        return value
     if opt.kind is bool:
         if not isinstance(value, bool):
             raise _fail(f"{where} must be true or false, got {_json_type(value)} {_show(value)}")

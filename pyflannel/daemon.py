@@ -140,7 +140,7 @@ class Daemon:
         log.info("network %s, subnets /%d from %s to %s, backend %s", cfg.network,
                  cfg.subnet_len, cfg.subnet_min, cfg.subnet_max, cfg.backend_type)
         try:
-            self.backend = make_backend(cfg, ext)
+            self.backend = make_backend(cfg, ext, opts.udp_framing)
             attrs = await self.backend.prepare()
         except (BackendError, TunError) as e:
             raise Fatal(str(e)) from None

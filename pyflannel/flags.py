@@ -187,6 +187,12 @@ def _check_ipv4(value: str) -> str:
     return value
 
 
+def _check_framing(value: str) -> str:
+    if value not in ("", "auto", "flannel"):
+        raise _Problem(f"{_show(value)} is not auto or flannel")
+    return value
+
+
 def _check_ip(value: str) -> str:
     try:
         ipaddress.ip_address(value)
@@ -236,6 +242,9 @@ FLAGS: tuple[FlagSpec, ...] = (
              _int_range(1, unit="seconds")),
     FlagSpec("iptables-forward-rules", "iptables_forward_rules", BOOL, True,
              "add ACCEPT rules for the flannel network to the FORWARD chain"),
+    FlagSpec("udp-framing", "udp_framing", STR, "",
+             "pyflannel only: this node's udp framing, auto or flannel (default: the "
+             "config's Backend.Framing)", _check_framing),
     FlagSpec("v", "verbosity", LEVEL, 0, "log verbosity level (bare -v means 1)",
              _int_range(0), env=False),
     FlagSpec("version", "version", BOOL, False, "print the version and exit", env=False),
@@ -278,6 +287,7 @@ class Options:
     healthz_port: int = 0
     iptables_resync: int = 5
     iptables_forward_rules: bool = True
+    udp_framing: str = ""
     verbosity: int = 0
     version: bool = False
     help: bool = False

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from pyflannel.config import MAX_CONFIG_BYTES, ConfigError, NetworkConfig, parse_config
 
-UDP = {"Type": "udp", "Port": 8285}
+UDP = {"Type": "udp", "Port": 8285, "Framing": "auto"}
 VXLAN = {"Type": "vxlan", "VNI": 1, "Port": 0, "GBP": False, "DirectRouting": False, "MTU": 0}
 HOST_GW = {"Type": "host-gw"}
 
@@ -100,8 +100,14 @@ VALID = [
     ),
     pytest.param(
         {"Network": "10.1.0.0/16", "Backend": {"Type": "udp", "Port": 9000}},
-        "10.1.0.0/16", 24, "10.1.1.0", "10.1.255.0", {"Type": "udp", "Port": 9000},
+        "10.1.0.0/16", 24, "10.1.1.0", "10.1.255.0", {"Type": "udp", "Port": 9000, "Framing": "auto"},
         id="udp-port",
+    ),
+    pytest.param(
+        {"Network": "10.1.0.0/16", "Backend": {"Type": "udp", "Framing": "flannel"}},
+        "10.1.0.0/16", 24, "10.1.1.0", "10.1.255.0",
+        {"Type": "udp", "Port": 8285, "Framing": "flannel"},
+        id="udp-plain-framing",
     ),
     pytest.param(
         {"Network": "10.1.0.0/16", "Backend": {"Type": "vxlan"}},
@@ -215,6 +221,8 @@ INVALID = [
                  "config: Backend.Port -1 is out of range (1..65535)", id="udp-negative-port"),
     pytest.param(net(Backend={"Type": "udp", "Port": 0}),
                  "Backend.Port 0 is out of range (1..65535)", id="udp-port-0"),
+    pytest.param(net(Backend={"Framing": "fast"}),
+                 'Backend.Framing must be "auto" or "flannel"', id="udp-unknown-framing"),
     pytest.param(net(Backend={"Port": 70000}),
                  "Backend.Port 70000 is out of range", id="udp-port-70000"),
     pytest.param(net(Backend={"Type": "vxlan", "Port": 70000}),

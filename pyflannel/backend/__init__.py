@@ -7,12 +7,12 @@ from pyflannel.config import NetworkConfig
 from pyflannel.host.netlink import ExternalInterface
 
 
-def make_backend(cfg: NetworkConfig, ext: ExternalInterface) -> Backend:
-    """The backend the network config asks for; a clear error for one not built yet."""
+def make_backend(cfg: NetworkConfig, ext: ExternalInterface, udp_framing: str = "") -> Backend:
+    """The backend the network config asks for."""
     if cfg.backend_type == "udp":
         from pyflannel.backend.udp import UdpBackend
 
-        return UdpBackend(cfg, ext)
+        return UdpBackend(cfg, ext, framing=udp_framing)
     if cfg.backend_type == "vxlan":
         from pyflannel.backend.vxlan import VxlanBackend
 

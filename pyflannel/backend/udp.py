@@ -14,6 +14,7 @@ from ipaddress import IPv4Network
 
 from pyflannel.backend.base import Backend, BackendError
 from pyflannel.fastpath.forwarder import tune_socket
+from pyflannel.fastpath.frames import FRAMING_NAME, MAX_DATAGRAM, VNET_LEN
 from pyflannel.fastpath.handle import FastPath, Route
 from pyflannel.host import netlink
 from pyflannel.host.routes import RouteSpec
@@ -25,14 +26,28 @@ log = logging.getLogger("pyflannel.udp")
 DEVICE = "flannel0"
 UDP_OVERHEAD = 28  # outer IPv4 (20) + UDP (8)
 TX_QUEUE_LEN = 10000  # flanneld keeps the default 500 and drops bursts
+# Keep the kernel's super-packets small enough for one train (one GSO send of at most
+# 65507 bytes, with a 6-byte header per chunk and the virtio-net header).
+GSO_MAX_SIZE = MAX_DATAGRAM - VNET_LEN - 6 * 64
+
+
+def advertised_framings(lease) -> list[str]:
+    """Extra framings a peer accepts, from its udp lease's BackendData (flanneld: none)."""
+    data = lease.attrs.backend_data
+    found = data.get("Framings") if isinstance(data, dict) else None
+    return [f for f in found if isinstance(f, str)] if isinstance(found, list) else []
 
 
 class UdpBackend(Backend):
     type = "udp"
 
-    def __init__(self, cfg, ext) -> None:
+    def __init__(self, cfg, ext, framing: str = "") -> None:
         super().__init__(cfg, ext)
         self.port = int(cfg.backend_option("Port", 8285))
+        # "auto": vnet1 towards peers that advertise it, flannel's framing to the rest;
+        # "flannel": plain packets only, as flanneld (for benchmarks and old kernels).
+        self.framing = framing or str(cfg.backend_option("Framing", "auto"))
+        self.vnet = self.framing == "auto"
         self.tun = None
         self.tun_index = 0
         self.sock: socket.socket | None = None
@@ -46,7 +61,7 @@ class UdpBackend(Backend):
         gone = await asyncio.to_thread(netlink.remove_stale_devices, DEVICE)
         if gone:
             log.info("removed devices of an earlier backend: %s", ", ".join(gone))
-        self.tun = await asyncio.to_thread(open_tun, DEVICE)
+        self.tun = await asyncio.to_thread(open_tun, DEVICE, vnet=self.vnet)
         _disable_ipv6(DEVICE)
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
@@ -57,15 +72,22 @@ class UdpBackend(Backend):
                 f"cannot bind udp {self.ext.address}:{self.port}: {e.strerror}") from None
         tune_socket(sock)
         self.sock = sock
+        env = os.environ
         self.fastpath = FastPath(self.tun.fileno(), sock,
-                                 mode=os.environ.get("PYFLANNEL_FASTPATH", "process"))
+                                 mode=env.get("PYFLANNEL_FASTPATH", "process"), vnet=self.vnet,
+                                 gso=env.get("PYFLANNEL_GSO", "1") != "0",
+                                 gro=env.get("PYFLANNEL_GRO", "1") != "0",
+                                 datagram_size=self.ext.mtu - UDP_OVERHEAD)
         self.fastpath.start()
-        return LeaseAttrs(public_ip=self.ext.public_ip, backend_type="udp")
+        log.info("udp framing %s", "auto (vnet1 to peers that take it)" if self.vnet
+                 else "flannel (one packet per datagram)")
+        data = {"Framings": [FRAMING_NAME]} if self.vnet else None
+        return LeaseAttrs(public_ip=self.ext.public_ip, backend_type="udp", backend_data=data)
 
     async def activate(self, lease) -> None:
         self.tun_index = await asyncio.to_thread(
             netlink.set_device_address, DEVICE, lease.subnet.network_address, self.mtu,
-            TX_QUEUE_LEN)
+            TX_QUEUE_LEN, GSO_MAX_SIZE if self.vnet else None)
         await super().activate(lease)
 
     def desired_routes(self) -> dict[IPv4Network, RouteSpec]:
@@ -76,7 +98,9 @@ class UdpBackend(Backend):
 
     async def commit(self) -> None:
         if self.fastpath is not None and self.lease is not None:
-            routes = [Route(s, p.attrs.public_ip, self.port) for s, p in self.peers.items()]
+            routes = [Route(s, p.attrs.public_ip, self.port,
+                            vnet1=FRAMING_NAME in advertised_framings(p))
+                      for s, p in self.peers.items()]
             self.fastpath.configure(self.lease.subnet, self.cfg.network.network_address, routes)
         await self.reconcile()
 

@@ -24,7 +24,11 @@ NAMES = (
     "drop_wrong_subnet",
     "drop_tun_write",
     "drop_send_error",
+    "drop_unexpected_framing",
+    "drop_bad_offload",
+    "drop_train_incomplete",
     "icmp_unreachable_sent",
+    "segmented",  # super-packets cut up (or checksums finished) for flannel-framing peers
 )
 INDEX = {name: i for i, name in enumerate(NAMES)}
 FORMAT = f"={len(NAMES)}Q"

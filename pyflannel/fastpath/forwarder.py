@@ -1,8 +1,13 @@
-"""The udp backend's forwarding loop (flannel framing: one raw IPv4 packet per datagram).
+"""The udp backend's forwarding loop.
 
 Runs alone in its own process so that nothing in the control plane (gRPC, JSON, logging) can
-take the interpreter from it. Every packet costs one read and one send system call; the
-Python between them is kept to dictionary look-ups and byte arithmetic on a reused buffer.
+take the interpreter from it. The cost that matters is system calls per packet, so:
+
+* out: datagrams to one peer are gathered into UDP GSO batches (one ``sendmsg`` for up to 64
+  equal-sized datagrams); with the TUN in vnet mode the kernel hands us TCP super-packets of
+  up to 64 KiB, each sent to a vnet1 peer as one train of chunks in one ``sendmsg``;
+* in: UDP GRO hands us runs of datagrams (a whole train, usually) in one ``recvmsg``; a
+  vnet1 super-packet goes into the TUN in one write, with its offload header.
 """
 
 from __future__ import annotations
@@ -19,36 +24,85 @@ import struct
 import sys
 
 from pyflannel.fastpath import counters
+from pyflannel.fastpath.frames import (
+    CHUNK,
+    CHUNK_HDR_LEN,
+    FAST_MAGIC,
+    FAST_VERSION,
+    INNER_OFFSET,
+    MAX_CHUNKS,
+    MAX_DATAGRAM,
+    VNET_LEN,
+    ZERO_VNET,
+    FrameError,
+    Reassembler,
+    check_vnet,
+    to_plain,
+)
 from pyflannel.fastpath.packet import check_ipv4, icmp_net_unreachable, wants_icmp_error
 
-BATCH = 256  # packets handled per readiness event before looking at the other fds
-BUF_SIZE = 65536
+BATCH = 256  # reads per readiness event before looking at the other fds
+BUF_SIZE = 65536 + INNER_OFFSET
 SOCKET_BUFFER = 8 << 20
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+GSO_MAX_SEGMENTS = 64
+ANC_SIZE = socket.CMSG_SPACE(4)
 
 _u32 = struct.Struct("!I").unpack_from
+_INDICES = bytes(range(256))
+_seg = struct.Struct("=H").pack
+_int = struct.Struct("=i").unpack_from
 C = counters.INDEX
+TX_P, TX_B, RX_P, RX_B = C["tx_packets"], C["tx_bytes"], C["rx_packets"], C["rx_bytes"]
 
 
 class Forwarder:
-    """Moves packets between ``tun_fd`` and ``sock`` by the peer table it is given."""
+    """Moves packets between ``tun_fd`` and ``sock`` by the peer table it is given.
+
+    ``vnet``: the TUN was opened with IFF_VNET_HDR and offloads (reads and writes carry a
+    virtio-net header). ``gso``/``gro``: use UDP segmentation/receive offload.
+    """
 
     def __init__(self, tun_fd: int, sock: socket.socket, ctl: socket.socket,
-                 mem: counters.mmap.mmap | None) -> None:
+                 mem: counters.mmap.mmap | None, *, vnet: bool = False, gso: bool = True,
+                 gro: bool = True, datagram_size: int = 1472) -> None:
         self.tun_fd = tun_fd
         self.sock = sock
         self.ctl = ctl
         self.mem = mem
+        self.vnet = vnet
+        self.gso = gso
+        self.gro = gro and _enable_gro(sock)
         self.c = [0] * len(counters.NAMES)
-        self.peers: dict[int, tuple[str, int]] = {}  # subnet key -> (public ip, port)
-        self.sources: dict[str, int] = {}  # public ip -> subnet key
+        self.peers: dict[int, tuple[tuple[str, int], bool]] = {}  # key -> (addr, vnet1?)
+        self.sources: dict[str, tuple[int, bool]] = {}  # public ip -> (key, vnet1?)
         self.shift = 8
         self.local_key = -1
         self.icmp_src = b"\0\0\0\0"
         self.running = True
         self.generation = 0  # tables installed so far
         self._ctl_buf = b""
+        # The largest datagram the underlay carries unfragmented (its MTU - 28).
+        self.datagram_size = datagram_size
+        self._train_id = 0
+        self._train_headers: dict[int, bytearray] = {}  # chunk count -> header template
+        self._reasm = Reassembler()
+        # Reads land after a chunk header (vnet) or after chunk + virtio headers (plain):
+        # either way the inner packet starts at INNER_OFFSET and a one-chunk vnet1
+        # datagram is buf[:end] in place.
         self._buf = bytearray(BUF_SIZE)
         self._mv = memoryview(self._buf)
+        self._rd = [self._mv[CHUNK_HDR_LEN:]] if vnet else [self._mv[INNER_OFFSET:]]
+        self._rbuf = bytearray(BUF_SIZE)
+        self._rmv = memoryview(self._rbuf)
+        # The pending GSO batch towards one flannel-framing peer.
+        self._bbuf = bytearray(MAX_DATAGRAM + 65536)
+        self._bmv = memoryview(self._bbuf)
+        self._b_addr: tuple[str, int] | None = None
+        self._b_off = self._b_seg = self._b_count = self._packets_in_batch = 0
+        self._b_closed = False
 
     # -- control -----------------------------------------------------------------------
 
@@ -58,14 +112,15 @@ class Forwarder:
             self.running = False
             return
         shift = 32 - int(msg["subnet_len"])
-        local_net = int(msg["local_net"])
-        peers = {int(net) >> shift: (ip, int(port)) for net, ip, port in msg["peers"]}
+        peers = {}
+        for net, ip, port, *rest in msg["peers"]:
+            peers[int(net) >> shift] = ((ip, int(port)), bool(rest and rest[0]) and self.vnet)
         self.shift = shift
-        self.local_key = local_net >> shift
+        self.local_key = int(msg["local_net"]) >> shift
         # ICMP errors come from the overlay network's own address (10.1.0.0): never a
         # local address, which the kernel would drop as a martian source.
         self.icmp_src = struct.pack("!I", int(msg["icmp_src"]))
-        self.sources = {ip: key for key, (ip, _port) in peers.items()}
+        self.sources = {addr[0]: (key, fast) for key, (addr, fast) in peers.items()}
         self.peers = peers
         self.generation += 1
 
@@ -84,47 +139,173 @@ class Forwarder:
 
     def from_tun(self) -> None:
         buf, mv, c = self._buf, self._mv, self.c
-        bufs = [buf]
-        fd, readv = self.tun_fd, os.readv
-        peers, shift, sendto = self.peers, self.shift, self.sock.sendto
-        tx_p = tx_b = 0
+        rd, fd, readv = self._rd, self.tun_fd, os.readv
+        peers, shift = self.peers, self.shift
+        vnet, single = self.vnet, self.datagram_size
+        base = CHUNK_HDR_LEN if vnet else INNER_OFFSET  # where the read landed
         for _ in range(BATCH):
             try:
-                n = readv(fd, bufs)
+                n = readv(fd, rd)
             except BlockingIOError:
                 break
-            if n < 20 or buf[0] >> 4 != 4:
+            end = base + n
+            if end - INNER_OFFSET < 20 or buf[INNER_OFFSET] >> 4 != 4:
                 c[C["drop_not_ipv4"]] += 1
                 continue
-            peer = peers.get(_u32(buf, 16)[0] >> shift)
+            peer = peers.get(_u32(buf, INNER_OFFSET + 16)[0] >> shift)
             if peer is None:
-                self.unreachable(n)
+                self.unreachable(mv[INNER_OFFSET:end])
                 continue
-            ttl = buf[8]
+            ttl = buf[24]
             if ttl <= 1:
                 c[C["drop_ttl_exceeded"]] += 1
                 continue
-            buf[8] = ttl - 1
-            csum = ((buf[10] << 8) | buf[11]) + 0x0100
+            buf[24] = ttl - 1
+            csum = ((buf[26] << 8) | buf[27]) + 0x0100
             csum = (csum & 0xFFFF) + (csum >> 16)
-            buf[10] = csum >> 8
-            buf[11] = csum & 0xFF
-            try:
-                sendto(mv[:n], peer)
-            except OSError:
-                c[C["drop_send_error"]] += 1
-                continue
-            tx_p += 1
-            tx_b += n
-        c[C["tx_packets"]] += tx_p
-        c[C["tx_bytes"]] += tx_b
+            buf[26] = csum >> 8
+            buf[27] = csum & 0xFF
+            addr, fast = peer
+            if fast:
+                self._train_id = tid = (self._train_id + 1) & 0xFFFF
+                if end <= single:  # the common small packet: one chunk, built in place
+                    CHUNK.pack_into(buf, 0, FAST_MAGIC, FAST_VERSION, 0, 1, tid)
+                    self.batch(addr, mv[:end])
+                else:
+                    self.send_train(addr, mv[CHUNK_HDR_LEN:end], tid)
+            elif vnet and (buf[CHUNK_HDR_LEN] & 1 or buf[CHUNK_HDR_LEN + 1]):
+                # A partial checksum or a super-packet for a flannel-framing peer.
+                try:
+                    pkts = to_plain(mv[CHUNK_HDR_LEN:INNER_OFFSET], mv[INNER_OFFSET:end])
+                except FrameError:
+                    c[C["drop_bad_offload"]] += 1
+                    continue
+                c[C["segmented"]] += 1
+                for p in pkts:
+                    self.batch(addr, p)
+            else:
+                self.batch(addr, mv[INNER_OFFSET:end])
+        self.flush()
 
-    def unreachable(self, n: int) -> None:
+    def send_train(self, addr: tuple[str, int], payload: memoryview, tid: int) -> None:
+        """A super-packet as a train of full-sized chunks in one GSO ``sendmsg``, gathered
+        from the read buffer and a header template: no copy in Python."""
+        room = self.datagram_size - CHUNK_HDR_LEN
+        total = len(payload)
+        count = -(-total // room)
+        if count > MAX_CHUNKS or total + count * CHUNK_HDR_LEN > MAX_DATAGRAM or not self.gso:
+            self.send_train_copied(addr, payload, tid, room, count)
+            return
+        self.flush()
+        hdr = self._train_headers.get(count)
+        if hdr is None:
+            hdr = self._train_headers[count] = bytearray(
+                b"".join(CHUNK.pack(FAST_MAGIC, FAST_VERSION, i, count, 0)
+                         for i in range(count)))
+        hdr[4::CHUNK_HDR_LEN] = bytes((tid >> 8,)) * count
+        hdr[5::CHUNK_HDR_LEN] = bytes((tid & 0xFF,)) * count
+        hv = memoryview(hdr)
+        iov = []
+        for i in range(count):
+            iov.append(hv[i * CHUNK_HDR_LEN:(i + 1) * CHUNK_HDR_LEN])
+            iov.append(payload[i * room:(i + 1) * room])
+        try:
+            self.sock.sendmsg(iov, [(SOL_UDP, UDP_SEGMENT, _seg(self.datagram_size))], 0, addr)
+        except OSError:
+            self.c[C["drop_send_error"]] += 1
+            return
+        self.c[TX_P] += 1
+        self.c[TX_B] += total
+
+    def send_train_copied(self, addr: tuple[str, int], payload: memoryview, tid: int,
+                          room: int, count: int) -> None:
+        """The general case: chunks copied into the batch buffer, as many GSO sends as the
+        64 KiB limit needs (or one datagram each without GSO)."""
+        if count > MAX_CHUNKS:
+            self.c[C["drop_bad_offload"]] += 1
+            return
+        self.flush()
+        bbuf = self._bbuf
+        self._b_addr, self._b_seg = addr, self.datagram_size
+        off = 0
+        for i in range(count):
+            chunk = payload[i * room:(i + 1) * room]
+            n = CHUNK_HDR_LEN + len(chunk)
+            if off + n > MAX_DATAGRAM:  # a GSO send holds at most 64 KiB: start another
+                self._b_off = off
+                self.flush()
+                self._b_addr, self._b_seg = addr, self.datagram_size
+                off = 0
+            CHUNK.pack_into(bbuf, off, FAST_MAGIC, FAST_VERSION, i, count, tid)
+            bbuf[off + CHUNK_HDR_LEN:off + n] = chunk
+            off += n
+            self._b_count += 1
+        self._b_off = off
+        self._packets_in_batch += 1
+        self.flush()
+
+    def batch(self, addr: tuple[str, int], pkt) -> None:
+        """Queue one plain packet; a GSO batch holds equal-sized datagrams to one peer, the
+        last of which may be shorter."""
+        n = len(pkt)
+        if (addr != self._b_addr or n > self._b_seg or self._b_closed
+                or self._b_off + n > MAX_DATAGRAM or self._b_count >= GSO_MAX_SEGMENTS
+                or not self.gso):
+            self.flush()
+            self._b_addr, self._b_seg = addr, n
+        off = self._b_off
+        self._bbuf[off:off + n] = pkt
+        self._b_off = off + n
+        self._b_count += 1
+        self._packets_in_batch += 1
+        if n < self._b_seg:
+            self._b_closed = True
+
+    def flush(self) -> None:
+        count = self._b_count
+        if not count:
+            return
+        size, seg, addr = self._b_off, self._b_seg, self._b_addr
+        packets = self._packets_in_batch
+        self._b_off = self._b_count = self._packets_in_batch = 0
+        self._b_closed = False
+        data = self._bmv[:size]
+        if count > 1 and not self.gso:
+            for off in range(0, size, seg):
+                self._send_one(data[off:off + seg], addr)
+            return
+        try:
+            if count == 1:
+                self.sock.sendto(data, addr)
+            else:
+                self.sock.sendmsg([data], [(SOL_UDP, UDP_SEGMENT, _seg(seg))], 0, addr)
+        except OSError as e:
+            if count > 1 and e.errno in (errno.EINVAL, errno.EIO, errno.EOPNOTSUPP):
+                self.gso = False  # no UDP GSO here: one datagram per packet from now on
+                for off in range(0, size, seg):
+                    self._send_one(data[off:off + seg], addr)
+                return
+            self.c[C["drop_send_error"]] += packets
+            return
+        self.c[TX_P] += packets
+        self.c[TX_B] += size
+
+    def _send_one(self, data, addr) -> None:
+        try:
+            self.sock.sendto(data, addr)
+            self.c[TX_P] += 1
+            self.c[TX_B] += len(data)
+        except OSError:
+            self.c[C["drop_send_error"]] += 1
+
+    def unreachable(self, pkt) -> None:
         """No node leases the destination: tell the sender, as a router would."""
         self.c[C["drop_no_route"]] += 1
-        if wants_icmp_error(self._buf, n):
+        n = len(pkt)
+        if wants_icmp_error(pkt, n):
+            reply = icmp_net_unreachable(pkt, n, self.icmp_src)
             try:
-                os.write(self.tun_fd, icmp_net_unreachable(self._buf, n, self.icmp_src))
+                os.write(self.tun_fd, ZERO_VNET + reply if self.vnet else reply)
                 self.c[C["icmp_unreachable_sent"]] += 1
             except OSError:
                 pass
@@ -132,49 +313,149 @@ class Forwarder:
     # -- UDP -> TUN --------------------------------------------------------------------
 
     def from_udp(self) -> None:
-        buf, mv, c = self._buf, self._mv, self.c
-        recv = self.sock.recvfrom_into
-        fd, write = self.tun_fd, os.write
-        sources, shift, local_key = self.sources, self.shift, self.local_key
-        rx_p = rx_b = 0
+        rbuf, rmv, c = self._rbuf, self._rmv, self.c
+        recv, sources = self.sock.recvmsg_into, self.sources
+        bufs = [rbuf]
         for _ in range(BATCH):
             try:
-                n, addr = recv(buf, BUF_SIZE, socket.MSG_DONTWAIT)
+                n, anc, _flags, addr = recv(bufs, ANC_SIZE, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
             except OSError as e:  # e.g. ECONNREFUSED from an earlier ICMP; nothing lost here
                 if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                     continue
                 raise
-            if addr[0] not in sources:
-                c[C["drop_unknown_source"]] += 1
+            seg = n
+            for level, kind, data in anc:
+                if level == SOL_UDP and kind == UDP_GRO:
+                    seg = _int(data)[0]
+            src = sources.get(addr[0])
+            if src is None:
+                c[C["drop_unknown_source"]] += -(-n // seg) if seg else 1
                 continue
-            bad = check_ipv4(buf, n)
-            if bad is not None:
-                c[C["drop_" + bad]] += 1
+            ip = addr[0]
+            if seg >= n:
+                self.deliver(rmv[:n], src, ip)
+            elif rbuf[0] == FAST_MAGIC and src[1] and self.whole_train(n, seg):
                 continue
-            if _u32(buf, 16)[0] >> shift != local_key:
-                c[C["drop_wrong_subnet"]] += 1
-                continue
-            ttl = buf[8]
-            if ttl <= 1:
-                c[C["drop_ttl_exceeded"]] += 1
-                continue
-            buf[8] = ttl - 1
-            csum = ((buf[10] << 8) | buf[11]) + 0x0100
-            csum = (csum & 0xFFFF) + (csum >> 16)
-            buf[10] = csum >> 8
-            buf[11] = csum & 0xFF
-            total = (buf[2] << 8) | buf[3]
-            try:
-                write(fd, mv[:total])
-            except OSError:
-                c[C["drop_tun_write"]] += 1
-                continue
-            rx_p += 1
-            rx_b += total
-        c[C["rx_packets"]] += rx_p
-        c[C["rx_bytes"]] += rx_b
+            else:
+                for off in range(0, n, seg):
+                    self.deliver(rmv[off:off + seg], src, ip)
+
+    def deliver(self, dgram: memoryview, src: tuple[int, bool], peer_ip: str) -> None:
+        """One datagram from a leased peer into the TUN, if it carries a packet for us."""
+        c = self.c
+        n = len(dgram)
+        first = dgram[0] if n else 0
+        if first >> 4 == 4:
+            self.to_tun(dgram, ZERO_VNET)
+            return
+        if first != FAST_MAGIC or n <= CHUNK_HDR_LEN or dgram[1] != FAST_VERSION \
+                or not dgram[2] < dgram[3] <= MAX_CHUNKS:
+            c[C["drop_not_ipv4"]] += 1
+            return
+        if not src[1]:
+            c[C["drop_unexpected_framing"]] += 1
+            return
+        dropped = self._reasm.dropped
+        payload = self._reasm.feed(peer_ip, dgram)
+        if self._reasm.dropped != dropped:
+            c[C["drop_train_incomplete"]] += self._reasm.dropped - dropped
+        if payload is None:
+            return
+        if len(payload) <= VNET_LEN:
+            c[C["drop_truncated"]] += 1
+            return
+        vnet_hdr = payload[:VNET_LEN]
+        try:
+            check_vnet(vnet_hdr, len(payload) - VNET_LEN)
+        except FrameError:
+            c[C["drop_bad_offload"]] += 1
+            return
+        self.to_tun(payload[VNET_LEN:], vnet_hdr)
+
+    def whole_train(self, n: int, seg: int) -> bool:
+        """GRO handed us exactly one complete train: check every chunk header with a few
+        slice comparisons, then write the payload to the TUN with one gathering write."""
+        rbuf = self._rbuf
+        count = -(-n // seg)
+        if rbuf[3] != count or rbuf[2] != 0 or rbuf[1] != FAST_VERSION or count > MAX_CHUNKS:
+            return False
+        if (rbuf[0:n:seg] != bytes((FAST_MAGIC,)) * count
+                or rbuf[1:n:seg] != bytes((FAST_VERSION,)) * count
+                or rbuf[2:n:seg] != _INDICES[:count]
+                or rbuf[3:n:seg] != bytes((count,)) * count
+                or rbuf[4:n:seg] != bytes((rbuf[4],)) * count
+                or rbuf[5:n:seg] != bytes((rbuf[5],)) * count):
+            return False
+        v = self._rmv[:n]
+        iov = [v[off + CHUNK_HDR_LEN:off + seg] for off in range(0, n, seg)]
+        size = n - count * CHUNK_HDR_LEN - VNET_LEN
+        c = self.c
+        first = iov[0]
+        if len(first) < VNET_LEN + 20:
+            c[C["drop_truncated"]] += 1
+            return True
+        vnet_hdr, pkt = first[:VNET_LEN], first[VNET_LEN:]
+        try:
+            check_vnet(vnet_hdr, size)
+        except FrameError:
+            c[C["drop_bad_offload"]] += 1
+            return True
+        if pkt[0] >> 4 != 4 or ((pkt[2] << 8) | pkt[3]) != size or (pkt[0] & 0x0F) < 5:
+            c[C["drop_bad_header_length"]] += 1
+            return True
+        if _u32(pkt, 16)[0] >> self.shift != self.local_key:
+            c[C["drop_wrong_subnet"]] += 1
+            return True
+        ttl = pkt[8]
+        if ttl <= 1:
+            c[C["drop_ttl_exceeded"]] += 1
+            return True
+        pkt[8] = ttl - 1
+        csum = ((pkt[10] << 8) | pkt[11]) + 0x0100
+        csum = (csum & 0xFFFF) + (csum >> 16)
+        pkt[10] = csum >> 8
+        pkt[11] = csum & 0xFF
+        try:
+            os.writev(self.tun_fd, iov)
+        except OSError:
+            c[C["drop_tun_write"]] += 1
+            return True
+        c[RX_P] += 1
+        c[RX_B] += size
+        return True
+
+    def to_tun(self, pkt: memoryview, vnet_hdr) -> None:
+        """Check an inner packet, count down its TTL and write it to the TUN."""
+        c = self.c
+        bad = check_ipv4(pkt, len(pkt))
+        if bad is not None:
+            c[C["drop_" + bad]] += 1
+            return
+        if _u32(pkt, 16)[0] >> self.shift != self.local_key:
+            c[C["drop_wrong_subnet"]] += 1
+            return
+        ttl = pkt[8]
+        if ttl <= 1:
+            c[C["drop_ttl_exceeded"]] += 1
+            return
+        pkt[8] = ttl - 1
+        csum = ((pkt[10] << 8) | pkt[11]) + 0x0100
+        csum = (csum & 0xFFFF) + (csum >> 16)
+        pkt[10] = csum >> 8
+        pkt[11] = csum & 0xFF
+        total = (pkt[2] << 8) | pkt[3]
+        try:
+            if self.vnet:
+                os.writev(self.tun_fd, [vnet_hdr, pkt[:total]])
+            else:
+                os.write(self.tun_fd, pkt[:total])
+        except OSError:
+            c[C["drop_tun_write"]] += 1
+            return
+        c[RX_P] += 1
+        c[RX_B] += total
 
     # -- loop --------------------------------------------------------------------------
 
@@ -201,6 +482,14 @@ class Forwarder:
             ep.close()
 
 
+def _enable_gro(sock: socket.socket) -> bool:
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        return True
+    except OSError:
+        return False
+
+
 def tune_socket(sock: socket.socket) -> None:
     """Buffers sized for the rate: the kernel's 208 KiB default drops bursts (flanneld)."""
     for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_*BUFFORCE
@@ -223,13 +512,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="pyflannel-fastpath")
     for name in ("tun-fd", "udp-fd", "ctl-fd", "counters-fd"):
         ap.add_argument(f"--{name}", type=int, required=True)
+    ap.add_argument("--vnet", action="store_true")
+    ap.add_argument("--datagram-size", type=int, default=1472)
+    ap.add_argument("--no-gso", action="store_true")
+    ap.add_argument("--no-gro", action="store_true")
     args = ap.parse_args(argv)
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     sock = socket.socket(fileno=args.udp_fd)
     ctl = socket.socket(fileno=args.ctl_fd)
-    fwd = Forwarder(args.tun_fd, sock, ctl, counters.attach(args.counters_fd))
+    fwd = Forwarder(args.tun_fd, sock, ctl, counters.attach(args.counters_fd),
+                    vnet=args.vnet, gso=not args.no_gso, gro=not args.no_gro,
+                    datagram_size=args.datagram_size)
     fwd.run()
     return 0
 

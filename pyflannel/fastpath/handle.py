@@ -31,15 +31,19 @@ class Route:
     subnet: IPv4Network
     public_ip: IPv4Address
     port: int
+    vnet1: bool = False  # the peer accepts pyflannel's vnet1 framing
 
 
 class FastPath:
     """A forwarder in a child process (default) or, for measurement, a thread."""
 
-    def __init__(self, tun_fd: int, sock: socket.socket, mode: str = "process") -> None:
+    def __init__(self, tun_fd: int, sock: socket.socket, mode: str = "process", *,
+                 vnet: bool = False, gso: bool = True, gro: bool = True,
+                 datagram_size: int = 1472) -> None:
         if mode not in ("process", "thread"):
             raise ValueError(f"fast path mode {mode!r} is not process or thread")
         self.mode = mode
+        self.options = {"vnet": vnet, "gso": gso, "gro": gro, "datagram_size": datagram_size}
         self.tun_fd = tun_fd
         self.sock = sock
         self._ctl, self._child_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -49,7 +53,7 @@ class FastPath:
 
     def start(self) -> None:
         if self.mode == "thread":
-            fwd = Forwarder(self.tun_fd, self.sock, self._child_ctl, self._mem)
+            fwd = Forwarder(self.tun_fd, self.sock, self._child_ctl, self._mem, **self.options)
             self._thread = threading.Thread(target=fwd.run, name="fastpath", daemon=True)
             self._thread.start()
             return
@@ -57,7 +61,11 @@ class FastPath:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "pyflannel.fastpath.forwarder",
              "--tun-fd", str(fds[0]), "--udp-fd", str(fds[1]),
-             "--ctl-fd", str(fds[2]), "--counters-fd", str(fds[3])],
+             "--ctl-fd", str(fds[2]), "--counters-fd", str(fds[3]),
+             "--datagram-size", str(self.options["datagram_size"]),
+             *(["--vnet"] if self.options["vnet"] else []),
+             *(["--no-gso"] if not self.options["gso"] else []),
+             *(["--no-gro"] if not self.options["gro"] else [])],
             pass_fds=fds,
             stdin=subprocess.DEVNULL,
         )
@@ -77,7 +85,8 @@ class FastPath:
             "subnet_len": local.prefixlen,
             "local_net": int(local.network_address),
             "icmp_src": int(icmp_src),
-            "peers": [[int(r.subnet.network_address), str(r.public_ip), r.port] for r in routes],
+            "peers": [[int(r.subnet.network_address), str(r.public_ip), r.port, r.vnet1]
+                      for r in routes],
         }
         self._ctl.sendall(json.dumps(msg).encode() + b"\n")
 

@@ -132,7 +132,7 @@ def link_index(name: str) -> int | None:
 
 
 def set_device_address(name: str, address: IPv4Address, mtu: int,
-                       txqueuelen: int | None = None) -> int:
+                       txqueuelen: int | None = None, gso_max_size: int | None = None) -> int:
     """Give the overlay device exactly one address (``address``/32), its MTU (and queue
     length), and bring it up; returns its index."""
     with IPRoute() as ipr:
@@ -149,6 +149,8 @@ def set_device_address(name: str, address: IPv4Address, mtu: int,
             if e.code != EEXIST:
                 raise
         kw = {"txqlen": txqueuelen} if txqueuelen else {}
+        if gso_max_size:
+            kw["gso_max_size"] = gso_max_size
         ipr.link("set", index=index, mtu=mtu, state="up", **kw)
         return index
 
