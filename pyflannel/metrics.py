@@ -60,6 +60,12 @@ class DaemonCollector(Collector):
             if name.startswith(DROP_PREFIX):
                 drops.add_metric([name[len(DROP_PREFIX):]], value)
         yield drops
+        yield CounterMetricFamily(
+            "pyflannel_offload_finished", "super-packets segmented or partial checksums "
+            "finished for flannel-framing peers", value=c.get("segmented", 0))
+        yield CounterMetricFamily("pyflannel_icmp_unreachable_sent",
+                                  "ICMP net-unreachable answers for destinations without lease",
+                                  value=c.get("icmp_unreachable_sent", 0))
 
 
 class Metrics:

@@ -100,7 +100,8 @@ VALID = [
     ),
     pytest.param(
         {"Network": "10.1.0.0/16", "Backend": {"Type": "udp", "Port": 9000}},
-        "10.1.0.0/16", 24, "10.1.1.0", "10.1.255.0", {"Type": "udp", "Port": 9000, "Framing": "auto"},
+        "10.1.0.0/16", 24, "10.1.1.0", "10.1.255.0",
+        {"Type": "udp", "Port": 9000, "Framing": "auto"},
         id="udp-port",
     ),
     pytest.param(

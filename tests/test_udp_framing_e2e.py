@@ -1,0 +1,96 @@
+"""Fast framing on the lab: two pyflannel nodes on auto (vnet1 between them) and one forced
+to flannel's plain framing, all in one cluster, moving 100 MB intact every way."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pyflannel.lab import Lab, require_root_and_tools
+from tests.labtools import (
+    CONFIG_KEY,
+    TCP_SINK,
+    TCP_SOURCE,
+    UDP_SEND_FROM,
+    UDP_SOURCE_OF,
+    metric,
+    start_node,
+)
+
+pytestmark = pytest.mark.lab
+
+SIZE = 100 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    reason = require_root_and_tools()
+    if reason:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
+    with Lab(3) as lab:
+        lab.etcdctl("put", CONFIG_KEY, '{"Network": "10.1.0.0/16", "Backend": {"Type": "udp"}}')
+        auto1 = start_node(lab, lab.nodes[0])
+        auto2 = start_node(lab, lab.nodes[1])
+        plain = start_node(lab, lab.nodes[2], "-udp-framing=flannel")
+        yield lab, auto1, auto2, plain
+
+
+def transfer(lab: Lab, src, dst, port: int) -> None:
+    sink = lab.popen(dst.lab_node.ns, [sys.executable, "-c", TCP_SINK, dst.gw, str(port)],
+                     stdout=subprocess.PIPE)
+    assert sink.stdout.readline().strip() == b"listening"
+    sent = lab.run(src.lab_node.ns, [sys.executable, "-c", TCP_SOURCE, dst.gw, str(port),
+                                     str(SIZE), src.gw], timeout=240, text=True)
+    got = sink.stdout.readline().decode().strip()
+    assert got == sent.stdout.strip() and got.startswith(f"{SIZE} ")
+
+
+def test_the_leases_advertise_the_framings_each_node_accepts(mixed):
+    lab, auto1, _auto2, plain = mixed
+    import json
+
+    def value(node):
+        key = "/coreos.com/network/subnets/" + node.subnet.replace(".1/", ".0-")
+        return json.loads(lab.etcdctl("get", key, "--print-value-only"))
+
+    assert value(auto1)["BackendData"] == {"Framings": ["vnet1"]}
+    assert "BackendData" not in value(plain)  # exactly what flanneld publishes
+
+
+def test_100mb_between_two_auto_nodes_over_vnet1(mixed):
+    lab, auto1, auto2, _plain = mixed
+    before = metric(lab, auto1.lab_node, "pyflannel_bytes_total", direction="tx")
+    packets = metric(lab, auto1.lab_node, "pyflannel_packets_total", direction="tx")
+    transfer(lab, auto1, auto2, 5101)
+    sent_bytes = metric(lab, auto1.lab_node, "pyflannel_bytes_total", direction="tx") - before
+    sent_packets = metric(lab, auto1.lab_node, "pyflannel_packets_total", direction="tx") - packets
+    assert sent_bytes / sent_packets > 4000  # super-packets, not 1.4 kB datagrams
+
+
+def test_100mb_from_the_plain_node(mixed):
+    lab, auto1, _auto2, plain = mixed
+    transfer(lab, plain, auto1, 5102)
+
+
+def test_100mb_from_an_auto_node_to_the_plain_node_is_segmented_correctly(mixed):
+    lab, auto1, _auto2, plain = mixed
+    before = metric(lab, auto1.lab_node, "pyflannel_dropped_packets_total", reason="bad_offload")
+    transfer(lab, auto1, plain, 5103)
+    assert metric(lab, auto1.lab_node, "pyflannel_dropped_packets_total",
+                  reason="bad_offload") == before
+
+
+def test_partial_udp_checksums_are_finished_for_the_plain_node(mixed):
+    """The auto node's kernel leaves UDP checksums to the "hardware" (us); the plain node's
+    kernel verifies them and would drop the datagram if we had not finished them."""
+    lab, auto1, _auto2, plain = mixed
+    finished = metric(lab, auto1.lab_node, "pyflannel_offload_finished_total")
+    rx = lab.popen(plain.lab_node.ns, [sys.executable, "-c", UDP_SOURCE_OF, plain.gw, "7101"],
+                   stdout=subprocess.PIPE)
+    assert rx.stdout.readline().strip() == b"ready"
+    lab.run(auto1.lab_node.ns, [sys.executable, "-c", UDP_SEND_FROM, auto1.gw, plain.gw, "7101"])
+    assert rx.stdout.readline().decode().strip() == auto1.gw
+    assert metric(lab, auto1.lab_node, "pyflannel_offload_finished_total") > finished
