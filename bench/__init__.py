@@ -1,0 +1,1 @@
+"""Encapsulation benchmarks on the namespace lab (``python -m bench.run``)."""

@@ -1,0 +1,229 @@
+"""Encapsulation throughput, side by side in one run: the bare underlay, pyflannel udp with
+flannel's framing, pyflannel udp with the vnet1 fast framing, vxlan and host-gw.
+
+    python -m bench.run            # the full run (about 6-8 minutes on 2 vCPUs)
+    python -m bench.run --quick    # a smoke run (about a minute)
+
+Prints a table of medians (min-max), ratios to the underlay and to vxlan, and writes JSON
+and a PNG chart to bench/results/. Timings are figures to compare, never test assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import png
+from bench.measure import (
+    cpu_percent_during,
+    idle_fraction,
+    iperf_tcp,
+    iperf_udp,
+    ping_latency,
+)
+from pyflannel.lab import Lab, LabNode, require_root_and_tools
+
+CONFIG_KEY = "/coreos.com/network/config"
+
+
+@dataclass
+class Setup:
+    name: str
+    backend: str | None  # None: no overlay at all
+    extra: tuple[str, ...] = ()
+
+
+SETUPS = [
+    Setup("underlay", None),
+    Setup("udp-flannel", "udp", ("-udp-framing=flannel",)),
+    Setup("udp-fast", "udp"),
+    Setup("vxlan", "vxlan"),
+    Setup("host-gw", "host-gw"),
+]
+
+
+@dataclass
+class Plan:
+    tcp_runs: int
+    tcp_seconds: float
+    udp_seconds: float
+    pings: int
+    udp_pps: int = 100_000
+
+    @classmethod
+    def of(cls, quick: bool) -> Plan:
+        return cls(1, 2, 1, 20) if quick else cls(3, 8, 4, 200)
+
+
+@dataclass
+class Result:
+    setup: str
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, metric: str, value: float) -> None:
+        self.samples.setdefault(metric, []).append(value)
+
+    def median(self, metric: str) -> float | None:
+        xs = self.samples.get(metric)
+        return statistics.median(xs) if xs else None
+
+
+def endpoints(lab: Lab, setup: Setup) -> tuple[LabNode, LabNode, str, str]:
+    """(client node, server node, client address, server address) for this setup."""
+    a, b = lab.nodes
+    if setup.backend is None:
+        return a, b, a.underlay_ip, b.underlay_ip
+    subnets = []
+    for node in (a, b):
+        if node.process is not None:
+            lab.stop_daemon(node)
+    lab.etcdctl("put", CONFIG_KEY,
+                json.dumps({"Network": "10.1.0.0/16", "Backend": {"Type": setup.backend}}))
+    for node in (a, b):
+        if node.subnet_file.exists():
+            node.subnet_file.unlink()
+        lab.start_daemon(node, *setup.extra)
+    for node in (a, b):
+        env = lab.wait_subnet_file(node, timeout=30)
+        lab.add_docker0(node, env["FLANNEL_SUBNET"])
+        subnets.append(env["FLANNEL_SUBNET"].split("/")[0])
+    deadline = time.monotonic() + 10
+    while not (lab.ping(a, subnets[1], src_ip=subnets[0], timeout=1)
+               and lab.ping(b, subnets[0], src_ip=subnets[1], timeout=1)):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{setup.name}: nodes cannot reach each other")
+    return a, b, subnets[0], subnets[1]
+
+
+def daemon_pids(lab: Lab) -> list[int]:
+    return [n.process.pid for n in lab.nodes if n.process is not None]
+
+
+def measure(lab: Lab, setup: Setup, plan: Plan) -> Result:
+    res = Result(setup.name)
+    client, server, src, dst = endpoints(lab, setup)
+    idle = idle_fraction(1.0)
+    if idle < 0.85:
+        res.notes.append(f"machine only {idle:.0%} idle before the run: disturbed")
+    lat = ping_latency(lab, client, dst, src, plan.pings)
+    res.add("ping_p50_ms", lat[0])
+    res.add("ping_p99_ms", lat[1])
+    for _ in range(plan.tcp_runs):
+        gbps, cpu = cpu_percent_during(
+            daemon_pids(lab), lambda: iperf_tcp(lab, client, server, dst, src,
+                                                plan.tcp_seconds, 1))
+        res.add("tcp1_gbps", gbps)
+        if setup.backend is not None:
+            res.add("daemon_cpu_pct", cpu)
+    for _ in range(plan.tcp_runs):
+        res.add("tcp4_gbps", iperf_tcp(lab, client, server, dst, src, plan.tcp_seconds, 4))
+    for size in (1400, 64):
+        delivered, loss = iperf_udp(lab, client, server, dst, src, plan.udp_seconds, size,
+                                    plan.udp_pps)
+        res.add(f"udp{size}_pps", delivered)
+        res.add(f"udp{size}_loss_pct", loss)
+    spread = res.samples["tcp1_gbps"]
+    if len(spread) > 1 and (max(spread) - min(spread)) > 0.25 * statistics.median(spread):
+        res.notes.append("TCP runs vary by more than 25%: disturbed or unstable")
+    return res
+
+
+COLUMNS = [
+    ("tcp1_gbps", "TCP 1 stream Gbit/s"),
+    ("tcp4_gbps", "TCP 4 streams Gbit/s"),
+    ("udp1400_pps", "UDP 1400B pkt/s"),
+    ("udp1400_loss_pct", "loss %"),
+    ("udp64_pps", "UDP 64B pkt/s"),
+    ("udp64_loss_pct", "loss %"),
+    ("ping_p50_ms", "ping p50 ms"),
+    ("ping_p99_ms", "ping p99 ms"),
+    ("daemon_cpu_pct", "daemon CPU %"),
+]
+
+
+def fmt(xs: list[float] | None) -> str:
+    if not xs:
+        return "-"
+    med = statistics.median(xs)
+    digits = 3 if med < 10 else 0 if med > 1000 else 1
+    if len(xs) == 1:
+        return f"{med:.{digits}f}"
+    return f"{med:.{digits}f} ({min(xs):.{digits}f}-{max(xs):.{digits}f})"
+
+
+def table(results: list[Result]) -> str:
+    head = ["setup", *(label for _k, label in COLUMNS), "x underlay", "x vxlan"]
+    under = next((r.median("tcp1_gbps") for r in results if r.setup == "underlay"), None)
+    vxlan = next((r.median("tcp1_gbps") for r in results if r.setup == "vxlan"), None)
+    rows = [head]
+    for r in results:
+        tcp = r.median("tcp1_gbps") or 0.0
+        rows.append([r.setup, *(fmt(r.samples.get(k)) for k, _l in COLUMNS),
+                     f"{tcp / under:.2f}" if under else "-",
+                     f"{tcp / vxlan:.2f}" if vxlan else "-"])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    notes = [f"  {r.setup}: {n}" for r in results for n in r.notes]
+    return "\n".join(lines + (["notes:", *notes] if notes else []))
+
+
+def chart(results: list[Result]) -> bytes:
+    groups = [("tcp1_gbps", "TCP 1 STREAM", "Gbit/s"), ("tcp4_gbps", "TCP 4 STREAMS", "Gbit/s"),
+              ("udp1400_pps", "UDP 1400B DELIVERED", "pkt/s"),
+              ("ping_p99_ms", "PING P99 (LOWER IS BETTER)", "ms")]
+    return png.bar_chart("PYFLANNEL BENCHMARK (MEDIANS, ONE RUN)", [g[1] for g in groups],
+                         [r.setup for r in results],
+                         [[r.median(g[0]) for r in results] for g in groups],
+                         [g[2] for g in groups])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: one short sample each")
+    ap.add_argument("--only", nargs="*", help="setups to run (default: all)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args(argv)
+    reason = require_root_and_tools()
+    if reason:
+        print(f"bench: {reason}", file=sys.stderr)
+        return 1
+    plan = Plan.of(args.quick)
+    setups = [s for s in SETUPS if not args.only or s.name in args.only]
+    results = []
+    started = time.time()
+    with Lab(2) as lab:
+        for setup in setups:
+            print(f"== {setup.name} ...", flush=True)
+            results.append(measure(lab, setup, plan))
+    print(table(results))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    doc = {"started": started, "seconds": time.time() - started, "quick": args.quick,
+           "plan": plan.__dict__, "machine": machine(),
+           "results": [{"setup": r.setup, "samples": r.samples, "notes": r.notes,
+                        "medians": {k: r.median(k) for k in r.samples}} for r in results]}
+    (out / f"bench-{stamp}.json").write_text(json.dumps(doc, indent=2))
+    (out / f"bench-{stamp}.png").write_bytes(chart(results))
+    print(f"wrote {out}/bench-{stamp}.json and .png ({time.time() - started:.0f}s)")
+    return 0
+
+
+def machine() -> dict:
+    import os
+    import platform
+
+    return {"cpus": os.cpu_count(), "kernel": platform.release(),
+            "python": platform.python_version()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
