@@ -34,6 +34,7 @@ _FONT_ROWS = {
     "/": "....#....#...#...#...#...#....#....", "%": "##..###..#...#...#...#...#..###..##",
     "(": "...#...#...#....#....#.....#.....#.", ")": ".#.....#.....#....#....#...#...#...",
     "=": "..........#####.....#####..........",
+    ",": "." * 20 + ".##....#...#...", "+": ".......#....#..#####..#....#.......",
     ":": "......##...##.......##...##........",
 }
 GLYPH_W, GLYPH_H, SCALE = 5, 7, 2
@@ -84,6 +85,10 @@ PALETTE = [(52, 101, 164), (115, 210, 22), (204, 0, 0), (245, 121, 0), (117, 80,
            (193, 125, 17)]
 
 
+def _short(v: float) -> str:
+    return f"{v / 1000:.1f}k" if v >= 10_000 else f"{v:.3g}"
+
+
 def bar_chart(title: str, groups: Sequence[str], series: Sequence[str],
               values: Sequence[Sequence[float | None]], unit: str) -> bytes:
     """Horizontal grouped bars: one group per metric, one bar per configuration."""
@@ -91,7 +96,7 @@ def bar_chart(title: str, groups: Sequence[str], series: Sequence[str],
     bar_h, gap = 16, 14
     plot_w = 520
     height = 50 + len(groups) * (20 + len(series) * (bar_h + 4) + gap)
-    c = Canvas(label_w + plot_w + 140, height)
+    c = Canvas(label_w + plot_w + 240, height)
     c.text(10, 10, title)
     y = 40
     for g, group in enumerate(groups):
@@ -105,7 +110,7 @@ def bar_chart(title: str, groups: Sequence[str], series: Sequence[str],
             if v is not None:
                 w = int(plot_w * (v / top)) if top > 0 else 0
                 c.rect(label_w, y, max(w, 1), bar_h, PALETTE[s % len(PALETTE)])
-                c.text(label_w + max(w, 1) + 6, y + 2, f"{v:.3g} {unit[g]}")
+                c.text(label_w + max(w, 1) + 6, y + 2, f"{_short(v)} {unit[g]}")
             y += bar_h + 4
         y += gap
     return c.png()

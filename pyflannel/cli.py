@@ -12,11 +12,13 @@ COMMANDS = """\
 usage: pyflannel <command> [flags]
 
 commands:
-  run       run the daemon (same as pyflanneld; flanneld's flags)
-  status    the cluster's subnet table from etcd (--json for scripts)
-  demo      build a local lab (etcd + nodes in network namespaces) and ping across it
+  run             run the daemon (same as pyflanneld; flanneld's flags)
+  status          the cluster's subnet table from etcd (--json, --watch)
+  config          get, set or validate the network config (validated before it is stored)
+  lease           list, reserve or release subnet leases
   mk-docker-opts  write Docker daemon options from the subnet file (like mk-docker-opts.sh)
-  version   print the version
+  demo            build a local lab (etcd + nodes in network namespaces) and ping across it
+  version         print the version
 """
 
 
@@ -73,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return daemon_main(rest, prog="pyflannel run")
     if cmd == "status":
         return status_main(rest)
+    if cmd in ("config", "lease"):
+        from pyflannel import admin
+
+        return admin.main(cmd, rest)
     if cmd == "demo":
         from pyflannel import demo
 
