@@ -79,11 +79,11 @@ async def lease_reserve(reg: EtcdRegistry, subnet_text: str, ip_text: str) -> st
     if raw is None:
         raise AdminError(f"no network config at {reg.prefix}/config: set it first")
     cfg = parse_config(raw)
+    subnet = _subnet(subnet_text)
     try:
-        subnet = IPv4Network(subnet_text)
         public_ip = IPv4Address(ip_text)
-    except ValueError as e:
-        raise AdminError(str(e)) from None
+    except ValueError:
+        raise AdminError(f"{ip_text!r} is not an IPv4 address") from None
     if not cfg.contains_subnet(subnet):
         raise AdminError(f"{subnet} is not a leasable /{cfg.subnet_len} between "
                          f"{cfg.subnet_min} and {cfg.subnet_max}")
@@ -95,11 +95,16 @@ async def lease_reserve(reg: EtcdRegistry, subnet_text: str, ip_text: str) -> st
     return f"reserved {subnet} for {public_ip} ({subnet_key(reg.prefix, subnet)}, no TTL)"
 
 
-async def lease_release(reg: EtcdRegistry, subnet_text: str) -> str:
+def _subnet(text: str) -> IPv4Network:
     try:
-        subnet = IPv4Network(subnet_text)
+        return IPv4Network(text)
     except ValueError as e:
-        raise AdminError(str(e)) from None
+        why = "host bits set" if "host bits" in str(e) else "not an IPv4 CIDR"
+        raise AdminError(f"{text!r} is not a subnet ({why})") from None
+
+
+async def lease_release(reg: EtcdRegistry, subnet_text: str) -> str:
+    subnet = _subnet(subnet_text)
     if not await reg.delete_lease(subnet):
         raise AdminError(f"no lease for {subnet}")
     return f"released {subnet}"
@@ -134,6 +139,8 @@ def main(group: str, argv: Sequence[str]) -> int:
     if not words or words[0] in ("-h", "--help", "help"):
         print(USAGE, end="")
         return 0 if words else 2
+    as_json = any(f in ("--json", "-json") for f in flag_args)
+    flag_args = [f for f in flag_args if f not in ("--json", "-json")]
     try:
         opts = parse_flags(flag_args)
     except FlagError as e:
@@ -142,7 +149,7 @@ def main(group: str, argv: Sequence[str]) -> int:
     if group == "lease" and words == ["list"]:
         from pyflannel import status
 
-        return status.run(opts, as_json="--json" in argv)
+        return status.run(opts, as_json=as_json)
     try:
         print(asyncio.run(asyncio.wait_for(_dispatch(group, words, opts), 30)))
         return 0
