@@ -51,10 +51,19 @@ def daemon_main(argv: Sequence[str] | None = None, prog: str = "pyflanneld") -> 
 
 def status_main(argv: Sequence[str]) -> int:
     as_json = False
+    watch = 0.0
     rest = []
     for arg in argv:
         if arg in ("--json", "-json"):
             as_json = True
+        elif arg in ("--watch", "-watch", "-w"):
+            watch = 2.0
+        elif arg.startswith(("--watch=", "-watch=")):
+            try:
+                watch = float(arg.split("=", 1)[1])
+            except ValueError:
+                print(f"pyflannel status: --watch takes seconds, not {arg}", file=sys.stderr)
+                return 2
         else:
             rest.append(arg)
     opts = _parse("pyflannel status", rest)
@@ -62,7 +71,7 @@ def status_main(argv: Sequence[str]) -> int:
         return 0
     from pyflannel import status
 
-    return status.run(opts, as_json=as_json)
+    return status.run(opts, as_json=as_json, watch=watch)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

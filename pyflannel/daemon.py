@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import time
 from ipaddress import IPv4Interface
+from pathlib import Path
 
 from pyflannel import __version__
 from pyflannel.backend import Backend, BackendError, make_backend
@@ -18,7 +21,12 @@ from pyflannel.config import ConfigError, NetworkConfig, parse_config
 from pyflannel.flags import Options
 from pyflannel.host import netlink, systemd
 from pyflannel.host.iptables import Iptables, IptablesError, RuleSet
-from pyflannel.host.subnetfile import SubnetEnv, previous_subnet, write_subnet_file
+from pyflannel.host.subnetfile import (
+    SubnetEnv,
+    previous_subnet,
+    write_json_atomic,
+    write_subnet_file,
+)
 from pyflannel.host.tun import TunError
 from pyflannel.lease.etcd import EtcdAuthError, EtcdRegistry, EtcdUnavailable
 from pyflannel.lease.manager import Backoff, LeaseManager
@@ -51,6 +59,7 @@ class Daemon:
         self.http: HealthServer | None = None
         self.iptables = Iptables()
         self._iptables_ok = False
+        self.peer_counters: dict[str, dict] | None = None
 
     def is_ready(self) -> bool:
         """Ready while we hold a lease and the data path it needs is running."""
@@ -71,6 +80,7 @@ class Daemon:
             "etcd_errors": self.registry.errors,
             "ready": self.is_ready(),
             "counters": b.counters() if b is not None else {},
+            "peer_counters": self.peer_counters or {},
         }
 
     # -- start-up ----------------------------------------------------------------------
@@ -223,6 +233,7 @@ class Daemon:
 
     async def on_peers(self, diff: PeerDiff) -> None:
         assert self.backend is not None
+        started = time.monotonic()
         for lease in diff.removed:
             if self._compatible(lease):
                 await self.backend.remove_peer(lease)
@@ -232,6 +243,7 @@ class Daemon:
                 await self.backend.add_peer(lease)
                 log.info("peer added: %s via %s", lease.subnet, lease.attrs.public_ip)
         await self.backend.commit()
+        self.metrics.programming.observe(time.monotonic() - started)
 
     def _compatible(self, lease: Lease) -> bool:
         assert self.backend is not None
@@ -245,6 +257,35 @@ class Daemon:
         return False
 
     # -- running -----------------------------------------------------------------------
+
+    def state_file(self) -> Path:
+        """Where ``pyflannel status`` finds this daemon's view of its peers."""
+        return Path(self.opts.subnet_file).with_name("pyflannel-state.json")
+
+    async def publish_state(self) -> None:
+        """Every 2 s: per-peer counters for the metrics, and a state file for status."""
+        path = self.state_file()
+        while True:
+            if self.backend is not None:
+                try:
+                    self.peer_counters = await self.backend.peer_counters()
+                except (OSError, ValueError) as e:
+                    self.errors.error("stats", "cannot read per-peer counters: %s", e)
+            m = self.manager
+            doc = {
+                "pid": os.getpid(), "time": time.time(),
+                "backend": self.backend.type if self.backend else None,
+                "subnet": str(m.lease.subnet) if m and m.lease else None,
+                "lease_expiry": m.expires_at if m and m.lease else None,
+                "ready": self.is_ready(),
+                "counters": self.backend.counters() if self.backend else {},
+                "peers": self.peer_counters,
+            }
+            try:
+                write_json_atomic(path, doc)
+            except OSError as e:
+                self.errors.error("state", "cannot write %s: %s", path, e)
+            await asyncio.sleep(2)
 
     async def watch_health(self) -> None:
         while True:
@@ -271,6 +312,7 @@ class Daemon:
                 asyncio.create_task(self.watch_health(), name="health"),
                 asyncio.create_task(self.backend.run(), name="reconcile"),
                 asyncio.create_task(self.keep_iptables(), name="iptables"),
+                asyncio.create_task(self.publish_state(), name="state"),
             ]
             stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({*tasks, stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -37,18 +37,18 @@ def main(argv: list[str]) -> int:
             gateways[node.name] = env["FLANNEL_SUBNET"].split("/")[0]
             say(f"{node.name} ({node.underlay_ip}): FLANNEL_SUBNET={env['FLANNEL_SUBNET']} "
                 f"FLANNEL_MTU={env['FLANNEL_MTU']}")
-        time.sleep(0.5)
-        say("pyflannel status (from n1):")
-        out = lab.run(lab.nodes[0].ns, [sys.executable, "-m", "pyflannel", "status",
-                                        f"-etcd-endpoints={lab.etcd_endpoint}",
-                                        f"-subnet-file={lab.nodes[0].subnet_file}"], text=True)
-        print(out.stdout, flush=True)
         failures = 0
         for a, b in itertools.permutations(lab.nodes, 2):
             ok = lab.ping(a, gateways[b.name], src_ip=gateways[a.name], count=2)
             failures += not ok
             say(f"ping {a.name} docker0 {gateways[a.name]} -> {b.name} docker0 "
                 f"{gateways[b.name]}: {'ok' if ok else 'FAILED'}")
+        time.sleep(2.5)  # the daemons publish per-peer counters every 2 s
+        say("pyflannel status (from n1):")
+        out = lab.run(lab.nodes[0].ns, [sys.executable, "-m", "pyflannel", "status",
+                                        f"-etcd-endpoints={lab.etcd_endpoint}",
+                                        f"-subnet-file={lab.nodes[0].subnet_file}"], text=True)
+        print(out.stdout, flush=True)
         for node in lab.nodes:
             lab.stop_daemon(node)
         if failures:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
@@ -63,6 +63,23 @@ class DaemonCollector(Collector):
         yield CounterMetricFamily(
             "pyflannel_offload_finished", "super-packets segmented or partial checksums "
             "finished for flannel-framing peers", value=c.get("segmented", 0))
+        per_peer = s.get("peer_counters") or {}
+        pp = CounterMetricFamily("pyflannel_peer_packets", "packets to and from each peer",
+                                 labels=["peer", "direction"])
+        pb = CounterMetricFamily("pyflannel_peer_bytes", "bytes to and from each peer",
+                                 labels=["peer", "direction"])
+        age = GaugeMetricFamily("pyflannel_peer_last_receive_age_seconds",
+                                "seconds since the last datagram from each peer",
+                                labels=["peer"])
+        for peer, st in sorted(per_peer.items()):
+            for direction in ("tx", "rx"):
+                pp.add_metric([peer, direction], st.get(f"{direction}_packets", 0))
+                pb.add_metric([peer, direction], st.get(f"{direction}_bytes", 0))
+            if st.get("last_rx_age_s") is not None:
+                age.add_metric([peer], st["last_rx_age_s"])
+        yield pp
+        yield pb
+        yield age
         yield CounterMetricFamily("pyflannel_icmp_unreachable_sent",
                                   "ICMP net-unreachable answers for destinations without lease",
                                   value=c.get("icmp_unreachable_sent", 0))
@@ -74,6 +91,11 @@ class Metrics:
     def __init__(self, state: Callable[[], dict]) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(DaemonCollector(state))
+        self.programming = Histogram(
+            "pyflannel_peer_programming_seconds",
+            "time from a peer lease event reaching the daemon to its routes and tables "
+            "being in place", registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

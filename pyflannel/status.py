@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 from typing import Any
 
 from pyflannel.flags import Options
@@ -22,6 +24,23 @@ def _local_addresses() -> set[IPv4Address]:
         return set()
 
 
+STATE_FRESH_S = 10.0
+
+
+def local_view(opts: Options) -> dict[str, dict] | None:
+    """Per-peer counters of the daemon on this host, from its state file (None when no
+    daemon runs here, or its file is stale)."""
+    path = Path(opts.subnet_file).with_name("pyflannel-state.json")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or time.time() - float(doc.get("time", 0)) > STATE_FRESH_S:
+        return None
+    peers = doc.get("peers")
+    return peers if isinstance(peers, dict) else None
+
+
 async def gather(opts: Options) -> list[dict[str, Any]]:
     """One row per lease, sorted by subnet; ``expires_in_s`` is None for reservations."""
     reg = EtcdRegistry(opts.etcd_endpoints, opts.etcd_prefix,
@@ -30,6 +49,7 @@ async def gather(opts: Options) -> list[dict[str, Any]]:
         listing = await reg.list_leases()
         own: IPv4Network | None = previous_subnet(opts.subnet_file)
         local = _local_addresses() if own is None else set()
+        view = local_view(opts)
         rows = []
         for lease in sorted(listing.leases, key=lambda x: int(x.subnet.network_address)):
             ttl = None if lease.reserved else await reg.lease_ttl(lease.lease_id)
@@ -41,6 +61,7 @@ async def gather(opts: Options) -> list[dict[str, Any]]:
                 "expires_in_s": ttl if ttl is None else max(ttl, 0),
                 "this_node": lease.subnet == own if own is not None
                 else lease.attrs.public_ip in local,
+                "counters": view.get(str(lease.subnet)) if view is not None else None,
             })
         for key, reason in listing.malformed:
             rows.append({"subnet": key.rsplit("/", 1)[-1], "public_ip": None,
@@ -59,16 +80,36 @@ def format_duration(seconds: int | None) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def _human(n: float) -> str:
+    for unit in ("", "k", "M", "G", "T"):
+        if abs(n) < 1000:
+            return f"{n:.0f}{unit}" if unit == "" else f"{n:.1f}{unit}"
+        n /= 1000
+    return f"{n:.1f}P"
+
+
 def render_table(rows: list[dict[str, Any]]) -> str:
-    header = ("SUBNET", "PUBLIC IP", "BACKEND", "LEASE LEFT", "")
+    header = ("SUBNET", "PUBLIC IP", "BACKEND", "VTEP MAC", "LEASE LEFT", "TX PKTS", "TX BYTES",
+              "RX PKTS", "RX BYTES", "DROPS", "LAST RX", "")
     lines = [header]
     for r in rows:
         if "error" in r:
-            lines.append((r["subnet"], "-", "-", "-", f"malformed: {r['error']}"))
+            lines.append((r["subnet"], "-", "-", "-", "-", "", "", "", "", "", "",
+                          f"malformed: {r['error']}"))
             continue
-        lines.append((r["subnet"], r["public_ip"], r["backend"],
-                      format_duration(r["expires_in_s"]), "<- this host" if r["this_node"]
-                      else ""))
+        data = r.get("backend_data")
+        mac = data.get("VtepMAC", "-") if isinstance(data, dict) and "VtepMAC" in data else "-"
+        c = r.get("counters")
+        if c:
+            age = c.get("last_rx_age_s")
+            traffic = (_human(c["tx_packets"]), _human(c["tx_bytes"]) + "B",
+                       _human(c["rx_packets"]), _human(c["rx_bytes"]) + "B",
+                       _human(c["rx_dropped"]), "never" if age is None else f"{age:.1f}s ago")
+        else:
+            traffic = ("-",) * 6
+        lines.append((r["subnet"], r["public_ip"], r["backend"], mac,
+                      format_duration(r["expires_in_s"]), *traffic,
+                      "<- this host" if r["this_node"] else ""))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
            for line in lines]
@@ -77,7 +118,20 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def run(opts: Options, as_json: bool = False) -> int:
+def run(opts: Options, as_json: bool = False, watch: float = 0.0) -> int:
+    if watch:
+        try:
+            while True:
+                code = run_once(opts, as_json, clear=True)
+                if code:
+                    return code
+                time.sleep(watch)
+        except KeyboardInterrupt:
+            return 0
+    return run_once(opts, as_json)
+
+
+def run_once(opts: Options, as_json: bool = False, clear: bool = False) -> int:
     try:
         rows = asyncio.run(asyncio.wait_for(gather(opts), 30))
     except (EtcdUnavailable, EtcdAuthError, ValueError) as e:
@@ -86,8 +140,8 @@ def run(opts: Options, as_json: bool = False) -> int:
     except TimeoutError:
         print("pyflannel status: etcd did not answer within 30s", file=sys.stderr)
         return 1
-    if as_json:
-        print(json.dumps(rows, indent=2))
-    else:
-        print(render_table(rows))
+    text = json.dumps(rows, indent=2) if as_json else render_table(rows)
+    if clear:  # --watch: redraw in place
+        text = "\x1b[H\x1b[2J" + time.strftime("%H:%M:%S ") + "pyflannel status\n" + text
+    print(text, flush=True)
     return 0

@@ -141,3 +141,18 @@ def test_the_loop_still_forwards_after_garbage(rig):
         rig.peer.sendto(junk, rig.udp.getsockname())
     rig.peer.sendto(ipv4(src="10.1.2.7", dst="10.1.1.5"), rig.udp.getsockname())
     assert rig.tun_app.recv(65536)[16:20] == bytes([10, 1, 1, 5])
+
+
+def test_per_peer_counters_follow_each_peer(rig):
+    for _ in range(3):
+        rig.tun_app.send(ipv4(src="10.1.1.5", dst="10.1.2.7", payload=b"x" * 100))
+        rig.peer.recvfrom(65536)
+    rig.peer.sendto(ipv4(src="10.1.2.7", dst="10.1.1.5"), rig.udp.getsockname())
+    rig.tun_app.recv(65536)
+    rig.peer.sendto(ipv4(src="10.1.2.7", dst="10.1.9.5"), rig.udp.getsockname())  # dropped
+    time.sleep(0.1)
+    st = rig.fwd.peer_stats["127.0.0.2"]
+    assert st[0] == 3 and st[1] == 3 * 120
+    assert st[2] == 1 and st[3] == 28
+    assert st[5] == 1  # the packet for a foreign subnet
+    assert st[4] > 0

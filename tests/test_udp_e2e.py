@@ -91,6 +91,25 @@ def test_status_lists_every_node_and_marks_this_host(cluster):
         assert row["this_node"] == (n is nodes["n1"])
 
 
+def test_status_joins_the_local_daemon_s_per_peer_counters(cluster):
+    lab, nodes = cluster
+    assert pings(lab, nodes["n1"], nodes["n2"], count=3)
+
+    def n2_row():
+        rows = status_json(lab, nodes["n1"].lab_node)
+        return next(r for r in rows if r["public_ip"] == nodes["n2"].lab_node.underlay_ip)
+
+    wait_until(lambda: (n2_row()["counters"] or {}).get("rx_packets", 0) >= 3, 6,
+               "per-peer counters in status")
+    c = n2_row()["counters"]
+    assert c["tx_packets"] >= 3 and c["tx_bytes"] > 0 and c["last_rx_age_s"] < 10
+    table = lab.run(nodes["n1"].lab_node.ns, [sys.executable, "-m", "pyflannel", "status",
+                                              f"-etcd-endpoints={lab.etcd_endpoint}",
+                                              f"-subnet-file={nodes['n1'].lab_node.subnet_file}"],
+                    text=True).stdout
+    assert "RX PKTS" in table and "s ago" in table
+
+
 def test_readiness_and_counters_on_the_metrics_endpoint(cluster):
     lab, nodes = cluster
     n1 = nodes["n1"].lab_node
@@ -100,6 +119,10 @@ def test_readiness_and_counters_on_the_metrics_endpoint(cluster):
     time.sleep(0.6)
     assert metric(lab, n1, "pyflannel_packets_total", direction="tx") >= before + 3
     assert metric(lab, n1, "pyflannel_peers") == 2
+    wait_until(lambda: metric(lab, n1, "pyflannel_peer_packets_total", direction="tx",
+                              peer=nodes["n3"].subnet.replace(".1/", ".0/")) >= 3, 6,
+               "per-peer metric")
+    assert metric(lab, n1, "pyflannel_peer_programming_seconds_count") >= 1
 
 
 def test_sigkill_then_restart_keeps_the_subnet_and_traffic(cluster):

@@ -116,3 +116,7 @@ class Backend(abc.ABC):
 
     def counters(self) -> dict[str, int]:
         return {}
+
+    async def peer_counters(self) -> dict[str, dict] | None:
+        """Per-peer traffic by peer subnet, where the backend sees it (udp); else None."""
+        return None

@@ -110,6 +110,13 @@ class UdpBackend(Backend):
     def counters(self) -> dict[str, int]:
         return self.fastpath.counters() if self.fastpath is not None else {}
 
+    async def peer_counters(self) -> dict[str, dict] | None:
+        if self.fastpath is None:
+            return None
+        by_ip = await asyncio.to_thread(self.fastpath.peer_stats)
+        return {str(subnet): by_ip[str(p.attrs.public_ip)] for subnet, p in self.peers.items()
+                if str(p.attrs.public_ip) in by_ip}
+
     async def teardown(self) -> None:
         await super().teardown()
         if self.fastpath is not None:

@@ -22,6 +22,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 
 from pyflannel.fastpath import counters
 from pyflannel.fastpath.frames import (
@@ -77,7 +78,9 @@ class Forwarder:
         self.gro = gro and _enable_gro(sock)
         self.c = [0] * len(counters.NAMES)
         self.peers: dict[int, tuple[tuple[str, int], bool]] = {}  # key -> (addr, vnet1?)
-        self.sources: dict[str, tuple[int, bool]] = {}  # public ip -> (key, vnet1?)
+        self.sources: dict[str, tuple[int, bool, list]] = {}  # ip -> (key, vnet1?, stats)
+        self.peer_stats: dict[str, list] = {}
+        self.rx_dropped = 0
         self.shift = 8
         self.local_key = -1
         self.icmp_src = b"\0\0\0\0"
@@ -113,6 +116,12 @@ class Forwarder:
         if msg.get("op") == "stop":
             self.running = False
             return
+        if msg.get("op") == "stats":
+            now = time.monotonic()
+            reply = {ip: [st[0], st[1], st[2], st[3], now - st[4] if st[4] else None, st[5]]
+                     for ip, st in self.peer_stats.items()}
+            self.ctl.sendall(json.dumps({"stats": reply}).encode() + b"\n")
+            return
         shift = 32 - int(msg["subnet_len"])
         peers = {}
         for net, ip, port, *rest in msg["peers"]:
@@ -122,7 +131,12 @@ class Forwarder:
         # ICMP errors come from the overlay network's own address (10.1.0.0): never a
         # local address, which the kernel would drop as a martian source.
         self.icmp_src = struct.pack("!I", int(msg["icmp_src"]))
-        self.sources = {addr[0]: (key, fast) for key, (addr, fast) in peers.items()}
+        # Per-peer counters survive table changes: [tx_p, tx_b, rx_p, rx_b, last_rx, drops].
+        stats = {addr[0]: self.peer_stats.get(addr[0]) or [0, 0, 0, 0, 0.0, 0]
+                 for addr, _fast in peers.values()}
+        self.peer_stats = stats
+        self.sources = {addr[0]: (key, fast, stats[addr[0]])
+                        for key, (addr, fast) in peers.items()}
         self.peers = peers
         self.generation += 1
 
@@ -213,6 +227,10 @@ class Forwarder:
             return
         self.c[TX_P] += 1
         self.c[TX_B] += total
+        st = self.peer_stats.get(addr[0])
+        if st is not None:
+            st[0] += 1
+            st[1] += total
 
     def _train_iov(self, count: int, room: int) -> list:
         """A fresh copy of the gather list for a train of ``count`` chunks: header views
@@ -303,6 +321,10 @@ class Forwarder:
             return
         self.c[TX_P] += packets
         self.c[TX_B] += size
+        st = self.peer_stats.get(addr[0])
+        if st is not None:
+            st[0] += packets
+            st[1] += size
 
     def _send_one(self, data, addr) -> None:
         try:
@@ -333,6 +355,9 @@ class Forwarder:
         shift, local_key = self.shift, self.local_key
         bufs = [rbuf]
         rx_p = rx_b = 0
+        clock = time.monotonic
+        prev_st: list | None = None
+        prev = (0, 0, 0)
         for _ in range(BATCH):
             try:
                 n, anc, _flags, addr = recv(bufs, ANC_SIZE, socket.MSG_DONTWAIT)
@@ -345,10 +370,18 @@ class Forwarder:
             seg = _int(anc[0][2])[0] if anc else n  # UDP_GRO is our only control message
             src = sources.get(addr[0])
             if src is None:
+                # Not self.drop: these belong to no peer.
                 c[C["drop_unknown_source"]] += -(-n // seg) if seg else 1
                 continue
+            # Per-peer counters: settle the previous datagram's peer with what happened
+            # since, and start this one's tally (a few additions per datagram).
+            now = (c[RX_P] + rx_p, c[RX_B] + rx_b, self.rx_dropped)
+            if prev_st is not None:
+                _settle(prev_st, prev, now)
+            prev_st, prev = src[2], now
+            prev_st[4] = clock()
             if seg <= 0:  # an empty datagram
-                c[C["drop_not_ipv4"]] += 1
+                self.drop("drop_not_ipv4", 1)
                 continue
             if rbuf[0] == FAST_MAGIC:
                 if seg < n and src[1] and self.whole_train(n, seg):
@@ -368,11 +401,11 @@ class Forwarder:
                     self.deliver(rmv[off:end], src, addr[0])  # counts the reason
                     continue
                 if _u32(rbuf, off + 16)[0] >> shift != local_key:
-                    c[C["drop_wrong_subnet"]] += 1
+                    self.drop("drop_wrong_subnet", 1)
                     continue
                 ttl = rbuf[off + 8]
                 if ttl <= 1:
-                    c[C["drop_ttl_exceeded"]] += 1
+                    self.drop("drop_ttl_exceeded", 1)
                     continue
                 rbuf[off + 8] = ttl - 1
                 csum = ((rbuf[off + 10] << 8) | rbuf[off + 11]) + 0x0100
@@ -382,16 +415,22 @@ class Forwarder:
                 try:
                     write(fd, rmv[off:off + total])
                 except OSError:
-                    c[C["drop_tun_write"]] += 1
+                    self.drop("drop_tun_write", 1)
                     continue
                 rx_p += 1
                 rx_b += total
+        if prev_st is not None:
+            _settle(prev_st, prev, (c[RX_P] + rx_p, c[RX_B] + rx_b, self.rx_dropped))
         c[RX_P] += rx_p
         c[RX_B] += rx_b
 
-    def deliver(self, dgram: memoryview, src: tuple[int, bool], peer_ip: str) -> None:
+    def drop(self, reason: str, k: int = 1) -> None:
+        """Count a packet from a leased peer that did not make it into the TUN."""
+        self.c[C[reason]] += k
+        self.rx_dropped += k
+
+    def deliver(self, dgram: memoryview, src: tuple, peer_ip: str) -> None:
         """One datagram from a leased peer into the TUN, if it carries a packet for us."""
-        c = self.c
         n = len(dgram)
         first = dgram[0] if n else 0
         if first >> 4 == 4:
@@ -399,39 +438,39 @@ class Forwarder:
             return
         if first != FAST_MAGIC or n <= CHUNK_HDR_LEN or dgram[1] != FAST_VERSION \
                 or not dgram[2] < dgram[3] <= MAX_CHUNKS:
-            c[C["drop_not_ipv4"]] += 1
+            self.drop("drop_not_ipv4", 1)
             return
         if not src[1]:
-            c[C["drop_unexpected_framing"]] += 1
+            self.drop("drop_unexpected_framing", 1)
             return
         if dgram[2] == 0 and dgram[3] == 1:  # one-chunk train: no joining needed
             payload = dgram[CHUNK_HDR_LEN:]
             if len(payload) <= VNET_LEN:
-                c[C["drop_truncated"]] += 1
+                self.drop("drop_truncated", 1)
                 return
             vnet_hdr = payload[:VNET_LEN]
             if vnet_hdr[0] or vnet_hdr[1]:
                 try:
                     check_vnet(vnet_hdr, len(payload) - VNET_LEN)
                 except FrameError:
-                    c[C["drop_bad_offload"]] += 1
+                    self.drop("drop_bad_offload", 1)
                     return
             self.to_tun(payload[VNET_LEN:], vnet_hdr)
             return
         dropped = self._reasm.dropped
         payload = self._reasm.feed(peer_ip, dgram)
         if self._reasm.dropped != dropped:
-            c[C["drop_train_incomplete"]] += self._reasm.dropped - dropped
+            self.drop("drop_train_incomplete", self._reasm.dropped - dropped)
         if payload is None:
             return
         if len(payload) <= VNET_LEN:
-            c[C["drop_truncated"]] += 1
+            self.drop("drop_truncated", 1)
             return
         vnet_hdr = payload[:VNET_LEN]
         try:
             check_vnet(vnet_hdr, len(payload) - VNET_LEN)
         except FrameError:
-            c[C["drop_bad_offload"]] += 1
+            self.drop("drop_bad_offload", 1)
             return
         self.to_tun(payload[VNET_LEN:], vnet_hdr)
 
@@ -461,23 +500,23 @@ class Forwarder:
         c = self.c
         first = iov[0]
         if len(first) < VNET_LEN + 20:
-            c[C["drop_truncated"]] += 1
+            self.drop("drop_truncated", 1)
             return True
         vnet_hdr, pkt = first[:VNET_LEN], first[VNET_LEN:]
         try:
             check_vnet(vnet_hdr, size)
         except FrameError:
-            c[C["drop_bad_offload"]] += 1
+            self.drop("drop_bad_offload", 1)
             return True
         if pkt[0] >> 4 != 4 or ((pkt[2] << 8) | pkt[3]) != size or (pkt[0] & 0x0F) < 5:
-            c[C["drop_bad_header_length"]] += 1
+            self.drop("drop_bad_header_length", 1)
             return True
         if _u32(pkt, 16)[0] >> self.shift != self.local_key:
-            c[C["drop_wrong_subnet"]] += 1
+            self.drop("drop_wrong_subnet", 1)
             return True
         ttl = pkt[8]
         if ttl <= 1:
-            c[C["drop_ttl_exceeded"]] += 1
+            self.drop("drop_ttl_exceeded", 1)
             return True
         pkt[8] = ttl - 1
         csum = ((pkt[10] << 8) | pkt[11]) + 0x0100
@@ -487,7 +526,7 @@ class Forwarder:
         try:
             os.writev(self.tun_fd, iov)
         except OSError:
-            c[C["drop_tun_write"]] += 1
+            self.drop("drop_tun_write", 1)
             return True
         c[RX_P] += 1
         c[RX_B] += size
@@ -498,14 +537,14 @@ class Forwarder:
         c = self.c
         bad = check_ipv4(pkt, len(pkt))
         if bad is not None:
-            c[C["drop_" + bad]] += 1
+            self.drop("drop_" + bad)
             return
         if _u32(pkt, 16)[0] >> self.shift != self.local_key:
-            c[C["drop_wrong_subnet"]] += 1
+            self.drop("drop_wrong_subnet", 1)
             return
         ttl = pkt[8]
         if ttl <= 1:
-            c[C["drop_ttl_exceeded"]] += 1
+            self.drop("drop_ttl_exceeded", 1)
             return
         pkt[8] = ttl - 1
         csum = ((pkt[10] << 8) | pkt[11]) + 0x0100
@@ -519,7 +558,7 @@ class Forwarder:
             else:
                 os.write(self.tun_fd, pkt[:total])
         except OSError:
-            c[C["drop_tun_write"]] += 1
+            self.drop("drop_tun_write", 1)
             return
         c[RX_P] += 1
         c[RX_B] += total
@@ -547,6 +586,12 @@ class Forwarder:
                     counters.write(mem, self.c)
         finally:
             ep.close()
+
+
+def _settle(st: list, before: tuple[int, int, int], after: tuple[int, int, int]) -> None:
+    st[2] += after[0] - before[0]
+    st[3] += after[1] - before[1]
+    st[5] += after[2] - before[2]
 
 
 def _enable_gro(sock: socket.socket) -> bool:

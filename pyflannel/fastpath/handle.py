@@ -49,6 +49,7 @@ class FastPath:
         self._ctl, self._child_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._mem_fd, self._mem = counters.create_shared()
         self._proc: subprocess.Popen | None = None
+        self._replies = b""
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -92,6 +93,24 @@ class FastPath:
 
     def counters(self) -> dict[str, int]:
         return counters.read(self._mem)
+
+    def peer_stats(self, timeout: float = 1.0) -> dict[str, dict]:
+        """Per-peer counters by public IP (blocking: call it from a worker thread)."""
+        self._ctl.sendall(b'{"op":"stats"}\n')
+        self._ctl.settimeout(timeout)
+        try:
+            while b"\n" not in self._replies:
+                data = self._ctl.recv(1 << 20)
+                if not data:
+                    return {}
+                self._replies += data
+        finally:
+            self._ctl.settimeout(None)
+        line, _, self._replies = self._replies.partition(b"\n")
+        names = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "last_rx_age_s",
+                 "rx_dropped")
+        return {ip: dict(zip(names, values, strict=True))
+                for ip, values in json.loads(line)["stats"].items()}
 
     def stop(self, timeout: float = 1.5) -> None:
         with contextlib.suppress(OSError):

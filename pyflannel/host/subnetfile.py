@@ -28,12 +28,21 @@ class SubnetEnv:
 
 def write_subnet_file(path: str | Path, env: SubnetEnv) -> None:
     """Atomically: readers see the old file or the new one, never half of one."""
-    path = Path(path)
+    _write_atomic(Path(path), env.render())
+
+
+def write_json_atomic(path: str | Path, doc: object) -> None:
+    import json
+
+    _write_atomic(Path(path), json.dumps(doc, indent=1) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(env.render())
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
