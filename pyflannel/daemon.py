@@ -31,7 +31,7 @@ from pyflannel.host.tun import TunError
 from pyflannel.lease.etcd import EtcdAuthError, EtcdRegistry, EtcdUnavailable
 from pyflannel.lease.manager import Backoff, LeaseManager
 from pyflannel.lease.model import Lease, config_key
-from pyflannel.lease.policy import PeerDiff, SubnetPoolExhausted
+from pyflannel.lease.policy import LEASE_TTL_S, PeerDiff, SubnetPoolExhausted
 from pyflannel.logutil import RateLimitedLog
 from pyflannel.metrics import HealthServer, Metrics
 
@@ -156,7 +156,7 @@ class Daemon:
             raise Fatal(str(e)) from None
         self.manager = LeaseManager(
             self.registry, cfg, attrs,
-            renew_margin_s=opts.subnet_lease_renew_margin * 60,
+            renew_margin_s=opts.subnet_lease_renew_margin * 60, ttl_s=lease_ttl(),
             on_peers=self.on_peers, on_lease=self.on_lease,
         )
         self.backend.publish = self.manager.republish
@@ -333,6 +333,19 @@ class Daemon:
         if self.http is not None:
             await self.http.close()
         await self.registry.close()
+
+
+TEST_TTL_ENV = "PYFLANNEL_TEST_LEASE_TTL"
+
+
+def lease_ttl() -> int:
+    """24 h as flanneld, unless a test shortens it through ``PYFLANNEL_TEST_LEASE_TTL``
+    (seconds; for tests of expiry only, never for production)."""
+    raw = os.environ.get(TEST_TTL_ENV, "")
+    if raw.isdigit() and int(raw) >= 2:
+        log.warning("%s=%s: lease TTL shortened for testing", TEST_TTL_ENV, raw)
+        return int(raw)
+    return LEASE_TTL_S
 
 
 async def _amain(opts: Options) -> int:

@@ -118,3 +118,22 @@ def test_status_with_etcd_unreachable_is_one_line():
 def test_version_and_help():
     assert run_cli("--version").stdout.strip() == run_cli("version").stdout.strip()
     assert "-etcd-endpoints" in run_cli("run", "--help").stdout
+
+
+def test_readyz_is_503_until_the_node_holds_a_lease(lab):
+    from tests.labtools import http_get
+
+    node = lab.nodes[0]
+    lab.start_daemon(node, "-healthz-port=9180")
+    wait_until(lambda: http_get(lab, node, "/healthz")[0] == 200, 10, "healthz")
+    assert http_get(lab, node, "/readyz")[0] == 503  # no config yet, so no lease
+    lab.etcdctl("put", CONFIG_KEY, '{"Network": "10.1.0.0/16"}')
+    wait_until(lambda: ready(lab, node), 15, "readyz 200")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {f.name for f in text_string_to_metric_families(http_get(lab, node, "/metrics")[1])}
+    for name in ("pyflannel_info", "pyflannel_peers", "pyflannel_packets", "pyflannel_bytes",
+                 "pyflannel_dropped_packets", "pyflannel_lease_expiry_timestamp_seconds",
+                 "pyflannel_lease_renewals", "pyflannel_etcd_errors",
+                 "pyflannel_peer_programming_seconds"):
+        assert name in names, name

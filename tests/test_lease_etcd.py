@@ -155,3 +155,23 @@ async def _until(cond, timeout: float = 5.0) -> None:
     while not cond():
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
+
+
+async def test_a_reservation_keeps_no_ttl_through_many_renewal_periods(etcd_server, etcd_prefix):
+    """Time runs fast here: 2-second leases stand for 24-hour ones, so four seconds are
+    many renewal periods (an hour of renewals, and more, at real scale)."""
+    reg = EtcdRegistry([etcd_server.endpoint], etcd_prefix)
+    await reg.put_lease(IPv4Network("10.1.42.0/24"), node(1))
+    reserved = LeaseManager(reg, CFG, node(1), ttl_s=2, renew_margin_s=1)
+    ordinary = LeaseManager(reg, CFG, node(2), ttl_s=2, renew_margin_s=1)
+    assert (await reserved.acquire()).reserved
+    other = await ordinary.acquire()
+    tasks = [asyncio.create_task(m.renew_forever()) for m in (reserved, ordinary)]
+    await asyncio.sleep(4)
+    for t in tasks:
+        t.cancel()
+    kept = await reg.get_lease(IPv4Network("10.1.42.0/24"))
+    assert kept is not None and kept.lease_id == 0 and kept.attrs.public_ip == node(1).public_ip
+    assert ordinary.renewals >= 3 and reserved.renewals == 0
+    assert (await reg.get_lease(other.subnet)).lease_id == other.lease_id
+    await reg.close()

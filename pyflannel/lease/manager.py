@@ -115,7 +115,10 @@ class LeaseManager:
                 await self._lost.wait()
                 await self._reacquire("own lease lost")
                 continue
-            delay = renew_delay(self.expires_at, time.time(), self.renew_margin_s)
+            # A margin longer than the lease (only with the test-only short TTL) must not
+            # turn renewal into a hot loop.
+            margin = min(self.renew_margin_s, self.ttl_s / 2)
+            delay = renew_delay(self.expires_at, time.time(), margin)
             try:
                 await asyncio.wait_for(self._lost.wait(), delay)
                 await self._reacquire("own lease key disappeared")
