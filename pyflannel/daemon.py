@@ -287,6 +287,39 @@ class Daemon:
                 self.errors.error("state", "cannot write %s: %s", path, e)
             await asyncio.sleep(2)
 
+    async def watch_config(self) -> None:
+        """Notice a changed network config and say so, once per change; the running config
+        stays in force until the daemon restarts, so nothing is ever half-reprogrammed."""
+        backoff = Backoff(1.0, 10.0)
+        seen: object = None
+        while True:
+            try:
+                raw = await self.registry.get_config()  # what changed while not watching
+                seen = self._config_changed(raw, seen)
+                async for raw in self.registry.watch_config():
+                    backoff.reset()
+                    seen = self._config_changed(raw, seen)
+            except (EtcdUnavailable, EtcdAuthError):
+                pass  # the lease tasks report etcd trouble
+            await asyncio.sleep(backoff.next())
+
+    def _config_changed(self, raw: bytes | None, seen: object) -> object:
+        assert self.cfg is not None
+        if raw is None:
+            return seen
+        try:
+            cfg = parse_config(raw)
+        except ConfigError as e:
+            if seen != ("invalid", raw):
+                log.error("network config changed to an invalid one (%s); keeping %s", e,
+                          self.cfg.network)
+            return ("invalid", raw)
+        if cfg.raw != self.cfg.raw and seen != cfg.raw:
+            log.warning("network config changed (network %s -> %s, backend %s -> %s); "
+                        "keeping the running one until pyflanneld restarts", self.cfg.network,
+                        cfg.network, self.cfg.backend_type, cfg.backend_type)
+        return cfg.raw
+
     async def watch_health(self) -> None:
         while True:
             await asyncio.sleep(1)
@@ -313,6 +346,7 @@ class Daemon:
                 asyncio.create_task(self.backend.run(), name="reconcile"),
                 asyncio.create_task(self.keep_iptables(), name="iptables"),
                 asyncio.create_task(self.publish_state(), name="state"),
+                asyncio.create_task(self.watch_config(), name="config"),
             ]
             stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({*tasks, stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -137,3 +137,24 @@ def test_readyz_is_503_until_the_node_holds_a_lease(lab):
                  "pyflannel_lease_renewals", "pyflannel_etcd_errors",
                  "pyflannel_peer_programming_seconds"):
         assert name in names, name
+
+
+def test_a_config_change_while_running_is_logged_once_and_nothing_is_reprogrammed(lab):
+    node = lab.nodes[0]
+    lab.etcdctl("put", CONFIG_KEY, '{"Network": "10.1.0.0/16"}')
+    lab.start_daemon(node)
+    env = lab.wait_subnet_file(node)
+    routes_before = routes(lab, node.ns)
+    lab.etcdctl("put", CONFIG_KEY, '{"Network": "10.7.0.0/16"}')
+    lab.etcdctl("put", CONFIG_KEY, '{"Network": "10.1.0.0/16", "SubnetLen": 31}')
+
+    def said() -> list[str]:
+        return [line for line in lab.tail_log(node, 200).splitlines()
+                if "network config changed" in line]
+
+    wait_until(lambda: len(said()) == 2, 10, "both changes logged")
+    assert "10.1.0.0/16 -> 10.7.0.0/16" in said()[0] and "invalid" in said()[1]
+    time.sleep(1)
+    assert len(said()) == 2  # once each
+    assert node.process.poll() is None
+    assert lab.wait_subnet_file(node) == env and routes(lab, node.ns) == routes_before

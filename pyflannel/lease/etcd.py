@@ -264,6 +264,23 @@ class EtcdRegistry:
 
     # -- watch -------------------------------------------------------------------------
 
+    async def watch_config(self) -> AsyncIterator[bytes | None]:
+        """Each new value of ``<prefix>/config`` (None when deleted); raises EtcdUnavailable
+        when the stream breaks."""
+        key = config_key(self.prefix).encode()
+        watch = await self._call(lambda c: c.watch(key))
+        try:
+            async for ev in watch:
+                yield None if ev.kind == "DELETE" else bytes(ev.kv.value)
+        except aexc.ClientError as e:
+            await self._drop_client()
+            raise EtcdUnavailable(f"config watch on {self.endpoint} ended: {_one_line(e)}") \
+                from None
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(watch.cancel(), 1)
+        raise EtcdUnavailable(f"config watch on {self.endpoint} ended")
+
     async def watch(self, start_revision: int) -> AsyncIterator[WatchEvent]:
         """Changes under the subnets directory from ``start_revision`` on.
 
