@@ -26,7 +26,8 @@ LOCAL = IPv4Network("10.1.1.0/24")
 class Rig:
     """A forwarder between a fake TUN (socketpair) and a UDP socket on 127.0.0.1."""
 
-    def __init__(self) -> None:
+    def __init__(self, vnet: bool = False) -> None:
+        self.vnet = vnet
         self.tun_app, tun_fwd = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         tun_fwd.setblocking(False)
         self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -37,7 +38,7 @@ class Rig:
         self.tun_app.settimeout(2)
         self.ctl, fwd_ctl = socket.socketpair()
         self.mem_fd, self.mem = counters.create_shared()
-        self.fwd = Forwarder(tun_fwd.fileno(), self.udp, fwd_ctl, self.mem)
+        self.fwd = Forwarder(tun_fwd.fileno(), self.udp, fwd_ctl, self.mem, vnet=vnet)
         self._keep = (tun_fwd, fwd_ctl)
         self.thread = threading.Thread(target=self.fwd.run, daemon=True)
         self.thread.start()
@@ -45,7 +46,7 @@ class Rig:
 
     def configure(self, peers=None) -> None:
         peers = peers if peers is not None else [
-            [int(IPv4Address("10.1.2.0")), "127.0.0.2", self.peer.getsockname()[1]]]
+            [int(IPv4Address("10.1.2.0")), "127.0.0.2", self.peer.getsockname()[1], self.vnet]]
         msg = {"op": "config", "subnet_len": 24, "local_net": int(LOCAL.network_address),
                "icmp_src": int(IPv4Address("10.1.0.0")), "peers": peers}
         generation = self.fwd.generation
@@ -156,3 +157,49 @@ def test_per_peer_counters_follow_each_peer(rig):
     assert st[2] == 1 and st[3] == 28
     assert st[5] == 1  # the packet for a foreign subnet
     assert st[4] > 0
+
+
+def test_an_inner_source_outside_the_sending_peer_s_subnet_is_dropped_as_spoofed(rig):
+    rig.peer.sendto(ipv4(src="10.1.3.7", dst="10.1.1.5"), rig.udp.getsockname())  # not 10.1.2/24
+    rig.peer.sendto(ipv4(src="10.1.2.7", dst="10.1.1.5"), rig.udp.getsockname())
+    assert rig.tun_app.recv(65536)[12:16] == bytes([10, 1, 2, 7])  # only the honest one
+    assert rig.counters()["drop_spoofed_source"] == 1
+
+
+@pytest.fixture
+def vnet_rig():
+    r = Rig(vnet=True)
+    yield r
+    r.close()
+
+
+def test_vnet1_super_packets_travel_as_trains_both_ways(vnet_rig):
+    from pyflannel.fastpath.frames import VNET, Reassembler, encode_train
+
+    rig = vnet_rig
+    big = ipv4(src="10.1.1.5", dst="10.1.2.7", payload=bytes(range(256)) * 20)  # 5140 bytes
+    hdr = VNET.pack(0, 0, 0, 0, 0, 0)
+    rig.tun_app.send(hdr + big)  # what a vnet TUN hands up
+    r = Reassembler()
+    payload = None
+    while payload is None:
+        dgram, _ = rig.peer.recvfrom(65536)
+        assert len(dgram) <= 1472
+        payload = r.feed("p", dgram)
+    assert bytes(payload[:10]) == hdr and bytes(payload[10:])[12:] == bytes(big)[12:]
+    # and back: a train arriving chunk by chunk is joined and written with its header
+    back = ipv4(src="10.1.2.7", dst="10.1.1.5", payload=b"z" * 4000)
+    for d in encode_train(hdr + bytes(back), 7, 1472):
+        rig.peer.sendto(d, rig.udp.getsockname())
+    got = rig.tun_app.recv(65536)
+    assert got[:10] == hdr and got[10 + 16:10 + 20] == bytes([10, 1, 1, 5])
+    assert got[10 + 20:] == b"z" * 4000
+
+
+def test_vnet1_from_a_peer_that_did_not_advertise_it_is_refused(rig):
+    from pyflannel.fastpath.frames import encode_train
+
+    for d in encode_train(bytes(10) + bytes(ipv4(src="10.1.2.7", dst="10.1.1.5")), 1, 1472):
+        rig.peer.sendto(d, rig.udp.getsockname())
+    time.sleep(0.1)
+    assert rig.counters()["drop_unexpected_framing"] == 1

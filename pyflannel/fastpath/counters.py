@@ -22,6 +22,7 @@ NAMES = (
     "drop_truncated",
     "drop_bad_header_length",
     "drop_wrong_subnet",
+    "drop_spoofed_source",  # inner source outside the sending peer's subnet
     "drop_tun_write",
     "drop_send_error",
     "drop_unexpected_framing",

@@ -380,11 +380,12 @@ class Forwarder:
                 _settle(prev_st, prev, now)
             prev_st, prev = src[2], now
             prev_st[4] = clock()
+            src_key = src[0]
             if seg <= 0:  # an empty datagram
                 self.drop("drop_not_ipv4", 1)
                 continue
             if rbuf[0] == FAST_MAGIC:
-                if seg < n and src[1] and self.whole_train(n, seg):
+                if seg < n and src[1] and self.whole_train(n, seg, src[0]):
                     continue
                 for off in range(0, n, seg):
                     self.deliver(rmv[off:off + seg], src, addr[0])
@@ -402,6 +403,9 @@ class Forwarder:
                     continue
                 if _u32(rbuf, off + 16)[0] >> shift != local_key:
                     self.drop("drop_wrong_subnet", 1)
+                    continue
+                if _u32(rbuf, off + 12)[0] >> shift != src_key:
+                    self.drop("drop_spoofed_source", 1)
                     continue
                 ttl = rbuf[off + 8]
                 if ttl <= 1:
@@ -434,7 +438,7 @@ class Forwarder:
         n = len(dgram)
         first = dgram[0] if n else 0
         if first >> 4 == 4:
-            self.to_tun(dgram, ZERO_VNET)
+            self.to_tun(dgram, ZERO_VNET, src[0])
             return
         if first != FAST_MAGIC or n <= CHUNK_HDR_LEN or dgram[1] != FAST_VERSION \
                 or not dgram[2] < dgram[3] <= MAX_CHUNKS:
@@ -455,7 +459,7 @@ class Forwarder:
                 except FrameError:
                     self.drop("drop_bad_offload", 1)
                     return
-            self.to_tun(payload[VNET_LEN:], vnet_hdr)
+            self.to_tun(payload[VNET_LEN:], vnet_hdr, src[0])
             return
         dropped = self._reasm.dropped
         payload = self._reasm.feed(peer_ip, dgram)
@@ -472,9 +476,9 @@ class Forwarder:
         except FrameError:
             self.drop("drop_bad_offload", 1)
             return
-        self.to_tun(payload[VNET_LEN:], vnet_hdr)
+        self.to_tun(payload[VNET_LEN:], vnet_hdr, src[0])
 
-    def whole_train(self, n: int, seg: int) -> bool:
+    def whole_train(self, n: int, seg: int, src_key: int) -> bool:
         """GRO handed us exactly one complete train: check every chunk header with a few
         slice comparisons, then write the payload to the TUN with one gathering write."""
         rbuf = self._rbuf
@@ -514,6 +518,9 @@ class Forwarder:
         if _u32(pkt, 16)[0] >> self.shift != self.local_key:
             self.drop("drop_wrong_subnet", 1)
             return True
+        if _u32(pkt, 12)[0] >> self.shift != src_key:
+            self.drop("drop_spoofed_source", 1)
+            return True
         ttl = pkt[8]
         if ttl <= 1:
             self.drop("drop_ttl_exceeded", 1)
@@ -532,7 +539,7 @@ class Forwarder:
         c[RX_B] += size
         return True
 
-    def to_tun(self, pkt: memoryview, vnet_hdr) -> None:
+    def to_tun(self, pkt: memoryview, vnet_hdr, src_key: int) -> None:
         """Check an inner packet, count down its TTL and write it to the TUN."""
         c = self.c
         bad = check_ipv4(pkt, len(pkt))
@@ -541,6 +548,9 @@ class Forwarder:
             return
         if _u32(pkt, 16)[0] >> self.shift != self.local_key:
             self.drop("drop_wrong_subnet", 1)
+            return
+        if _u32(pkt, 12)[0] >> self.shift != src_key:
+            self.drop("drop_spoofed_source", 1)
             return
         ttl = pkt[8]
         if ttl <= 1:
