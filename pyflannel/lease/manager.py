@@ -128,9 +128,11 @@ class LeaseManager:
             try:
                 ttl = await self.registry.refresh(lease.lease_id)
             except EtcdUnavailable as e:
-                self._errors.error("renew", "lease renewal failed, retrying in %ds: %s",
-                                   int(RENEW_RETRY_S), e)
-                await self._sleep_or_lost(RENEW_RETRY_S)
+                # Every minute, as flanneld; sooner when the lease is about to run out.
+                retry = min(RENEW_RETRY_S, max(1.0, (self.expires_at - time.time()) / 4))
+                self._errors.error("renew", "lease renewal failed, retrying in %.0fs: %s",
+                                   retry, e)
+                await self._sleep_or_lost(retry)
                 continue
             if ttl <= 0:
                 await self._reacquire("etcd no longer has our lease")
