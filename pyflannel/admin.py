@@ -13,7 +13,13 @@ from ipaddress import IPv4Address, IPv4Network
 
 from pyflannel.config import ConfigError, parse_config
 from pyflannel.flags import FlagError, Options, parse_flags
-from pyflannel.lease.etcd import EtcdAuthError, EtcdRegistry, EtcdUnavailable
+from pyflannel.lease.etcd import (
+    EtcdAuthError,
+    EtcdRegistry,
+    EtcdTlsError,
+    EtcdUnavailable,
+    registry_for,
+)
 from pyflannel.lease.model import LeaseAttrs, subnet_key
 
 USAGE = """\
@@ -53,11 +59,6 @@ _VALUE_FLAGS = {"etcd-endpoints", "etcd-prefix", "etcd-keyfile", "etcd-certfile"
 
 def _looks_like_json(arg: str) -> bool:
     return arg.lstrip().startswith(("{", "["))
-
-
-def registry_for(opts: Options) -> EtcdRegistry:
-    return EtcdRegistry(opts.etcd_endpoints, opts.etcd_prefix, username=opts.etcd_username,
-                        password=opts.etcd_password)
 
 
 async def config_get(reg: EtcdRegistry) -> str:
@@ -146,6 +147,10 @@ def main(group: str, argv: Sequence[str]) -> int:
     except FlagError as e:
         print(f"pyflannel {group}: {e}", file=sys.stderr)
         return 2
+    if opts.etcd_password:
+        from pyflannel.host.cmdline import scrub
+
+        scrub(opts.etcd_password)
     if group == "lease" and words == ["list"]:
         from pyflannel import status
 
@@ -153,7 +158,8 @@ def main(group: str, argv: Sequence[str]) -> int:
     try:
         print(asyncio.run(asyncio.wait_for(_dispatch(group, words, opts), 30)))
         return 0
-    except (AdminError, ConfigError, EtcdUnavailable, EtcdAuthError, ValueError) as e:
+    except (AdminError, ConfigError, EtcdUnavailable, EtcdAuthError, EtcdTlsError,
+            ValueError) as e:
         print(f"pyflannel {group}: {e}", file=sys.stderr)
         return 1
     except TimeoutError:

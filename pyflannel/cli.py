@@ -34,6 +34,10 @@ def _parse(prog: str, argv: Sequence[str]) -> Options | None:
     if opts.version:
         print(__version__)
         return None
+    if opts.etcd_password:
+        from pyflannel.host.cmdline import scrub
+
+        scrub(opts.etcd_password)  # keep it out of `ps`
     return opts
 
 

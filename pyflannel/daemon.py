@@ -28,7 +28,12 @@ from pyflannel.host.subnetfile import (
     write_subnet_file,
 )
 from pyflannel.host.tun import TunError
-from pyflannel.lease.etcd import EtcdAuthError, EtcdRegistry, EtcdUnavailable
+from pyflannel.lease.etcd import (
+    EtcdAuthError,
+    EtcdTlsError,
+    EtcdUnavailable,
+    registry_for,
+)
 from pyflannel.lease.manager import Backoff, LeaseManager
 from pyflannel.lease.model import Lease, config_key
 from pyflannel.lease.policy import LEASE_TTL_S, PeerDiff, SubnetPoolExhausted
@@ -45,10 +50,7 @@ class Fatal(Exception):
 class Daemon:
     def __init__(self, opts: Options) -> None:
         self.opts = opts
-        self.registry = EtcdRegistry(
-            opts.etcd_endpoints, opts.etcd_prefix,
-            username=opts.etcd_username, password=opts.etcd_password,
-        )
+        self.registry = registry_for(opts)
         self.errors = RateLimitedLog(log)
         self.backend: Backend | None = None
         self.manager: LeaseManager | None = None
@@ -387,7 +389,11 @@ async def _amain(opts: Options) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    daemon = Daemon(opts)
+    try:
+        daemon = Daemon(opts)
+    except EtcdTlsError as e:
+        log.error("%s", e)
+        return 1
     try:
         await daemon.run(stop)
     except Fatal as e:

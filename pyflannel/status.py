@@ -12,7 +12,7 @@ from typing import Any
 
 from pyflannel.flags import Options
 from pyflannel.host.subnetfile import previous_subnet
-from pyflannel.lease.etcd import EtcdAuthError, EtcdRegistry, EtcdUnavailable
+from pyflannel.lease.etcd import EtcdAuthError, EtcdUnavailable, registry_for
 
 
 def _local_addresses() -> set[IPv4Address]:
@@ -43,8 +43,7 @@ def local_view(opts: Options) -> dict[str, dict] | None:
 
 async def gather(opts: Options) -> list[dict[str, Any]]:
     """One row per lease, sorted by subnet; ``expires_in_s`` is None for reservations."""
-    reg = EtcdRegistry(opts.etcd_endpoints, opts.etcd_prefix,
-                       username=opts.etcd_username, password=opts.etcd_password)
+    reg = registry_for(opts)
     try:
         listing = await reg.list_leases()
         own: IPv4Network | None = previous_subnet(opts.subnet_file)

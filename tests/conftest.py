@@ -37,10 +37,14 @@ def _free_port() -> int:
 class LoopbackEtcd:
     """An etcd process on 127.0.0.1 with free ports, for tests run from this namespace."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls_args: list[str] | None = None,
+                 ctl_args: list[str] | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="pyflannel-etcd-"))
         self.client_port, self.peer_port = _free_port(), _free_port()
-        self.endpoint = f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if tls_args else "http"
+        self.endpoint = f"{scheme}://127.0.0.1:{self.client_port}"
+        self.tls_args = tls_args or []
+        self.ctl_args = ctl_args or []  # etcdctl's TLS flags
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -50,7 +54,7 @@ class LoopbackEtcd:
             ["etcd", "--name", "t", "--data-dir", str(self.dir / "data"),
              "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"t={peer}", "--log-level", "warn"],
+             "--initial-cluster", f"t={peer}", "--log-level", "warn", *self.tls_args],
             stdout=log, stderr=log, stdin=subprocess.DEVNULL,
         )
         log.close()
@@ -68,7 +72,8 @@ class LoopbackEtcd:
 
     def etcdctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(
-            ["etcdctl", f"--endpoints={self.endpoint}", *args], capture_output=True,
+            ["etcdctl", f"--endpoints={self.endpoint}", *self.ctl_args, *args],
+            capture_output=True,
             text=True, check=check, env={**os.environ, "ETCDCTL_API": "3"}, timeout=20,
         )
 

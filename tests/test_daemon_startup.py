@@ -158,3 +158,17 @@ def test_a_config_change_while_running_is_logged_once_and_nothing_is_reprogramme
     assert len(said()) == 2  # once each
     assert node.process.poll() is None
     assert lab.wait_subnet_file(node) == env and routes(lab, node.ns) == routes_before
+
+
+def test_the_daemon_with_etcd_auth_and_its_password_kept_out_of_logs(lab):
+    node = lab.nodes[0]
+    lab.etcdctl("put", CONFIG_KEY, '{"Network": "10.1.0.0/16"}')
+    lab.etcdctl("user", "add", "root", "--new-user-password=r00t-pw")
+    lab.etcdctl("auth", "enable")
+    proc = lab.start_daemon(node, "-etcd-username=root", "-etcd-password=Wr0ng-Secret")
+    assert proc.wait(30) == 1
+    log = lab.tail_log(node, 100)
+    assert "refused the credentials" in log and "Wr0ng-Secret" not in log.split("\n", 1)[1]
+    lab.start_daemon(node, "-etcd-username=root", env={"FLANNELD_ETCD_PASSWORD": "r00t-pw"})
+    lab.wait_subnet_file(node)
+    assert "r00t-pw" not in lab.tail_log(node, 200)

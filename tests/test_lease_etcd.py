@@ -175,3 +175,48 @@ async def test_a_reservation_keeps_no_ttl_through_many_renewal_periods(etcd_serv
     assert ordinary.renewals >= 3 and reserved.renewals == 0
     assert (await reg.get_lease(other.subnet)).lease_id == other.lease_id
     await reg.close()
+
+
+async def test_fifty_nodes_starting_at_once_get_fifty_distinct_subnets(etcd_server, etcd_prefix):
+    regs = [EtcdRegistry([etcd_server.endpoint], etcd_prefix) for _ in range(50)]
+    managers = [LeaseManager(r, CFG, node(i)) for i, r in enumerate(regs, 1)]
+    leases = await asyncio.gather(*(m.acquire() for m in managers))
+    assert len({lease.subnet for lease in leases}) == 50
+    for r in regs:
+        await r.close()
+
+
+async def test_a_compacted_watch_revision_means_one_relist_and_on(registry, etcd_server,
+                                                                  etcd_prefix, caplog):
+    from pyflannel.lease.etcd import WatchCompacted
+
+    me = LeaseManager(registry, CFG, node(1))
+    await me.acquire()
+    old = await me.resync()
+    for i in range(20):
+        etcd_server.etcdctl("put", f"{etcd_prefix}/noise", str(i))
+    rev = (await registry.list_leases()).revision
+    etcd_server.etcdctl("compact", str(rev))
+    with pytest.raises(WatchCompacted):
+        async for _ev in registry.watch(old):
+            pass
+    # the manager itself: its first watch starts at the compacted revision
+    real_resync, calls = me.resync, []
+
+    async def resync_once_stale():
+        calls.append(1)
+        fresh = await real_resync()
+        return old if len(calls) == 1 else fresh
+
+    me.resync = resync_once_stale
+    caplog.set_level("INFO")
+    watcher = asyncio.create_task(me.watch_forever())
+    other_reg = EtcdRegistry([etcd_server.endpoint], etcd_prefix)
+    await asyncio.sleep(0.5)
+    other = await LeaseManager(other_reg, CFG, node(2)).acquire()
+    await _until(lambda: other.subnet in me.peers)
+    watcher.cancel()
+    assert len(calls) == 2  # listed again once, then watched on
+    assert sum("compacted" in r.getMessage() for r in caplog.records) == 1
+    await other_reg.close()
+    await registry.close()

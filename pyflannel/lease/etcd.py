@@ -16,6 +16,9 @@ from urllib.parse import urlsplit
 
 import aetcd
 import aetcd.exceptions as aexc
+import grpc
+from aetcd import rpc
+from aetcd import watcher as aetcd_watcher
 
 from pyflannel.lease.model import (
     Lease,
@@ -86,6 +89,58 @@ def kv_to_lease(key: str, value: bytes, lease_id: int, mod_revision: int) -> Lea
     )
 
 
+class EtcdTlsError(ValueError):
+    """A TLS file could not be read or used (one line naming the flag)."""
+
+
+def tls_credentials(cafile: str = "", certfile: str = "", keyfile: str = ""):
+    """gRPC channel credentials from flanneld's -etcd-cafile/-certfile/-keyfile."""
+    def read(path: str, flag: str) -> bytes | None:
+        if not path:
+            return None
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            raise EtcdTlsError(f"flag -{flag}: cannot read {path}: {e.strerror}") from None
+
+    cert, key = read(certfile, "etcd-certfile"), read(keyfile, "etcd-keyfile")
+    if bool(cert) != bool(key):
+        raise EtcdTlsError("flags -etcd-certfile and -etcd-keyfile go together")
+    return grpc.ssl_channel_credentials(root_certificates=read(cafile, "etcd-cafile"),
+                                        private_key=key, certificate_chain=cert)
+
+
+class TlsClient(aetcd.Client):
+    """aetcd's client over a TLS channel (aetcd itself only dials plain gRPC)."""
+
+    def __init__(self, *args, credentials, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        self.channel = rpc.secure_channel(f"{self._host}:{self._port}", self._credentials,
+                                          options=list(self._options.items()))
+        try:
+            if self._username and self._password:
+                self.auth_stub = rpc.AuthStub(self.channel)
+                reply = await self.auth_stub.Authenticate(
+                    rpc.AuthenticateRequest(name=self._username, password=self._password),
+                    timeout=self._timeout)
+                self.metadata = (("token", reply.token),)
+        except rpc.AioRpcError as e:
+            aexc._handle_exception(e)
+        self.kvstub = rpc.KVStub(self.channel)
+        self.clusterstub = rpc.ClusterStub(self.channel)
+        self.leasestub = rpc.LeaseStub(self.channel)
+        self.maintenancestub = rpc.MaintenanceStub(self.channel)
+        self._watcher = aetcd_watcher.Watcher(rpc.WatchStub(self.channel),
+                                              timeout=self._timeout, metadata=self.metadata)
+        self._connected.set()
+
+
 class EtcdRegistry:
     """Lease keys in etcd for one network prefix, over one or more endpoints."""
 
@@ -97,16 +152,16 @@ class EtcdRegistry:
         username: str = "",
         password: str = "",
         timeout: float = RPC_TIMEOUT_S,
+        cafile: str = "",
+        certfile: str = "",
+        keyfile: str = "",
     ) -> None:
         self.endpoints = [parse_endpoint(e) for e in endpoints]
         if not self.endpoints:
             raise ValueError("no etcd endpoints given")
-        for ep in self.endpoints:
-            if ep.tls:
-                raise ValueError(
-                    f"etcd endpoint {ep}: TLS endpoints are not supported yet "
-                    "(use http:// or a local TLS proxy)"
-                )
+        self._credentials = None
+        if any(ep.tls for ep in self.endpoints):
+            self._credentials = tls_credentials(cafile, certfile, keyfile)
         self.prefix = prefix.rstrip("/")
         self._username = username or None
         self._password = password or None
@@ -121,14 +176,12 @@ class EtcdRegistry:
 
     def _make_client(self) -> aetcd.Client:
         ep = self.endpoint
-        return aetcd.Client(
-            host=ep.host,
-            port=ep.port,
-            username=self._username,
-            password=self._password,
-            timeout=self._timeout,
-            options={"grpc.enable_retries": 0},
-        )
+        kw = dict(host=ep.host, port=ep.port, username=self._username,
+                  password=self._password, timeout=self._timeout,
+                  options={"grpc.enable_retries": 0})
+        if ep.tls:
+            return TlsClient(credentials=self._credentials, **kw)
+        return aetcd.Client(**kw)
 
     async def _drop_client(self) -> None:
         client, self._client = self._client, None
@@ -154,9 +207,13 @@ class EtcdRegistry:
                     OSError) as e:
                 errors.append(f"{self.endpoint}: {_one_line(e)}")
             except aexc.ClientError as e:
-                if "auth" in str(e).lower() or "permission" in str(e).lower():
-                    raise EtcdAuthError(f"etcd {self.endpoint}: {_one_line(e)}") from None
+                text = str(e).lower()
+                if "auth" in text or "permission" in text or "password" in text:
+                    raise EtcdAuthError(f"etcd {self.endpoint} refused the credentials: "
+                                        f"{_one_line(e)}") from None
                 errors.append(f"{self.endpoint}: {_one_line(e)}")
+            except rpc.AioRpcError as e:  # raised outside aetcd's wrappers (e.g. on connect)
+                errors.append(f"{self.endpoint}: {_one_line(e.details() or e)}")
             self.errors += 1
             await self._drop_client()
             self._index = (self._index + 1) % len(self.endpoints)
@@ -315,6 +372,13 @@ class EtcdRegistry:
             with contextlib.suppress(Exception):  # the stream may already be gone
                 await asyncio.wait_for(watch.cancel(), 1)
         raise EtcdUnavailable(f"watch on {self.endpoint} ended")
+
+
+def registry_for(opts) -> EtcdRegistry:
+    """The registry the daemon's etcd flags (an Options) describe."""
+    return EtcdRegistry(opts.etcd_endpoints, opts.etcd_prefix, username=opts.etcd_username,
+                        password=opts.etcd_password, cafile=opts.etcd_cafile,
+                        certfile=opts.etcd_certfile, keyfile=opts.etcd_keyfile)
 
 
 def _one_line(e: BaseException) -> str:
