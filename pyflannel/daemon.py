@@ -342,13 +342,13 @@ class Daemon:
             starter.result()
             assert self.manager is not None and self.backend is not None
             tasks = [
-                asyncio.create_task(self.manager.watch_forever(), name="watch"),
-                asyncio.create_task(self.manager.renew_forever(), name="renew"),
+                asyncio.create_task(supervise(self.manager.watch_forever, "watch")),
+                asyncio.create_task(supervise(self.manager.renew_forever, "renew")),
                 asyncio.create_task(self.watch_health(), name="health"),
-                asyncio.create_task(self.backend.run(), name="reconcile"),
-                asyncio.create_task(self.keep_iptables(), name="iptables"),
-                asyncio.create_task(self.publish_state(), name="state"),
-                asyncio.create_task(self.watch_config(), name="config"),
+                asyncio.create_task(supervise(self.backend.run, "reconcile")),
+                asyncio.create_task(supervise(self.keep_iptables, "iptables")),
+                asyncio.create_task(supervise(self.publish_state, "state")),
+                asyncio.create_task(supervise(self.watch_config, "config")),
             ]
             stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({*tasks, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -369,6 +369,21 @@ class Daemon:
         if self.http is not None:
             await self.http.close()
         await self.registry.close()
+
+
+async def supervise(run, name: str) -> None:
+    """Keep a control-plane task alive: an unexpected error is logged (with its traceback,
+    it is a bug) and the task restarted after a pause; the data path never notices."""
+    backoff = Backoff(1.0, 30.0)
+    while True:
+        try:
+            await run()
+            return
+        except (asyncio.CancelledError, Fatal):
+            raise
+        except Exception:  # noqa: BLE001 - the point is to survive our own bugs
+            log.exception("task %s failed; restarting it", name)
+            await asyncio.sleep(backoff.next())
 
 
 TEST_TTL_ENV = "PYFLANNEL_TEST_LEASE_TTL"

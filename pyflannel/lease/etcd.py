@@ -33,6 +33,7 @@ from pyflannel.lease.model import (
 log = logging.getLogger("pyflannel.etcd")
 
 RPC_TIMEOUT_S = 5
+CLOSE_GRACE_S = 10.0
 
 
 class EtcdUnavailable(ConnectionError):
@@ -168,6 +169,7 @@ class EtcdRegistry:
         self._timeout = timeout
         self._index = 0
         self._client: aetcd.Client | None = None
+        self._retired: list[aetcd.Client] = []
         self.errors = 0  # failed requests, for the metrics
 
     @property
@@ -178,20 +180,37 @@ class EtcdRegistry:
         ep = self.endpoint
         kw = dict(host=ep.host, port=ep.port, username=self._username,
                   password=self._password, timeout=self._timeout,
-                  options={"grpc.enable_retries": 0})
+                  options={"grpc.enable_retries": 0,
+                           # notice a dead member or a cut path within ~15 s, not minutes
+                           "grpc.keepalive_time_ms": 10_000,
+                           "grpc.keepalive_timeout_ms": 5_000,
+                           "grpc.keepalive_permit_without_calls": 1})
         if ep.tls:
             return TlsClient(credentials=self._credentials, **kw)
         return aetcd.Client(**kw)
 
-    async def _drop_client(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            # A broken channel may fail to close; drop it all the same.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.close(), 2)
+    async def _drop_client(self, client: aetcd.Client | None = None) -> None:
+        """Stop using a client. Other tasks may still have calls in flight on it (closing
+        the channel would cancel them under their feet), so it is closed a little later."""
+        client = client or self._client
+        if client is not None and client is self._client:
+            self._client = None
+        if client is not None and client not in self._retired:
+            self._retired.append(client)
+            asyncio.get_running_loop().call_later(
+                CLOSE_GRACE_S, lambda: asyncio.ensure_future(self._close_quietly(client)))
+
+    async def _close_quietly(self, client: aetcd.Client) -> None:
+        with contextlib.suppress(Exception):  # a broken channel may fail to close
+            await asyncio.wait_for(client.close(), 2)
+        with contextlib.suppress(ValueError):
+            self._retired.remove(client)
 
     async def close(self) -> None:
-        await self._drop_client()
+        clients = [c for c in [self._client, *self._retired] if c is not None]
+        self._client, self._retired = None, []
+        for client in clients:
+            await self._close_quietly(client)
 
     async def _call(self, op):
         """Run ``op(client)``, moving to the next endpoint when one does not answer."""
@@ -199,8 +218,13 @@ class EtcdRegistry:
         for _ in range(len(self.endpoints)):
             if self._client is None:
                 self._client = self._make_client()
+            client = self._client
             try:
-                return await op(self._client)
+                return await op(client)
+            except asyncio.CancelledError:
+                _reraise_if_cancelling()
+                # gRPC cancels calls on a channel that closes: a connection failure.
+                errors.append(f"{self.endpoint}: call cancelled (channel closed)")
             except aexc.UnauthenticatedError as e:
                 raise EtcdAuthError(f"etcd {self.endpoint} refused the credentials: {e}") from None
             except (TimeoutError, aexc.ConnectionFailedError, aexc.ConnectionTimeoutError,
@@ -215,8 +239,9 @@ class EtcdRegistry:
             except rpc.AioRpcError as e:  # raised outside aetcd's wrappers (e.g. on connect)
                 errors.append(f"{self.endpoint}: {_one_line(e.details() or e)}")
             self.errors += 1
-            await self._drop_client()
-            self._index = (self._index + 1) % len(self.endpoints)
+            if client is self._client:  # another task may have moved on already
+                await self._drop_client(client)
+                self._index = (self._index + 1) % len(self.endpoints)
         raise EtcdUnavailable("etcd unreachable (" + "; ".join(errors) + ")")
 
     # -- reads -------------------------------------------------------------------------
@@ -333,6 +358,9 @@ class EtcdRegistry:
             await self._drop_client()
             raise EtcdUnavailable(f"config watch on {self.endpoint} ended: {_one_line(e)}") \
                 from None
+        except asyncio.CancelledError:
+            _reraise_if_cancelling()
+            raise EtcdUnavailable(f"config watch on {self.endpoint} ended") from None
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(watch.cancel(), 1)
@@ -368,10 +396,21 @@ class EtcdRegistry:
         except aexc.ClientError as e:
             await self._drop_client()
             raise EtcdUnavailable(f"watch on {self.endpoint} ended: {_one_line(e)}") from None
+        except asyncio.CancelledError:
+            _reraise_if_cancelling()
+            raise EtcdUnavailable(f"watch on {self.endpoint} ended (channel closed)") from None
         finally:
             with contextlib.suppress(Exception):  # the stream may already be gone
                 await asyncio.wait_for(watch.cancel(), 1)
         raise EtcdUnavailable(f"watch on {self.endpoint} ended")
+
+
+def _reraise_if_cancelling() -> None:
+    """Inside ``except CancelledError``: re-raise if *our task* is being cancelled (as
+    opposed to gRPC cancelling a call because its channel closed)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def registry_for(opts) -> EtcdRegistry:
