@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import urllib.request  # noqa: F401 - used by the snippets below, run in other processes
 from dataclasses import dataclass
 
-from pyflannel.lab import Lab, LabNode
+import pytest
+
+from pyflannel.lab import Lab, LabNode, require_root_and_tools
 
 HEALTHZ_PORT = 9180
 CONFIG_KEY = "/coreos.com/network/config"
@@ -67,6 +70,13 @@ class Node:
     @property
     def gw(self) -> str:
         return self.subnet.split("/")[0]
+
+
+def require_lab() -> None:
+    """Fail in CI, skip elsewhere, when this machine cannot run the lab (root, tools)."""
+    reason = require_root_and_tools()
+    if reason:
+        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
 
 
 def start_node(lab: Lab, node: LabNode, *extra: str, timeout: float = 20) -> Node:

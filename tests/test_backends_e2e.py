@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,11 +10,12 @@ import time
 
 import pytest
 
-from pyflannel.lab import Lab, require_root_and_tools
+from pyflannel.lab import Lab
 from tests.labtools import (
     CONFIG_KEY,
     TCP_SINK,
     TCP_SOURCE,
+    require_lab,
     restart_node,
     start_node,
     wait_until,
@@ -29,14 +29,8 @@ CONFIGS = {
 }
 
 
-def _need_lab() -> None:
-    reason = require_root_and_tools()
-    if reason:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
-
-
 def _cluster(kind: str):
-    _need_lab()
+    require_lab()
     with Lab(3) as lab:
         lab.etcdctl("put", CONFIG_KEY, CONFIGS[kind])
         nodes = {n.name: start_node(lab, n) for n in lab.nodes}
@@ -164,7 +158,7 @@ def test_host_gw_routes_come_back_within_seconds_after_a_link_flap(hostgw_cluste
 
 
 def test_host_gw_refuses_a_public_ip_that_is_not_on_the_interface():
-    _need_lab()
+    require_lab()
     with Lab(1) as lab:
         lab.etcdctl("put", CONFIG_KEY, CONFIGS["host-gw"])
         node = lab.nodes[0]
@@ -174,7 +168,7 @@ def test_host_gw_refuses_a_public_ip_that_is_not_on_the_interface():
 
 
 def test_switching_backends_leaves_no_stale_device_or_route():
-    _need_lab()
+    require_lab()
     with Lab(2) as lab:
         udp = '{"Network": "10.1.0.0/16", "Backend": {"Type": "udp"}}'
         state = {}

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from pyflannel.lab import require_root_and_tools
+from tests.labtools import require_lab
 
 pytestmark = pytest.mark.lab
 
@@ -18,9 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_quick_benchmark_runs_every_setup(tmp_path):
-    reason = require_root_and_tools()
-    if reason:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
+    require_lab()
     out = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -9,17 +9,15 @@ import time
 
 import pytest
 
-from pyflannel.lab import Lab, require_root_and_tools
-from tests.labtools import CONFIG_KEY, ready, wait_until
+from pyflannel.lab import Lab
+from tests.labtools import CONFIG_KEY, ready, require_lab, wait_until
 
 pytestmark = pytest.mark.lab
 
 
 @pytest.fixture
 def lab():
-    reason = require_root_and_tools()
-    if reason:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
+    require_lab()
     with Lab(1) as lab:
         yield lab
 

@@ -13,13 +13,14 @@ import time
 
 import pytest
 
-from pyflannel.lab import Lab, require_root_and_tools
+from pyflannel.lab import Lab
 from tests.labtools import (
     CONFIG_KEY,
     Node,
     http_get,
     metric,
     ready,
+    require_lab,
     restart_node,
     start_node,
     wait_until,
@@ -32,9 +33,7 @@ TTL = 8  # the test-only short lease (PYFLANNEL_TEST_LEASE_TTL), so expiry happe
 
 @pytest.fixture
 def cluster():
-    reason = require_root_and_tools()
-    if reason:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
+    require_lab()
     os.environ["PYFLANNEL_TEST_LEASE_TTL"] = str(TTL)
     try:
         with Lab(3) as lab:
@@ -132,9 +131,7 @@ def test_a_node_gone_for_good_leaves_every_peer_within_a_second_of_its_lease_exp
 def test_a_three_member_etcd_losing_its_leader_then_another_member(tmp_path):
     from tests.labtools import EtcdCluster
 
-    reason = require_root_and_tools()
-    if reason:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
+    require_lab()
     with Lab(2, with_etcd=False) as lab:
         etcd = EtcdCluster(lab)
         etcd.start()

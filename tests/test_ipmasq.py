@@ -3,17 +3,17 @@ and flanneld's rules are put back when someone removes one."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from pyflannel.lab import Lab, require_root_and_tools
+from pyflannel.lab import Lab
 from tests.labtools import (
     CONFIG_KEY,
     UDP_SEND_FROM,
     UDP_SOURCE_OF,
+    require_lab,
     start_node,
     wait_until,
 )
@@ -25,9 +25,7 @@ INTERNET = "198.18.0.200"
 
 @pytest.fixture(scope="module")
 def masq_lab():
-    reason = require_root_and_tools()
-    if reason:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
+    require_lab()
     with Lab(2) as lab:
         lab.etcdctl("put", CONFIG_KEY, '{"Network": "10.1.0.0/16", "Backend": {"Type": "vxlan"}}')
         internet = lab.add_host("inet", INTERNET)

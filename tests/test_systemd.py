@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from pyflannel.host.subnetfile import read_env_file
-from pyflannel.lab import Lab, require_root_and_tools
+from pyflannel.lab import Lab
+from tests.labtools import require_lab
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "pyflanneld.service"
@@ -103,9 +104,7 @@ def test_expansion_follows_systemd():
 
 
 def test_the_unit_s_command_line_with_the_seed_sysconfig_runs_a_ready_daemon(tmp_path):
-    reason = require_root_and_tools()
-    if reason:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
+    require_lab()
     env = read_env_file(SYSCONFIG)
     assert env == {"FLANNEL_ETCD_ENDPOINTS": "http://127.0.0.1:2379",
                    "FLANNEL_ETCD_PREFIX": "/atomic.io/network"}

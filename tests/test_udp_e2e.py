@@ -20,6 +20,7 @@ from tests.labtools import (
     UDP_SPRAY,
     metric,
     ready,
+    require_lab,
     restart_node,
     start_node,
     status_json,
@@ -31,12 +32,7 @@ pytestmark = pytest.mark.lab
 
 @pytest.fixture(scope="module")
 def cluster():
-    from pyflannel.lab import require_root_and_tools
-
-    reason = require_root_and_tools()
-    if reason:
-        import os
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
+    require_lab()
     with Lab(4) as lab:
         lab.etcdctl("put", CONFIG_KEY, '{"Network": "10.1.0.0/16", "Backend": {"Type": "udp"}}')
         nodes = {n.name: start_node(lab, n) for n in lab.nodes[:3]}

@@ -3,13 +3,12 @@ to flannel's plain framing, all in one cluster, moving 100 MB intact every way."
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from pyflannel.lab import Lab, require_root_and_tools
+from pyflannel.lab import Lab
 from tests.labtools import (
     CONFIG_KEY,
     TCP_SINK,
@@ -17,6 +16,7 @@ from tests.labtools import (
     UDP_SEND_FROM,
     UDP_SOURCE_OF,
     metric,
+    require_lab,
     start_node,
 )
 
@@ -27,9 +27,7 @@ SIZE = 100 * 1024 * 1024
 
 @pytest.fixture(scope="module")
 def mixed():
-    reason = require_root_and_tools()
-    if reason:
-        (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
+    require_lab()
     with Lab(3) as lab:
         lab.etcdctl("put", CONFIG_KEY, '{"Network": "10.1.0.0/16", "Backend": {"Type": "udp"}}')
         auto1 = start_node(lab, lab.nodes[0])

@@ -40,7 +40,12 @@ from pyflannel.fastpath.frames import (
     check_vnet,
     to_plain,
 )
-from pyflannel.fastpath.packet import check_ipv4, icmp_net_unreachable, wants_icmp_error
+from pyflannel.fastpath.packet import (
+    check_ipv4,
+    decrement_ttl,
+    icmp_net_unreachable,
+    wants_icmp_error,
+)
 
 BATCH = 256  # reads per readiness event before looking at the other fds
 BUF_SIZE = 65536 + INNER_OFFSET
@@ -172,6 +177,7 @@ class Forwarder:
             if peer is None:
                 self.unreachable(mv[INNER_OFFSET:end])
                 continue
+            # packet.decrement_ttl, inlined: this loop runs once per packet.
             ttl = buf[24]
             if ttl <= 1:
                 c[C["drop_ttl_exceeded"]] += 1
@@ -521,15 +527,9 @@ class Forwarder:
         if _u32(pkt, 12)[0] >> self.shift != src_key:
             self.drop("drop_spoofed_source", 1)
             return True
-        ttl = pkt[8]
-        if ttl <= 1:
+        if not decrement_ttl(pkt):
             self.drop("drop_ttl_exceeded", 1)
             return True
-        pkt[8] = ttl - 1
-        csum = ((pkt[10] << 8) | pkt[11]) + 0x0100
-        csum = (csum & 0xFFFF) + (csum >> 16)
-        pkt[10] = csum >> 8
-        pkt[11] = csum & 0xFF
         try:
             os.writev(self.tun_fd, iov)
         except OSError:
@@ -552,15 +552,9 @@ class Forwarder:
         if _u32(pkt, 12)[0] >> self.shift != src_key:
             self.drop("drop_spoofed_source", 1)
             return
-        ttl = pkt[8]
-        if ttl <= 1:
+        if not decrement_ttl(pkt):
             self.drop("drop_ttl_exceeded", 1)
             return
-        pkt[8] = ttl - 1
-        csum = ((pkt[10] << 8) | pkt[11]) + 0x0100
-        csum = (csum & 0xFFFF) + (csum >> 16)
-        pkt[10] = csum >> 8
-        pkt[11] = csum & 0xFF
         total = (pkt[2] << 8) | pkt[3]
         try:
             if self.vnet:
