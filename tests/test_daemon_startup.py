@@ -170,3 +170,16 @@ def test_the_daemon_with_etcd_auth_and_its_password_kept_out_of_logs(lab):
     lab.start_daemon(node, "-etcd-username=root", env={"FLANNELD_ETCD_PASSWORD": "r00t-pw"})
     lab.wait_subnet_file(node)
     assert "r00t-pw" not in lab.tail_log(node, 200)
+
+
+def test_a_reserved_subnet_is_taken_by_the_daemon_on_that_address(lab):
+    node = lab.nodes[0]
+    lab.etcdctl("put", CONFIG_KEY, '{"Network": "10.1.0.0/16"}')
+    out = lab.run(node.ns, [sys.executable, "-m", "pyflannel", "lease", "reserve",
+                            "10.1.77.0/24", node.underlay_ip,
+                            f"-etcd-endpoints={lab.etcd_endpoint}"], text=True)
+    assert "reserved 10.1.77.0/24" in out.stdout
+    lab.start_daemon(node)
+    assert lab.wait_subnet_file(node)["FLANNEL_SUBNET"] == "10.1.77.1/24"
+    kv = lab.etcdctl("get", "/coreos.com/network/subnets/10.1.77.0-24", "-w", "json")
+    assert '"lease"' not in kv  # still no TTL: a reservation is never put on a lease
