@@ -455,33 +455,23 @@ class Forwarder:
             return
         if dgram[2] == 0 and dgram[3] == 1:  # one-chunk train: no joining needed
             payload = dgram[CHUNK_HDR_LEN:]
-            if len(payload) <= VNET_LEN:
-                self.drop("drop_truncated", 1)
+        else:
+            dropped = self._reasm.dropped
+            payload = self._reasm.feed(peer_ip, dgram)
+            if self._reasm.dropped != dropped:
+                self.drop("drop_train_incomplete", self._reasm.dropped - dropped)
+            if payload is None:
                 return
-            vnet_hdr = payload[:VNET_LEN]
-            if vnet_hdr[0] or vnet_hdr[1]:
-                try:
-                    check_vnet(vnet_hdr, len(payload) - VNET_LEN)
-                except FrameError:
-                    self.drop("drop_bad_offload", 1)
-                    return
-            self.to_tun(payload[VNET_LEN:], vnet_hdr, src[0])
-            return
-        dropped = self._reasm.dropped
-        payload = self._reasm.feed(peer_ip, dgram)
-        if self._reasm.dropped != dropped:
-            self.drop("drop_train_incomplete", self._reasm.dropped - dropped)
-        if payload is None:
-            return
         if len(payload) <= VNET_LEN:
             self.drop("drop_truncated", 1)
             return
         vnet_hdr = payload[:VNET_LEN]
-        try:
-            check_vnet(vnet_hdr, len(payload) - VNET_LEN)
-        except FrameError:
-            self.drop("drop_bad_offload", 1)
-            return
+        if vnet_hdr[0] or vnet_hdr[1]:  # an all-zero header needs no checking
+            try:
+                check_vnet(vnet_hdr, len(payload) - VNET_LEN)
+            except FrameError:
+                self.drop("drop_bad_offload", 1)
+                return
         self.to_tun(payload[VNET_LEN:], vnet_hdr, src[0])
 
     def whole_train(self, n: int, seg: int, src_key: int) -> bool:
