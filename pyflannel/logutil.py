@@ -41,6 +41,3 @@ class RateLimitedLog:
     def clear(self, topic: str, message: str) -> None:
         if self._state.pop(topic, None) is not None:
             self.logger.info("%s", message)
-
-    def active(self, topic: str) -> bool:
-        return topic in self._state

@@ -235,33 +235,6 @@ def interface_addresses(index: int) -> set[IPv4Address]:
         return {a for _i, a in _ipv4_addrs(ipr, index)}
 
 
-def delete_link(name: str) -> bool:
-    with IPRoute() as ipr:
-        index = _by_name(ipr, name)
-        if index is None:
-            return False
-        try:
-            ipr.link("del", index=index)
-        except NetlinkError as e:
-            if e.code != ENODEV:
-                raise
-        return True
-
-
-def routes_via(name: str) -> list[IPv4Network]:
-    """IPv4 routes (main table) whose output device is ``name``."""
-    with IPRoute() as ipr:
-        index = _by_name(ipr, name)
-        if index is None:
-            return []
-        out = []
-        for r in ipr.get_routes(family=socket.AF_INET, oif=index, table=254):
-            dst = r.get("dst")
-            if dst:
-                out.append(IPv4Network(f"{dst}/{r['dst_len']}"))
-        return out
-
-
 def local_ipv4_addresses() -> set[IPv4Address]:
     with IPRoute() as ipr:
         return {a for _i, a in _ipv4_addrs(ipr)}

@@ -7,10 +7,9 @@ flanneld nodes share one cluster, so the key layout and the JSON shape are the c
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
@@ -107,17 +106,7 @@ class Lease:
     attrs: LeaseAttrs
     lease_id: int = 0  # the etcd lease the key hangs on; 0 = no TTL (a reservation)
     mod_revision: int = 0
-    expires_at: float | None = field(default=None, compare=False)  # monotonic-free wall clock
 
     @property
     def reserved(self) -> bool:
         return self.lease_id == 0
-
-
-def first_host(subnet: IPv4Network) -> IPv4Address:
-    """The address Docker's bridge takes (FLANNEL_SUBNET=10.1.15.1/24)."""
-    return subnet.network_address + 1
-
-
-def parse_ipv4(text: str) -> IPv4Address:
-    return ipaddress.IPv4Address(text)
