@@ -112,6 +112,7 @@ class Forwarder:
         self._bmv = memoryview(self._bbuf)
         self._b_addr: tuple[str, int] | None = None
         self._b_off = self._b_seg = self._b_count = self._packets_in_batch = 0
+        self._b_overhead = 0  # framing bytes in the batch (not traffic)
         self._b_closed = False
 
     # -- control -----------------------------------------------------------------------
@@ -192,7 +193,7 @@ class Forwarder:
                 self._train_id = tid = (self._train_id + 1) & 0xFFFF
                 if end <= single:  # the common small packet: one chunk, built in place
                     CHUNK.pack_into(buf, 0, FAST_MAGIC, FAST_VERSION, 0, 1, tid)
-                    self.batch(addr, mv[:end])
+                    self.batch(addr, mv[:end], INNER_OFFSET)
                 else:
                     self.send_train(addr, end, tid)
             elif vnet and (buf[CHUNK_HDR_LEN] & 1 or buf[CHUNK_HDR_LEN + 1]):
@@ -231,12 +232,7 @@ class Forwarder:
         except OSError:
             self.c[C["drop_send_error"]] += 1
             return
-        self.c[TX_P] += 1
-        self.c[TX_B] += total
-        st = self.peer_stats.get(addr[0])
-        if st is not None:
-            st[0] += 1
-            st[1] += total
+        self._count_tx(addr, 1, total - VNET_LEN)
 
     def _train_iov(self, count: int, room: int) -> list:
         """A fresh copy of the gather list for a train of ``count`` chunks: header views
@@ -280,11 +276,13 @@ class Forwarder:
             self._b_count += 1
         self._b_off = off
         self._packets_in_batch += 1
+        self._b_overhead += count * CHUNK_HDR_LEN + VNET_LEN
         self.flush()
 
-    def batch(self, addr: tuple[str, int], pkt) -> None:
-        """Queue one plain packet; a GSO batch holds equal-sized datagrams to one peer, the
-        last of which may be shorter."""
+    def batch(self, addr: tuple[str, int], pkt, overhead: int = 0) -> None:
+        """Queue one datagram; a GSO batch holds equal-sized datagrams to one peer, the
+        last of which may be shorter. ``overhead``: its framing bytes (not counted as
+        traffic)."""
         n = len(pkt)
         if (addr != self._b_addr or n > self._b_seg or self._b_closed
                 or self._b_off + n > MAX_DATAGRAM or self._b_count >= GSO_MAX_SEGMENTS
@@ -296,6 +294,7 @@ class Forwarder:
         self._b_off = off + n
         self._b_count += 1
         self._packets_in_batch += 1
+        self._b_overhead += overhead
         if n < self._b_seg:
             self._b_closed = True
 
@@ -304,13 +303,14 @@ class Forwarder:
         if not count:
             return
         size, seg, addr = self._b_off, self._b_seg, self._b_addr
-        packets = self._packets_in_batch
-        self._b_off = self._b_count = self._packets_in_batch = 0
+        packets, inner = self._packets_in_batch, size - self._b_overhead
+        self._b_off = self._b_count = self._packets_in_batch = self._b_overhead = 0
         self._b_closed = False
         data = self._bmv[:size]
         if count > 1 and not self.gso:
             for off in range(0, size, seg):
                 self._send_one(data[off:off + seg], addr)
+            self._count_tx(addr, packets, inner)
             return
         try:
             if count == 1:
@@ -322,21 +322,24 @@ class Forwarder:
                 self.gso = False  # no UDP GSO here: one datagram per packet from now on
                 for off in range(0, size, seg):
                     self._send_one(data[off:off + seg], addr)
+                self._count_tx(addr, packets, inner)
                 return
             self.c[C["drop_send_error"]] += packets
             return
+        self._count_tx(addr, packets, inner)
+
+    def _count_tx(self, addr: tuple[str, int], packets: int, inner_bytes: int) -> None:
+        """Traffic counts inner packets and their bytes, whatever the framing."""
         self.c[TX_P] += packets
-        self.c[TX_B] += size
+        self.c[TX_B] += inner_bytes
         st = self.peer_stats.get(addr[0])
         if st is not None:
             st[0] += packets
-            st[1] += size
+            st[1] += inner_bytes
 
     def _send_one(self, data, addr) -> None:
         try:
             self.sock.sendto(data, addr)
-            self.c[TX_P] += 1
-            self.c[TX_B] += len(data)
         except OSError:
             self.c[C["drop_send_error"]] += 1
 
