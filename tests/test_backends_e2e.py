@@ -197,3 +197,23 @@ def test_switching_backends_leaves_no_stale_device_or_route():
             else:
                 assert "flannel0" not in links and "flannel.1" not in links
                 assert ours == {peer: "eth0"}
+
+
+def test_a_peer_on_another_backend_is_ignored_with_one_warning(vxlan_cluster):
+    _kind, lab, nodes = vxlan_cluster
+    key = "/coreos.com/network/subnets/10.1.250.0-24"
+    value = '{"PublicIP":"198.18.0.77","PublicIPv6":null,"BackendType":"host-gw"}'
+    lab.etcdctl("put", key, value)
+    lab.etcdctl("put", key, value)  # the same lease again: still one warning
+    n1 = nodes["n1"].lab_node
+
+    def warnings() -> list[str]:
+        return [line for line in lab.tail_log(n1, 400).splitlines()
+                if "10.1.250.0/24 uses backend host-gw" in line]
+
+    wait_until(lambda: len(warnings()) == 1, 5, "one warning")
+    time.sleep(0.5)
+    assert len(warnings()) == 1
+    routes = ns_json(lab, n1.ns, "route", "show", "proto", "120")
+    assert not any(r["dst"] == "10.1.250.0/24" for r in routes)
+    lab.etcdctl("del", key)
