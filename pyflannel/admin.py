@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from ipaddress import IPv4Address, IPv4Network
 
 from pyflannel.config import ConfigError, parse_config
-from pyflannel.flags import FlagError, Options, parse_flags
+from pyflannel.flags import FLAGS, INT, LIST, REPEAT, STR, FlagError, Options, parse_flags
 from pyflannel.lease.etcd import (
     EtcdAuthError,
     EtcdRegistry,
@@ -46,15 +46,17 @@ def _split(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     for arg in it:
         if arg.startswith("-") and len(arg) > 1 and not _looks_like_json(arg):
             flags.append(arg)
-            if "=" not in arg and arg.lstrip("-") in _VALUE_FLAGS:
+            if "=" not in arg and _takes_value(arg.lstrip("-")):
                 flags.append(next(it, ""))
         else:
             words.append(arg)
     return words, flags
 
 
-_VALUE_FLAGS = {"etcd-endpoints", "etcd-prefix", "etcd-keyfile", "etcd-certfile", "etcd-cafile",
-                "etcd-username", "etcd-password", "subnet-file"}
+def _takes_value(name: str) -> bool:
+    """Whether ``-name`` consumes the next argument (flags.py's table decides)."""
+    spec = next((f for f in FLAGS if name in (f.name, *f.aliases)), None)
+    return spec is not None and spec.kind in (STR, INT, LIST, REPEAT)
 
 
 def _looks_like_json(arg: str) -> bool:

@@ -71,6 +71,15 @@ class Node:
     def gw(self) -> str:
         return self.subnet.split("/")[0]
 
+    @property
+    def network(self) -> str:
+        """The leased subnet, 10.1.15.0/24 for FLANNEL_SUBNET=10.1.15.1/24."""
+        return self.subnet.replace(".1/", ".0/")
+
+    def key(self, prefix: str = "/coreos.com/network") -> str:
+        """The node's lease key in etcd."""
+        return f"{prefix}/subnets/" + self.network.replace("/", "-")
+
 
 def require_lab() -> None:
     """Fail in CI, skip elsewhere, when this machine cannot run the lab (root, tools)."""

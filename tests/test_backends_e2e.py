@@ -88,7 +88,7 @@ def test_mtu_rule(cluster):
 
 
 def lease_value(lab, node) -> dict:
-    key = "/coreos.com/network/subnets/" + node.subnet.replace(".1/", ".0-")
+    key = node.key()
     return json.loads(lab.etcdctl("get", key, "--print-value-only"))
 
 
@@ -121,7 +121,7 @@ def test_vxlan_a_removed_peer_leaves_no_route_neighbour_or_fdb_entry(vxlan_clust
     _kind, lab, nodes = vxlan_cluster
     n1, n3 = nodes["n1"], nodes["n3"]
     ns = n1.lab_node.ns
-    peer_net = n3.subnet.replace(".1/", ".0/")
+    peer_net = n3.network
     peer_ip, peer_mac = peer_net.split("/")[0], vtep_mac(lab, n3)
     assert any(r["dst"] == peer_net for r in ns_json(lab, ns, "route", "show", "dev",
                                                      "flannel.1"))
@@ -146,7 +146,7 @@ def test_host_gw_routes_come_back_within_seconds_after_a_link_flap(hostgw_cluste
     _kind, lab, nodes = hostgw_cluster
     n1 = nodes["n1"]
     routes = ns_json(lab, n1.lab_node.ns, "route", "show", "proto", "120")
-    assert {r["dst"] for r in routes} == {nodes[o].subnet.replace(".1/", ".0/")
+    assert {r["dst"] for r in routes} == {nodes[o].network
                                           for o in ("n2", "n3")}
     lab.run(n1.lab_node.ns, ["ip", "link", "set", "dev", "eth0", "down"])
     time.sleep(0.3)
@@ -187,7 +187,7 @@ def test_switching_backends_leaves_no_stale_device_or_route():
             ours = {r["dst"]: r.get("dev") for r in ns_json(lab, ns, "route", "show",
                                                               "proto", "120")}
             state[kind] = (links, ours)
-            peer = b.subnet.replace(".1/", ".0/")
+            peer = b.network
             if kind == "udp":
                 assert "flannel0" in links and not any(x.startswith("flannel.") for x in links)
                 assert ours == {"10.1.0.0/16": "flannel0"}

@@ -114,7 +114,7 @@ def test_a_daemon_killed_under_traffic_comes_back_with_its_subnet_within_2s(clus
 
 def test_a_node_gone_for_good_leaves_every_peer_within_a_second_of_its_lease_expiry(cluster):
     lab, (n1, n2, n3) = cluster
-    key = "/coreos.com/network/subnets/" + n3.subnet.replace(".1/", ".0-")
+    key = n3.key()
     lease_hex = re.search(r'"lease":(\d+)', lab.etcdctl("get", key, "-w", "json"))
     assert lease_hex
     lab.stop_daemon(n3.lab_node, sig=signal.SIGKILL)

@@ -66,7 +66,7 @@ def nat_rules(lab: Lab, ns: str) -> list[str]:
 
 def test_flanneld_s_rules_in_flanneld_s_order(masq_lab):
     lab, _internet, (n1, _n2) = masq_lab
-    subnet = n1.subnet.replace(".1/", ".0/")
+    subnet = n1.network
     rules = nat_rules(lab, n1.lab_node.ns)
     assert len(rules) == 6 and all('--comment "flanneld masq"' in r for r in rules)
     assert "--mark 0x4000/0x4000" in rules[0] and rules[0].endswith("-j RETURN")

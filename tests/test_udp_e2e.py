@@ -79,7 +79,7 @@ def test_status_lists_every_node_and_marks_this_host(cluster):
     rows = status_json(lab, nodes["n1"].lab_node)
     by_subnet = {r["subnet"]: r for r in rows}
     for n in nodes.values():
-        subnet = n.subnet.replace(".1/", ".0/")
+        subnet = n.network
         row = by_subnet[subnet]
         assert row["public_ip"] == n.lab_node.underlay_ip
         assert row["backend"] == "udp"
@@ -116,7 +116,7 @@ def test_readiness_and_counters_on_the_metrics_endpoint(cluster):
     assert metric(lab, n1, "pyflannel_packets_total", direction="tx") >= before + 3
     assert metric(lab, n1, "pyflannel_peers") == 2
     wait_until(lambda: metric(lab, n1, "pyflannel_peer_packets_total", direction="tx",
-                              peer=nodes["n3"].subnet.replace(".1/", ".0/")) >= 3, 6,
+                              peer=nodes["n3"].network) >= 3, 6,
                "per-peer metric")
     assert metric(lab, n1, "pyflannel_peer_programming_seconds_count") >= 1
 
@@ -134,7 +134,7 @@ def test_with_its_key_deleted_meanwhile_a_node_takes_its_subnet_from_its_file(cl
     lab, nodes = cluster
     n2 = nodes["n2"]
     lab.stop_daemon(n2.lab_node, sig=signal.SIGKILL)
-    key = "/coreos.com/network/subnets/" + n2.subnet.replace(".1/", ".0-").replace("/", "-")
+    key = n2.key()
     assert lab.etcdctl("del", key).strip() == "1"
     again = restart_node(lab, n2.lab_node)
     assert again.subnet == n2.subnet
@@ -147,7 +147,7 @@ def test_sigterm_stops_within_two_seconds_and_keeps_the_lease(cluster):
     started = time.monotonic()
     code = lab.stop_daemon(n3.lab_node, sig=signal.SIGTERM, timeout=5)
     assert code == 0 and time.monotonic() - started < 2.0
-    assert any(r["subnet"] == n3.subnet.replace(".1/", ".0/")
+    assert any(r["subnet"] == n3.network
                for r in status_json(lab, nodes["n1"].lab_node))
     assert restart_node(lab, n3.lab_node).subnet == n3.subnet
 
@@ -156,7 +156,7 @@ def test_a_node_whose_key_is_deleted_disappears_from_the_others(cluster):
     lab, nodes = cluster
     n1, n3 = nodes["n1"], nodes["n3"]
     lab.stop_daemon(n3.lab_node, sig=signal.SIGKILL)  # down, its lease still in etcd
-    key = "/coreos.com/network/subnets/" + n3.subnet.replace(".1/", ".0-").replace("/", "-")
+    key = n3.key()
     lab.etcdctl("del", key)
     wait_until(lambda: metric(lab, n1.lab_node, "pyflannel_peers") == 1, 5, "peer removed")
     out = lab.run(n1.lab_node.ns, ["ping", "-n", "-c", "1", "-W", "2", "-I", n1.gw, n3.gw],

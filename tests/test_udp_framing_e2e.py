@@ -51,7 +51,7 @@ def test_the_leases_advertise_the_framings_each_node_accepts(mixed):
     import json
 
     def value(node):
-        key = "/coreos.com/network/subnets/" + node.subnet.replace(".1/", ".0-")
+        key = node.key()
         return json.loads(lab.etcdctl("get", key, "--print-value-only"))
 
     assert value(auto1)["BackendData"] == {"Framings": ["vnet1"]}
