@@ -184,7 +184,13 @@ class EtcdRegistry:
                            # notice a dead member or a cut path within ~15 s, not minutes
                            "grpc.keepalive_time_ms": 10_000,
                            "grpc.keepalive_timeout_ms": 5_000,
-                           "grpc.keepalive_permit_without_calls": 1})
+                           "grpc.keepalive_permit_without_calls": 1,
+                           # gRPC backs off reconnects for up to two minutes after an
+                           # outage, and shares that state between channels: cap it, so
+                           # a returning etcd is used within a second or two
+                           "grpc.initial_reconnect_backoff_ms": 200,
+                           "grpc.min_reconnect_backoff_ms": 200,
+                           "grpc.max_reconnect_backoff_ms": 2000})
         if ep.tls:
             return TlsClient(credentials=self._credentials, **kw)
         return aetcd.Client(**kw)
@@ -334,7 +340,9 @@ class EtcdRegistry:
     async def refresh(self, lease_id: int) -> int:
         """Keep a lease alive; returns the new TTL, or 0 if etcd no longer has it."""
         reply = await self._call(lambda c: c.refresh_lease(lease_id))
-        return int(reply.TTL) if reply is not None else 0
+        if reply is None:  # the keep-alive stream ended unanswered: etcd went away
+            raise EtcdUnavailable(f"lease keep-alive on {self.endpoint} got no answer")
+        return int(reply.TTL)
 
     async def put_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, lease_id: int = 0) -> None:
         key = subnet_key(self.prefix, subnet).encode()
