@@ -23,11 +23,9 @@ Deliberate differences, none of which change the output of a working setup:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,37 +174,12 @@ def render(
     return "".join(lines)
 
 
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def write_atomically(path: str | Path, text: str) -> None:
-    """Replace ``path`` in one step so dockerd never starts from a truncated file."""
-    target = Path(os.path.realpath(path))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        old = target.stat()
-    except FileNotFoundError:
-        old = None
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode("utf-8", "surrogateescape"))
-            f.flush()
-            os.fsync(f.fileno())
-        if old is None:
-            os.chmod(tmp, 0o666 & ~_current_umask())  # what a shell redirection would create
-        else:
-            os.chmod(tmp, old.st_mode & 0o7777)
-            with contextlib.suppress(PermissionError):
-                os.chown(tmp, old.st_uid, old.st_gid)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """Replace ``path`` in one step so dockerd never starts from a truncated file; like a
+    shell redirection, keep an existing file's mode and owner and follow a symlink."""
+    from pyflannel.host.atomicfile import write_atomic
+
+    write_atomic(path, text, mode=None)
 
 
 def main(argv: list[str], environ: Mapping[str, str] | None = None) -> int:

@@ -9,6 +9,12 @@ from dataclasses import dataclass
 from ipaddress import IPv4Interface, IPv4Network
 from pathlib import Path
 
+from pyflannel.host.atomicfile import write_atomic
+
+
+class SubnetFileError(ValueError):
+    """The subnet file cannot be written there (one line for the operator)."""
+
 
 @dataclass(frozen=True)
 class SubnetEnv:
@@ -28,29 +34,43 @@ class SubnetEnv:
 
 def write_subnet_file(path: str | Path, env: SubnetEnv) -> None:
     """Atomically: readers see the old file or the new one, never half of one."""
-    _write_atomic(Path(path), env.render())
+    write_atomic(path, env.render())
 
 
 def write_json_atomic(path: str | Path, doc: object) -> None:
+    """A JSON document (the state file), replaced atomically like the subnet file."""
     import json
 
-    _write_atomic(Path(path), json.dumps(doc, indent=1) + "\n")
+    write_atomic(path, json.dumps(doc, indent=1) + "\n")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+def check_writable(path: str | Path) -> None:
+    """Raise SubnetFileError unless the subnet file can be written at ``path``.
+
+    Called before any lease, device or route exists, so an unusable path costs one line
+    instead of a set-up that is torn down again. Creates missing directories (as the
+    write would) and a temp file beside the target, which it removes again.
+    """
+    target = Path(os.path.realpath(path))
+    if target.is_dir():
+        raise SubnetFileError(f"subnet file {path} is a directory")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.check.", dir=target.parent)
+    except OSError as e:
+        raise SubnetFileError(
+            f"cannot write subnet file {path}: {_why(e, target.parent)}") from None
+    os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+
+
+def _why(e: OSError, directory: Path) -> str:
+    """Name the path that is in the way: a parent that is a file says more than ENOTDIR."""
+    for parent in (directory, *directory.parents):
+        if parent.exists() and not parent.is_dir():
+            return f"{parent} is not a directory"
+    return f"{e.strerror or e} ({directory})"
 
 
 def read_env_file(path: str | Path) -> dict[str, str]:
