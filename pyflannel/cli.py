@@ -29,7 +29,7 @@ def _parse(prog: str, argv: Sequence[str]) -> Options | None:
         print(f"{prog}: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     if opts.help:
-        print(f"usage: {prog} [flags]\n\n{usage()}")
+        print(usage(prog), end="")
         return None
     if opts.version:
         print(__version__)

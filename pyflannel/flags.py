@@ -417,9 +417,10 @@ def _format_default(spec: FlagSpec) -> str:
 _METAVAR = {STR: "string", INT: "int", LIST: "list", REPEAT: "string", LEVEL: "int", BOOL: ""}
 
 
-def usage() -> str:
-    """Help text for every flag (Go flag layout), so ``-help`` reads like flanneld's."""
-    lines = ["Usage: pyflanneld [flags]", ""]
+def usage(prog: str = "pyflanneld") -> str:
+    """Help text for every flag (Go flag layout), so ``-help`` reads like flanneld's; the
+    first line is the only usage line, naming ``prog``."""
+    lines = [f"Usage: {prog} [flags]", ""]
     for spec in FLAGS:
         names = ", ".join(f"-{n}" for n in (*spec.aliases, spec.name))
         metavar = _METAVAR[spec.kind]
