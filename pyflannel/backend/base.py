@@ -73,7 +73,8 @@ class Backend(abc.ABC):
 
     async def teardown(self) -> None:
         if self._monitor is not None:
-            self._monitor.stop()
+            monitor, self._monitor = self._monitor, None
+            await asyncio.to_thread(monitor.stop)
 
     def desired_routes(self) -> dict[IPv4Network, RouteSpec]:
         """Every route this backend wants in the main table (and no other of ours)."""
@@ -97,14 +98,21 @@ class Backend(abc.ABC):
     async def run(self) -> None:
         """Keep kernel state as wanted: react to netlink events, and check every 10 s."""
         self._dirty = asyncio.Event()
-        self._monitor = NetlinkMonitor(asyncio.get_running_loop(), self.on_netlink)
-        self._monitor.start()
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), RECONCILE_EVERY_S)
-            await asyncio.sleep(DEBOUNCE_S)
-            self._dirty.clear()
-            await self.reconcile_all()
+        # Each supervised restart makes a new monitor: the old one must be gone (its
+        # thread and netlink socket) however this run ends.
+        monitor = self._monitor = NetlinkMonitor(asyncio.get_running_loop(), self.on_netlink)
+        try:
+            monitor.start()
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._dirty.wait(), RECONCILE_EVERY_S)
+                await asyncio.sleep(DEBOUNCE_S)
+                self._dirty.clear()
+                await self.reconcile_all()
+        finally:
+            monitor.stop()  # wakes the thread through its eventfd: returns at once
+            if self._monitor is monitor:
+                self._monitor = None
 
     async def reconcile_all(self) -> None:
         """Periodic/event-driven repair; backends with devices extend it."""
