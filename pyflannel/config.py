@@ -3,8 +3,11 @@
 Clusters already have this document in etcd, written for flanneld, so it is read with
 flanneld's rules: keys match case-insensitively (as Go's encoding/json does), unknown keys
 are ignored, a JSON ``null`` means "not given", and SubnetLen/SubnetMin/SubnetMax get
-flannel's defaults.  Anything invalid raises :class:`ConfigError` with a one-line message
-naming the field, because this text ends up in the daemon's log and in ``kubectl logs``.
+flannel's defaults.  Dual-stack configs (EnableIPv4, EnableIPv6, IPv6Network,
+IPv6SubnetLen/Min/Max) follow flanneld v0.20.2's rules, which are the IPv4 rules with
+IPv6 numbers: each enabled family becomes one :class:`SubnetPool`.  Anything invalid
+raises :class:`ConfigError` with a one-line message naming the field, because this text
+ends up in the daemon's log and in ``kubectl logs``.
 """
 
 from __future__ import annotations
@@ -14,11 +17,18 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["KNOWN_BACKENDS", "MAX_CONFIG_BYTES", "ConfigError", "NetworkConfig", "parse_config"]
+__all__ = [
+    "KNOWN_BACKENDS",
+    "MAX_CONFIG_BYTES",
+    "ConfigError",
+    "NetworkConfig",
+    "SubnetPool",
+    "parse_config",
+]
 
 MAX_CONFIG_BYTES = 64 * 1024  # the config is a few hundred bytes; more is a mistake or abuse
 KNOWN_BACKENDS = ("udp", "vxlan", "host-gw")
@@ -153,61 +163,190 @@ def _parse_backend(value: Any) -> tuple[str, dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------
-# Addresses
+# Address families.  IPv4 and IPv6 follow the same rules with different numbers, so one
+# table per family drives one set of parsers, and one SubnetPool class serves both.
 
-_CIDR_RE = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}/[0-9]{1,2}")
-_ADDR_RE = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
+IPNetwork = IPv4Network | IPv6Network
+IPAddress = IPv4Address | IPv6Address
 
 
-def _parse_network(value: Any) -> IPv4Network:
+@dataclass(frozen=True)
+class _Family:
+    version: int
+    prefix: str  # "" for IPv4, "IPv6" for IPv6: field names are prefix + "Network" etc.
+    network_cls: type[IPv4Network] | type[IPv6Network]
+    address_cls: type[IPv4Address] | type[IPv6Address]
+    cidr_re: re.Pattern[str]  # ipaddress alone would take "10.0.0.0" (as /32) or netmasks
+    addr_re: re.Pattern[str]
+    example: str
+    smallest_network: int  # the longest prefix that still holds four /max_subnet_len
+    max_subnet_len: int  # a tunnel/bridge address and a host on each node
+    default_subnet_len: int  # used when the network is at least four times that big
+    too_small: str  # message; formatted with prefix= and smallest=
+    required: str  # message when the network is missing
+
+    bits: int
+
+    def name(self, field_name: str) -> str:
+        return self.prefix + field_name
+
+
+_IPV4 = _Family(
+    version=4, prefix="", network_cls=IPv4Network, address_cls=IPv4Address,
+    cidr_re=re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}/[0-9]{1,2}"),
+    addr_re=re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}"),
+    example="10.1.0.0/16", smallest_network=28, max_subnet_len=30, default_subnet_len=24,
+    too_small="Network /{prefix} is too small (the minimum useful network is /{smallest})",
+    required="Network is required", bits=32,
+)
+# IPv6 keeps flanneld's wording for the two rules an operator is most likely to search for.
+_IPV6 = _Family(
+    version=6, prefix="IPv6", network_cls=IPv6Network, address_cls=IPv6Address,
+    cidr_re=re.compile(r"[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*/[0-9]{1,3}"),
+    addr_re=re.compile(r"[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*"),
+    example="fc00:10:1::/48", smallest_network=124, max_subnet_len=126, default_subnet_len=64,
+    too_small="IPv6Network is too small: /{prefix} (the minimum useful network is /{smallest})",
+    required="IPv6Network is required when EnableIPv6 is true", bits=128,
+)
+
+
+@dataclass(frozen=True)
+class SubnetPool:
+    """The subnets one address family can lease: SubnetMin through SubnetMax, inclusive.
+
+    One class for both families, so the lease policy treats IPv4 and IPv6 alike.
+    """
+
+    network: IPNetwork
+    subnet_len: int
+    subnet_min: IPAddress
+    subnet_max: IPAddress
+
+    @property
+    def version(self) -> int:
+        return self.network.version
+
+    @property
+    def subnet_size(self) -> int:
+        """Addresses per subnet."""
+        return 1 << (self.network.max_prefixlen - self.subnet_len)
+
+    def subnet_count(self) -> int:
+        """How many subnets can be leased, SubnetMin through SubnetMax inclusive."""
+        return (int(self.subnet_max) - int(self.subnet_min)) // self.subnet_size + 1
+
+    def contains_subnet(self, net: object) -> bool:
+        """Whether ``net`` is a subnet this pool could lease (e.g. to vet a stored lease)."""
+        return (
+            isinstance(net, type(self.network))
+            and net.prefixlen == self.subnet_len
+            and self.subnet_min <= net.network_address <= self.subnet_max  # type: ignore[operator]
+        )
+
+    def nth_subnet(self, i: int) -> IPNetwork:
+        """The i-th leasable subnet, 0-based from SubnetMin; IndexError outside the range."""
+        count = self.subnet_count()
+        if not 0 <= i < count:
+            raise IndexError(f"subnet index {i} out of range (0..{count - 1})")
+        start = int(self.subnet_min) + i * self.subnet_size
+        return type(self.network)((start, self.subnet_len))
+
+
+def _parse_network(value: Any, fam: _Family) -> IPNetwork:
+    name = fam.name("Network")
     if value is None:
-        raise _fail("Network is required")
+        raise _fail(fam.required)
     if not isinstance(value, str):
-        raise _fail(f"Network must be a string, got {_json_type(value)} {_show(value)}")
-    # ipaddress alone would also take "10.0.0.0" (as /32) or netmask forms.
-    if not _CIDR_RE.fullmatch(value):
-        raise _fail(f"Network {_show(value)} is not an IPv4 CIDR like 10.1.0.0/16")
+        raise _fail(f"{name} must be a string, got {_json_type(value)} {_show(value)}")
+    bad = f"{name} {_show(value)} is not an IPv{fam.version} CIDR like {fam.example}"
+    if not fam.cidr_re.fullmatch(value):
+        raise _fail(bad)
     try:
-        iface = ipaddress.IPv4Interface(value)
+        iface = ipaddress.ip_interface(value)
     except ValueError:
-        raise _fail(f"Network {_show(value)} is not an IPv4 CIDR like 10.1.0.0/16") from None
+        raise _fail(bad) from None
+    if iface.version != fam.version:
+        raise _fail(bad)
     if iface.ip != iface.network.network_address:
-        raise _fail(f"Network {_show(value)} has host bits set")
+        raise _fail(f"{name} {_show(value)} has host bits set")
     return iface.network
 
 
-def _parse_subnet_len(value: Any, network: IPv4Network) -> int:
+def _parse_subnet_len(value: Any, network: IPNetwork, fam: _Family) -> int:
+    name = fam.name("SubnetLen")
     prefix = network.prefixlen
-    if prefix > 28:
-        raise _fail(f"Network /{prefix} is too small (the minimum useful network is /28)")
+    if prefix > fam.smallest_network:
+        raise _fail(fam.too_small.format(prefix=prefix, smallest=fam.smallest_network))
     if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-        raise _fail(f"SubnetLen must be an integer, got {_json_type(value)} {_show(value)}")
+        raise _fail(f"{name} must be an integer, got {_json_type(value)} {_show(value)}")
     if not value:  # absent or 0
-        return 24 if prefix <= 22 else prefix + 2
-    if value > 30:
-        raise _fail(f"SubnetLen {_show(value)} must be at most 30")
+        if prefix <= fam.default_subnet_len - 2:
+            return fam.default_subnet_len
+        return prefix + 2
+    if value > fam.max_subnet_len:
+        raise _fail(f"{name} {_show(value)} must be at most {fam.max_subnet_len}")
     if value < prefix + 2:
         raise _fail(
-            f"SubnetLen {_show(value)} must be at least the network prefix + 2 ({prefix + 2})"
+            f"{name} {_show(value)} must be at least the network prefix + 2 ({prefix + 2})"
             " so the network holds four subnets"
         )
     return value
 
 
-def _parse_bound(name: str, value: Any, network: IPv4Network, subnet_len: int) -> IPv4Address:
+def _parse_bound(
+    field_name: str, value: Any, network: IPNetwork, subnet_len: int, fam: _Family
+) -> IPAddress:
+    name = fam.name(field_name)
     if not isinstance(value, str):
         raise _fail(f"{name} must be a string, got {_json_type(value)} {_show(value)}")
     try:
-        if not _ADDR_RE.fullmatch(value):
+        if not fam.addr_re.fullmatch(value):
             raise ValueError(value)
-        addr = IPv4Address(value)
+        addr = fam.address_cls(value)
     except ValueError:
-        raise _fail(f"{name} {_show(value)} is not an IPv4 address") from None
+        raise _fail(f"{name} {_show(value)} is not an IPv{fam.version} address") from None
     if addr not in network:
-        raise _fail(f"{name} {_show(value)} is outside Network {network}")
-    if (int(addr) - int(network.network_address)) % (1 << (32 - subnet_len)):
-        raise _fail(f"{name} {_show(value)} is not aligned to SubnetLen {subnet_len}")
+        raise _fail(f"{name} {_show(value)} is outside {fam.name('Network')} {network}")
+    if (int(addr) - int(network.network_address)) % (1 << (fam.bits - subnet_len)):
+        raise _fail(
+            f"{name} {_show(value)} is not aligned to {fam.name('SubnetLen')} {subnet_len}"
+        )
     return addr
+
+
+def _parse_pool(doc: Mapping[str, Any], fam: _Family) -> SubnetPool:
+    """One family's Network, SubnetLen, SubnetMin and SubnetMax with flannel's defaults."""
+    network = _parse_network(_lookup(doc, fam.name("Network")), fam)
+    subnet_len = _parse_subnet_len(_lookup(doc, fam.name("SubnetLen")), network, fam)
+    size = 1 << (fam.bits - subnet_len)
+    addr = fam.address_cls
+
+    given_min = _lookup(doc, fam.name("SubnetMin"))
+    if given_min is None:
+        # flannel never leases the first subnet: its first address is the network's own.
+        subnet_min = addr(int(network.network_address) + size)
+    else:
+        subnet_min = _parse_bound("SubnetMin", given_min, network, subnet_len, fam)
+    given_max = _lookup(doc, fam.name("SubnetMax"))
+    if given_max is None:
+        subnet_max = addr(int(network.broadcast_address) - size + 1)
+    else:
+        subnet_max = _parse_bound("SubnetMax", given_max, network, subnet_len, fam)
+    if subnet_min > subnet_max:  # type: ignore[operator]
+        raise _fail(
+            f"{fam.name('SubnetMin')} {subnet_min} must not be above "
+            f"{fam.name('SubnetMax')} {subnet_max}"
+        )
+    return SubnetPool(network, subnet_len, subnet_min, subnet_max)
+
+
+def _parse_enable(doc: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = _lookup(doc, name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _fail(f"{name} must be true or false, got {_json_type(value)} {_show(value)}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,38 +355,80 @@ def _parse_bound(name: str, value: Any, network: IPv4Network, subnet_len: int) -
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    """A validated network config with flannel's defaults filled in."""
+    """A validated network config with flannel's defaults filled in.
 
-    network: IPv4Network
-    subnet_len: int
-    subnet_min: IPv4Address
-    subnet_max: IPv4Address
+    ``ipv4`` is None when EnableIPv4 is false (IPv6 only); ``ipv6`` is None unless
+    EnableIPv6 is true.  The IPv4 attributes (network, subnet_len, subnet_min, subnet_max,
+    subnet_count, nth_subnet) are the IPv4 pool's, kept because most of the code is IPv4.
+    """
+
+    ipv4: SubnetPool | None
+    ipv6: SubnetPool | None
     backend_type: str
     backend: Mapping[str, Any] = field(hash=False)
     raw: Mapping[str, Any] = field(hash=False, repr=False)
 
     @property
-    def _subnet_size(self) -> int:
-        return 1 << (32 - self.subnet_len)
+    def enable_ipv4(self) -> bool:
+        return self.ipv4 is not None
+
+    @property
+    def enable_ipv6(self) -> bool:
+        return self.ipv6 is not None
+
+    @property
+    def pools(self) -> tuple[SubnetPool, ...]:
+        """The enabled families' pools, IPv4 first."""
+        return tuple(p for p in (self.ipv4, self.ipv6) if p is not None)
+
+    # IPv4 (None when IPv6 only)
+    @property
+    def network(self) -> IPv4Network | None:
+        return self.ipv4.network if self.ipv4 else None  # type: ignore[return-value]
+
+    @property
+    def subnet_len(self) -> int | None:
+        return self.ipv4.subnet_len if self.ipv4 else None
+
+    @property
+    def subnet_min(self) -> IPv4Address | None:
+        return self.ipv4.subnet_min if self.ipv4 else None  # type: ignore[return-value]
+
+    @property
+    def subnet_max(self) -> IPv4Address | None:
+        return self.ipv4.subnet_max if self.ipv4 else None  # type: ignore[return-value]
+
+    # IPv6 (None unless EnableIPv6)
+    @property
+    def ipv6_network(self) -> IPv6Network | None:
+        return self.ipv6.network if self.ipv6 else None  # type: ignore[return-value]
+
+    @property
+    def ipv6_subnet_len(self) -> int | None:
+        return self.ipv6.subnet_len if self.ipv6 else None
+
+    @property
+    def ipv6_subnet_min(self) -> IPv6Address | None:
+        return self.ipv6.subnet_min if self.ipv6 else None  # type: ignore[return-value]
+
+    @property
+    def ipv6_subnet_max(self) -> IPv6Address | None:
+        return self.ipv6.subnet_max if self.ipv6 else None  # type: ignore[return-value]
 
     def subnet_count(self) -> int:
-        """How many subnets can be leased, SubnetMin through SubnetMax inclusive."""
-        return (int(self.subnet_max) - int(self.subnet_min)) // self._subnet_size + 1
+        """How many IPv4 subnets can be leased (0 when IPv6 only)."""
+        return self.ipv4.subnet_count() if self.ipv4 else 0
 
-    def contains_subnet(self, net: IPv4Network) -> bool:
-        """Whether ``net`` is a subnet this config could lease (e.g. to vet a stored lease)."""
-        return (
-            isinstance(net, IPv4Network)
-            and net.prefixlen == self.subnet_len
-            and self.subnet_min <= net.network_address <= self.subnet_max
-        )
+    def contains_subnet(self, net: object) -> bool:
+        """Whether ``net`` (of either family) is a subnet this config could lease."""
+        pool = self.ipv6 if isinstance(net, IPv6Network) else self.ipv4
+        return pool is not None and pool.contains_subnet(net)
 
     def nth_subnet(self, i: int) -> IPv4Network:
-        """The i-th leasable subnet, 0-based from SubnetMin; IndexError outside the range."""
-        if not 0 <= i < self.subnet_count():
-            raise IndexError(f"subnet index {i} out of range (0..{self.subnet_count() - 1})")
-        start = IPv4Address(int(self.subnet_min) + i * self._subnet_size)
-        return IPv4Network((start, self.subnet_len))
+        """The i-th leasable IPv4 subnet, 0-based from SubnetMin; IndexError outside it."""
+        if self.ipv4 is None:
+            raise IndexError("no IPv4 subnets: EnableIPv4 is false")
+        return self.ipv4.nth_subnet(i)  # type: ignore[return-value]
 
     def backend_option(self, name: str, default: Any = None) -> Any:
         """Look up a Backend option ignoring case, as flannel's JSON decoding does."""
@@ -293,31 +474,18 @@ def parse_config(data: str | bytes) -> NetworkConfig:
     if not isinstance(doc, dict):
         raise _fail(f"top level must be a JSON object, got {_json_type(doc)}")
 
-    network = _parse_network(_lookup(doc, "Network"))
-    subnet_len = _parse_subnet_len(_lookup(doc, "SubnetLen"), network)
-    size = 1 << (32 - subnet_len)
-    first = int(network.network_address)
-    last = int(network.broadcast_address) - size + 1
-
-    given_min = _lookup(doc, "SubnetMin")
-    if given_min is None:
-        subnet_min = IPv4Address(first + size)  # flannel never leases the first subnet
-    else:
-        subnet_min = _parse_bound("SubnetMin", given_min, network, subnet_len)
-    given_max = _lookup(doc, "SubnetMax")
-    if given_max is None:
-        subnet_max = IPv4Address(last)
-    else:
-        subnet_max = _parse_bound("SubnetMax", given_max, network, subnet_len)
-    if subnet_min > subnet_max:
-        raise _fail(f"SubnetMin {subnet_min} must not be above SubnetMax {subnet_max}")
+    enable_ipv4 = _parse_enable(doc, "EnableIPv4", True)
+    enable_ipv6 = _parse_enable(doc, "EnableIPv6", False)
+    if not enable_ipv4 and not enable_ipv6:
+        raise _fail("EnableIPv4 and EnableIPv6 are both false: no address family to lease")
+    # A disabled family's fields are not looked at, as in flanneld.
+    ipv4 = _parse_pool(doc, _IPV4) if enable_ipv4 else None
+    ipv6 = _parse_pool(doc, _IPV6) if enable_ipv6 else None
 
     backend_type, backend = _parse_backend(_lookup(doc, "Backend"))
     return NetworkConfig(
-        network=network,
-        subnet_len=subnet_len,
-        subnet_min=subnet_min,
-        subnet_max=subnet_max,
+        ipv4=ipv4,
+        ipv6=ipv6,
         backend_type=backend_type,
         backend=MappingProxyType(backend),
         raw=MappingProxyType(doc),

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyflannel.config import MAX_CONFIG_BYTES, ConfigError, NetworkConfig, parse_config
+from pyflannel.config import (
+    MAX_CONFIG_BYTES,
+    ConfigError,
+    NetworkConfig,
+    SubnetPool,
+    parse_config,
+)
 
 UDP = {"Type": "udp", "Port": 8285, "Framing": "auto"}
 VXLAN = {"Type": "vxlan", "VNI": 1, "Port": 0, "GBP": False, "DirectRouting": False, "MTU": 0}
@@ -272,6 +278,254 @@ def test_invalid_config(data, message):
     assert text.startswith("config: ")
 
 
+# ---------------------------------------------------------------------------------------
+# Dual-stack: flanneld v0.20.2's IPv6 fields and rules
+
+DUAL = {"Network": "10.1.0.0/16", "EnableIPv6": True, "IPv6Network": "fc00:10:1::/48"}
+
+# (config, ipv6 network, ipv6 subnet_len, ipv6 subnet_min, ipv6 subnet_max)
+VALID_V6 = [
+    pytest.param(
+        {**DUAL, "Backend": {"Type": "vxlan"}},
+        "fc00:10:1::/48", 64, "fc00:10:1:1::", "fc00:10:1:ffff::",
+        id="issue-example-/48-gets-/64-from-the-second-to-the-last",
+    ),
+    pytest.param(
+        {**DUAL, "IPv6Network": "fc00::/62"},
+        "fc00::/62", 64, "fc00:0:0:1::", "fc00:0:0:3::",
+        id="/62-is-the-last-prefix-defaulting-to-/64",
+    ),
+    pytest.param(
+        {**DUAL, "IPv6Network": "fc00::/63"},
+        "fc00::/63", 65, "fc00::8000:0:0:0", "fc00:0:0:1:8000::",
+        id="/63-defaults-to-prefix+2",
+    ),
+    pytest.param(
+        {**DUAL, "IPv6Network": "fc00::/124"},
+        "fc00::/124", 126, "fc00::4", "fc00::c",
+        id="/124-is-the-smallest-network",
+    ),
+    pytest.param(
+        {**DUAL, "IPv6SubnetLen": 0},
+        "fc00:10:1::/48", 64, "fc00:10:1:1::", "fc00:10:1:ffff::",
+        id="IPv6SubnetLen-0-means-default",
+    ),
+    pytest.param(
+        {**DUAL, "IPv6SubnetLen": 56},
+        "fc00:10:1::/48", 56, "fc00:10:1:100::", "fc00:10:1:ff00::",
+        id="explicit-IPv6SubnetLen",
+    ),
+    pytest.param(
+        {**DUAL, "IPv6SubnetLen": 50},
+        "fc00:10:1::/48", 50, "fc00:10:1:4000::", "fc00:10:1:c000::",
+        id="IPv6SubnetLen-prefix+2",
+    ),
+    pytest.param(
+        {**DUAL, "IPv6SubnetLen": 126},
+        "fc00:10:1::/48", 126, "fc00:10:1::4", "fc00:10:1:ffff:ffff:ffff:ffff:fffc",
+        id="IPv6SubnetLen-126-is-the-longest",
+    ),
+    pytest.param(
+        {**DUAL, "IPv6SubnetMin": "fc00:10:1:10::", "IPv6SubnetMax": "fc00:10:1:20::"},
+        "fc00:10:1::/48", 64, "fc00:10:1:10::", "fc00:10:1:20::",
+        id="explicit-min-max",
+    ),
+    pytest.param(
+        {**DUAL, "IPv6SubnetMin": "FC00:10:1:0:0:0:0:0"},
+        "fc00:10:1::/48", 64, "fc00:10:1::", "fc00:10:1:ffff::",
+        id="IPv6SubnetMin-may-name-the-first-subnet-in-any-spelling",
+    ),
+    pytest.param(
+        {"network": "10.1.0.0/16", "enableipv6": True, "IPV6NETWORK": "fc00:10:1::/48",
+         "ipv6subnetlen": 60},
+        "fc00:10:1::/48", 60, "fc00:10:1:10::", "fc00:10:1:fff0::",
+        id="keys-are-case-insensitive",
+    ),
+    pytest.param(
+        {**DUAL, "EnableIPv4": True},
+        "fc00:10:1::/48", 64, "fc00:10:1:1::", "fc00:10:1:ffff::",
+        id="EnableIPv4-true-is-the-default",
+    ),
+]
+
+
+@pytest.mark.parametrize(("doc", "network", "subnet_len", "smin", "smax"), VALID_V6)
+def test_valid_dual_stack_config(doc, network, subnet_len, smin, smax):
+    cfg = parse_config(json.dumps(doc))
+    assert cfg.enable_ipv4 and cfg.enable_ipv6
+    assert cfg.network == IPv4Network("10.1.0.0/16"), "IPv4 is unchanged by IPv6"
+    assert cfg.ipv6_network == IPv6Network(network)
+    assert cfg.ipv6_subnet_len == subnet_len
+    assert cfg.ipv6_subnet_min == IPv6Address(smin)
+    assert cfg.ipv6_subnet_max == IPv6Address(smax)
+    assert cfg.ipv6 == SubnetPool(IPv6Network(network), subnet_len, IPv6Address(smin),
+                                  IPv6Address(smax))
+
+
+def test_ipv4_only_config_has_no_ipv6_pool():
+    cfg = parse_config('{"Network": "10.1.0.0/16"}')
+    assert cfg.enable_ipv4 and not cfg.enable_ipv6
+    assert cfg.ipv6 is None and cfg.ipv6_network is None and cfg.ipv6_subnet_len is None
+    assert cfg.pools == (cfg.ipv4,)
+
+
+def test_ipv6_fields_are_ignored_unless_enabled():
+    cfg = parse_config(net(EnableIPv6=False, IPv6Network="banana", IPv6SubnetLen=500))
+    assert cfg.ipv6 is None
+
+
+def test_ipv6_only_needs_no_network():
+    cfg = parse_config(json.dumps({"EnableIPv4": False, "EnableIPv6": True,
+                                   "IPv6Network": "fc00:10:1::/48"}))
+    assert not cfg.enable_ipv4 and cfg.enable_ipv6
+    assert cfg.ipv4 is None
+    assert cfg.network is None and cfg.subnet_len is None
+    assert cfg.subnet_min is None and cfg.subnet_max is None
+    assert cfg.pools == (cfg.ipv6,)
+    assert cfg.subnet_count() == 0, "no IPv4 subnets to lease"
+    with pytest.raises(IndexError):
+        cfg.nth_subnet(0)
+    assert not cfg.contains_subnet(IPv4Network("0.0.0.0/0"))
+    assert cfg.contains_subnet(IPv6Network("fc00:10:1:4f::/64"))
+
+
+def test_ipv6_only_ignores_the_ipv4_fields():
+    cfg = parse_config(json.dumps({"EnableIPv4": False, "EnableIPv6": True,
+                                   "IPv6Network": "fc00:10:1::/48", "Network": "10.1.0.0/29",
+                                   "SubnetLen": 99}))
+    assert cfg.ipv4 is None
+
+
+def test_one_pool_class_serves_both_families():
+    cfg = parse_config(json.dumps(DUAL))
+    assert type(cfg.ipv4) is SubnetPool and type(cfg.ipv6) is SubnetPool
+    assert (cfg.ipv4.version, cfg.ipv6.version) == (4, 6)
+    assert cfg.pools == (cfg.ipv4, cfg.ipv6)
+
+
+def test_ipv6_subnet_count_and_indexing():
+    pool = parse_config(json.dumps(DUAL)).ipv6
+    assert pool.subnet_count() == 65535
+    assert pool.subnet_size == 2**64
+    assert pool.nth_subnet(0) == IPv6Network("fc00:10:1:1::/64")
+    assert pool.nth_subnet(0x4e) == IPv6Network("fc00:10:1:4f::/64")
+    assert pool.nth_subnet(65534) == IPv6Network("fc00:10:1:ffff::/64")
+    for bad in (-1, 65535):
+        with pytest.raises(IndexError):
+            pool.nth_subnet(bad)
+
+
+def test_huge_ipv6_pool_is_indexed_without_listing():
+    pool = parse_config(net(EnableIPv6=True, IPv6Network="::/0")).ipv6
+    assert pool.subnet_count() == 2**64 - 1
+    assert pool.nth_subnet(2**64 - 2) == IPv6Network("ffff:ffff:ffff:ffff::/64")
+
+
+def test_ipv6_contains_subnet():
+    cfg = parse_config(json.dumps({**DUAL, "IPv6SubnetMin": "fc00:10:1:10::",
+                                   "IPv6SubnetMax": "fc00:10:1:20::"}))
+    pool = cfg.ipv6
+    assert pool.contains_subnet(IPv6Network("fc00:10:1:10::/64"))
+    assert pool.contains_subnet(IPv6Network("fc00:10:1:20::/64"))
+    assert not pool.contains_subnet(IPv6Network("fc00:10:1:f::/64")), "below IPv6SubnetMin"
+    assert not pool.contains_subnet(IPv6Network("fc00:10:1:21::/64")), "above IPv6SubnetMax"
+    assert not pool.contains_subnet(IPv6Network("fc00:10:1:10::/80")), "wrong length"
+    assert not pool.contains_subnet(IPv6Network("fc00:10:2:10::/64")), "other network"
+    assert not pool.contains_subnet(IPv4Network("10.1.10.0/24")), "other family"
+    assert not cfg.ipv4.contains_subnet(IPv6Network("fc00:10:1:10::/64")), "other family"
+    # NetworkConfig.contains_subnet asks the pool of the subnet's family.
+    assert cfg.contains_subnet(IPv6Network("fc00:10:1:10::/64"))
+    assert cfg.contains_subnet(IPv4Network("10.1.10.0/24"))
+    assert not parse_config(net()).contains_subnet(IPv6Network("fc00:10:1:10::/64"))
+
+
+def v6(**fields) -> str:
+    """The dual-stack config DUAL plus ``fields``."""
+    return json.dumps({**DUAL, **fields})
+
+
+INVALID_V6 = [
+    pytest.param(net(EnableIPv6=True),
+                 "config: IPv6Network is required when EnableIPv6 is true",
+                 id="EnableIPv6-without-IPv6Network"),
+    pytest.param(net(EnableIPv6=True, IPv6Network=None),
+                 "IPv6Network is required when EnableIPv6 is true", id="null-IPv6Network"),
+    pytest.param(json.dumps({"EnableIPv4": False, "EnableIPv6": True}),
+                 "IPv6Network is required", id="ipv6-only-without-IPv6Network"),
+    pytest.param(json.dumps({"EnableIPv4": False}),
+                 "config: EnableIPv4 and EnableIPv6 are both false", id="no-family"),
+    pytest.param(json.dumps({"EnableIPv6": True, "IPv6Network": "fc00::/48"}),
+                 "config: Network is required", id="dual-stack-without-Network"),
+    pytest.param(net(EnableIPv6="true", IPv6Network="fc00::/48"),
+                 'config: EnableIPv6 must be true or false, got string "true"',
+                 id="EnableIPv6-string"),
+    pytest.param(net(EnableIPv4=1), "config: EnableIPv4 must be true or false, got number 1",
+                 id="EnableIPv4-number"),
+    pytest.param(v6(IPv6Network="10.1.0.0/16"),
+                 'config: IPv6Network "10.1.0.0/16" is not an IPv6 CIDR like fc00:10:1::/48',
+                 id="ipv4-cidr-as-IPv6Network"),
+    pytest.param(v6(IPv6Network="fc00::"), "is not an IPv6 CIDR", id="cidr-without-prefix"),
+    pytest.param(v6(IPv6Network="fc00::/129"), "is not an IPv6 CIDR", id="prefix-129"),
+    pytest.param(v6(IPv6Network="fc00::g/48"), "is not an IPv6 CIDR", id="not-hex"),
+    pytest.param(v6(IPv6Network="fe80::%eth0/64"), "is not an IPv6 CIDR", id="scoped"),
+    pytest.param(v6(IPv6Network=["fc00::/48"]),
+                 "config: IPv6Network must be a string, got array", id="IPv6Network-array"),
+    pytest.param(v6(IPv6Network="fc00:10:1::1/48"),
+                 'config: IPv6Network "fc00:10:1::1/48" has host bits set', id="host-bits"),
+    pytest.param(v6(IPv6Network="fc00::/125"),
+                 "config: IPv6Network is too small: /125 (the minimum useful network is /124)",
+                 id="/125-network"),
+    pytest.param(v6(IPv6Network="fc00::1/128"), "IPv6Network is too small: /128",
+                 id="/128-network"),
+    pytest.param(v6(IPv6Network="fc00::/125", IPv6SubnetLen=126),
+                 "IPv6Network is too small", id="/125-network-even-with-IPv6SubnetLen"),
+    pytest.param(v6(IPv6SubnetLen=127), "config: IPv6SubnetLen 127 must be at most 126",
+                 id="IPv6SubnetLen-127"),
+    pytest.param(v6(IPv6SubnetLen=49),
+                 "config: IPv6SubnetLen 49 must be at least the network prefix + 2 (50)",
+                 id="IPv6SubnetLen-below-prefix+2"),
+    pytest.param(v6(IPv6SubnetLen=-64), "IPv6SubnetLen -64 must be at least",
+                 id="IPv6SubnetLen-negative"),
+    pytest.param(v6(IPv6SubnetLen="64"), "config: IPv6SubnetLen must be an integer, got string",
+                 id="IPv6SubnetLen-string"),
+    pytest.param(v6(IPv6SubnetLen=True), "IPv6SubnetLen must be an integer, got boolean",
+                 id="IPv6SubnetLen-bool"),
+    pytest.param(v6(IPv6SubnetMin="fc00:10:2::"),
+                 'config: IPv6SubnetMin "fc00:10:2::" is outside IPv6Network fc00:10:1::/48',
+                 id="IPv6SubnetMin-outside"),
+    pytest.param(v6(IPv6SubnetMin="fc00:10:1:1::1"),
+                 'config: IPv6SubnetMin "fc00:10:1:1::1" is not aligned to IPv6SubnetLen 64',
+                 id="IPv6SubnetMin-unaligned"),
+    pytest.param(v6(IPv6SubnetMin="10.1.1.0"),
+                 'config: IPv6SubnetMin "10.1.1.0" is not an IPv6 address',
+                 id="IPv6SubnetMin-ipv4"),
+    pytest.param(v6(IPv6SubnetMin="fe80::%eth0"), "is not an IPv6 address",
+                 id="IPv6SubnetMin-scoped"),
+    pytest.param(v6(IPv6SubnetMin=1), "config: IPv6SubnetMin must be a string, got number",
+                 id="IPv6SubnetMin-number"),
+    pytest.param(v6(IPv6SubnetMax="fc00:11::"),
+                 'IPv6SubnetMax "fc00:11::" is outside IPv6Network fc00:10:1::/48',
+                 id="IPv6SubnetMax-outside"),
+    pytest.param(v6(IPv6SubnetMax="fc00:10:1:2:8000::"),
+                 'IPv6SubnetMax "fc00:10:1:2:8000::" is not aligned to IPv6SubnetLen 64',
+                 id="IPv6SubnetMax-unaligned"),
+    pytest.param(v6(IPv6SubnetMin="fc00:10:1:5::", IPv6SubnetMax="fc00:10:1:2::"),
+                 "config: IPv6SubnetMin fc00:10:1:5:: must not be above IPv6SubnetMax "
+                 "fc00:10:1:2::",
+                 id="IPv6SubnetMax-below-IPv6SubnetMin"),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), INVALID_V6)
+def test_invalid_dual_stack_config(data, message):
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    text = str(info.value)
+    assert message in text
+    assert "\n" not in text
+    assert text.startswith("config: ")
+
+
 def test_size_limit_is_64KiB_of_utf8():
     pad = " " * (MAX_CONFIG_BYTES - len('{"Network":"10.1.0.0/16"}'))
     assert parse_config('{"Network":"10.1.0.0/16"}' + pad).subnet_len == 24
@@ -347,20 +601,23 @@ def test_config_is_immutable_and_hashable():
 
 
 def _check_invariants(cfg: NetworkConfig) -> None:
-    size = 2 ** (32 - cfg.subnet_len)
-    base = int(cfg.network.network_address)
-    assert cfg.network.prefixlen + 2 <= cfg.subnet_len <= 30
-    assert cfg.subnet_min <= cfg.subnet_max
-    assert cfg.subnet_min in cfg.network
-    assert cfg.subnet_max in cfg.network
-    assert (int(cfg.subnet_min) - base) % size == 0
-    assert (int(cfg.subnet_max) - base) % size == 0
-    count = cfg.subnet_count()
-    assert count >= 1
-    first, last = cfg.nth_subnet(0), cfg.nth_subnet(count - 1)
-    assert first.network_address == cfg.subnet_min
-    assert last.network_address == cfg.subnet_max
-    assert cfg.contains_subnet(first) and cfg.contains_subnet(last)
+    assert cfg.pools, "at least one family is enabled"
+    for pool in cfg.pools:
+        bits = pool.network.max_prefixlen
+        size = 2 ** (bits - pool.subnet_len)
+        base = int(pool.network.network_address)
+        assert pool.network.prefixlen + 2 <= pool.subnet_len <= bits - 2
+        assert pool.subnet_min <= pool.subnet_max
+        assert pool.subnet_min in pool.network
+        assert pool.subnet_max in pool.network
+        assert (int(pool.subnet_min) - base) % size == 0
+        assert (int(pool.subnet_max) - base) % size == 0
+        count = pool.subnet_count()
+        assert count >= 1
+        first, last = pool.nth_subnet(0), pool.nth_subnet(count - 1)
+        assert first.network_address == pool.subnet_min
+        assert last.network_address == pool.subnet_max
+        assert cfg.contains_subnet(first) and cfg.contains_subnet(last)
     assert cfg.backend_type in ("udp", "vxlan", "host-gw")
 
 
@@ -439,3 +696,37 @@ def test_plausible_configs_valid_results_are_consistent(doc):
     cfg = _parse_or_config_error(json.dumps(doc))
     if cfg is not None:
         _check_invariants(cfg)
+
+
+@st.composite
+def plausible_v6_configs(draw):
+    """Dual-stack and IPv6-only documents, mostly valid, often just off."""
+    doc = {"Network": "10.1.0.0/16", "EnableIPv6": True}
+    if draw(st.booleans()):
+        doc["EnableIPv4"] = draw(st.booleans())
+    prefix = draw(st.integers(0, 128))
+    addr = draw(st.integers(0, 2**128 - 1))
+    mask = ((1 << 128) - 1) ^ ((1 << (128 - prefix)) - 1)
+    if draw(st.booleans()):
+        addr &= mask
+    doc["IPv6Network"] = f"{IPv6Address(addr)}/{prefix}"
+    subnet_len = draw(st.integers(min(prefix + 2, 126), 126) | st.integers(-2, 130))
+    if draw(st.booleans()):
+        doc["IPv6SubnetLen"] = subnet_len
+    for key in ("IPv6SubnetMin", "IPv6SubnetMax"):
+        if draw(st.booleans()):
+            size = 2 ** max(0, 128 - max(subnet_len, 0))
+            offset = draw(st.integers(0, 2 ** (128 - prefix) - 1))
+            if draw(st.booleans()):
+                offset -= offset % size
+            doc[key] = str(IPv6Address(((addr & mask) + offset) % 2**128))
+    return doc
+
+
+@settings(max_examples=300)
+@given(plausible_v6_configs())
+def test_plausible_ipv6_configs_valid_results_are_consistent(doc):
+    cfg = _parse_or_config_error(json.dumps(doc))
+    if cfg is not None:
+        _check_invariants(cfg)
+        assert cfg.enable_ipv6
