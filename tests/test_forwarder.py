@@ -203,3 +203,69 @@ def test_vnet1_from_a_peer_that_did_not_advertise_it_is_refused(rig):
         rig.peer.sendto(d, rig.udp.getsockname())
     time.sleep(0.1)
     assert rig.counters()["drop_unexpected_framing"] == 1
+
+
+def _routes(rig, *entries):
+    """Peer-table rows for ``(subnet, vnet1)`` pairs, all naming the rig's one peer."""
+    port = rig.peer.getsockname()[1]
+    return [[int(IPv4Address(net)), "127.0.0.2", port, fast] for net, fast in entries]
+
+
+@pytest.mark.parametrize("order", ["stale-last", "stale-first"])
+def test_a_second_lease_for_an_address_does_not_downgrade_its_framing(vnet_rig, order):
+    """Issue 9 item 4: a stale lease naming a vnet1 peer's address without Framings."""
+    from pyflannel.fastpath.frames import encode_train
+
+    rig = vnet_rig
+    rows = [("10.1.2.0", True), ("10.1.77.0", False)]
+    rig.configure(peers=_routes(rig, *(rows if order == "stale-last" else rows[::-1])))
+    hdr = bytes(10)
+    small = ipv4(src="10.1.2.7", dst="10.1.1.5", payload=b"a" * 50)
+    big = ipv4(src="10.1.2.7", dst="10.1.1.5", payload=b"b" * 4000)
+    other = ipv4(src="10.1.77.9", dst="10.1.1.5", payload=b"c" * 50)  # any routed subnet
+    for tid, pkt in enumerate((small, big, other), 1):
+        for d in encode_train(hdr + bytes(pkt), tid, 1472):
+            rig.peer.sendto(d, rig.udp.getsockname())
+        got = rig.tun_app.recv(65536)
+        assert got[10 + 12:10 + 16] == bytes(pkt)[12:16] and got[10 + 20:] == bytes(pkt)[20:]
+    c = rig.counters()
+    assert c["drop_unexpected_framing"] == 0 and c["rx_packets"] == 3
+    # Each subnet is still sent by its own route: vnet1 to one, flannel framing to the other.
+    rig.tun_app.send(hdr + ipv4(src="10.1.1.5", dst="10.1.2.7", payload=b"x"))
+    assert rig.peer.recvfrom(65536)[0][0] != 0x45  # a vnet1 chunk
+    rig.tun_app.send(hdr + ipv4(src="10.1.1.5", dst="10.1.77.7", payload=b"y"))
+    assert rig.peer.recvfrom(65536)[0][0] == 0x45  # a plain packet
+
+
+def test_an_inner_source_in_any_subnet_routed_to_the_address_is_accepted(rig):
+    rig.configure(peers=_routes(rig, ("10.1.2.0", False), ("10.1.77.0", False)))
+    for src in ("10.1.2.7", "10.1.77.7", "10.1.9.7"):
+        rig.peer.sendto(ipv4(src=src, dst="10.1.1.5"), rig.udp.getsockname())
+    assert rig.tun_app.recv(65536)[12:16] == bytes([10, 1, 2, 7])
+    assert rig.tun_app.recv(65536)[12:16] == bytes([10, 1, 77, 7])
+    assert rig.counters()["drop_spoofed_source"] == 1  # 10.1.9.0/24 is nobody's
+
+
+def test_a_departed_peer_loses_its_train_buffer_and_counters(vnet_rig):
+    """Issue 9 item 19."""
+    from pyflannel.fastpath.frames import encode_train
+
+    rig = vnet_rig
+    train = encode_train(bytes(10) + bytes(ipv4(src="10.1.2.7", dst="10.1.1.5",
+                                                  payload=b"z" * 4000)), 9, 1472)
+    rig.peer.sendto(train[0], rig.udp.getsockname())  # the rest never comes
+    deadline = time.monotonic() + 2
+    while "127.0.0.2" not in rig.fwd._reasm._state:
+        assert time.monotonic() < deadline, "the first chunk was not taken"
+        time.sleep(0.005)
+    assert "127.0.0.2" in rig.fwd.peer_stats
+    rig.configure(peers=[])
+    assert "127.0.0.2" not in rig.fwd._reasm._state
+    assert "127.0.0.2" not in rig.fwd.peer_stats and "127.0.0.2" not in rig.fwd.sources
+
+
+def test_a_garbled_control_line_is_skipped_and_the_next_one_applies(rig):
+    generation = rig.fwd.generation
+    rig.ctl.sendall(b'{"op": "config", "subnet_len"\n')  # cut short
+    rig.configure(peers=[])
+    assert rig.fwd.generation == generation + 1 and rig.thread.is_alive()

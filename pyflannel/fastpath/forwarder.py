@@ -83,7 +83,8 @@ class Forwarder:
         self.gro = gro and _enable_gro(sock)
         self.c = [0] * len(counters.NAMES)
         self.peers: dict[int, tuple[tuple[str, int], bool]] = {}  # key -> (addr, vnet1?)
-        self.sources: dict[str, tuple[int, bool, list]] = {}  # ip -> (key, vnet1?, stats)
+        # ip -> (keys of every subnet routed to it, vnet1 from any of its routes?, stats)
+        self.sources: dict[str, tuple[frozenset[int], bool, list]] = {}
         self.peer_stats: dict[str, list] = {}
         self.rx_dropped = 0
         self.shift = 8
@@ -118,7 +119,13 @@ class Forwarder:
     # -- control -----------------------------------------------------------------------
 
     def apply(self, msg: dict) -> None:
-        """Install a new table atomically (whole dicts are swapped, never edited)."""
+        """Install a new table atomically (whole dicts are swapped, never edited).
+
+        Several subnets may name one address (a stale lease, a typo in a reservation): each
+        subnet is sent by its own route, but what an address may send us is the union of
+        its routes, so a second route can never downgrade the first (its vnet1 framing,
+        the subnets its inner sources may lie in, its counters).
+        """
         if msg.get("op") == "stop":
             self.running = False
             return
@@ -126,23 +133,33 @@ class Forwarder:
             now = time.monotonic()
             reply = {ip: [st[0], st[1], st[2], st[3], now - st[4] if st[4] else None, st[5]]
                      for ip, st in self.peer_stats.items()}
-            self.ctl.sendall(json.dumps({"stats": reply}).encode() + b"\n")
+            # The id lets the control plane tell this reply from a late one.
+            self.ctl.sendall(json.dumps({"id": msg.get("id"), "stats": reply}).encode()
+                             + b"\n")
             return
         shift = 32 - int(msg["subnet_len"])
-        peers = {}
+        peers: dict[int, tuple[tuple[str, int], bool]] = {}
+        keys: dict[str, set[int]] = {}
+        fast_any: dict[str, bool] = {}
         for net, ip, port, *rest in msg["peers"]:
-            peers[int(net) >> shift] = ((ip, int(port)), bool(rest and rest[0]) and self.vnet)
-        self.shift = shift
-        self.local_key = int(msg["local_net"]) >> shift
+            key = int(net) >> shift
+            fast = bool(rest and rest[0]) and self.vnet
+            peers[key] = ((str(ip), int(port)), fast)
+        for key, ((ip, _port), fast) in peers.items():
+            keys.setdefault(ip, set()).add(key)
+            fast_any[ip] = fast_any.get(ip, False) or fast
+        local_key = int(msg["local_net"]) >> shift
         # ICMP errors come from the overlay network's own address (10.1.0.0): never a
         # local address, which the kernel would drop as a martian source.
-        self.icmp_src = struct.pack("!I", int(msg["icmp_src"]))
-        # Per-peer counters survive table changes: [tx_p, tx_b, rx_p, rx_b, last_rx, drops].
-        stats = {addr[0]: self.peer_stats.get(addr[0]) or [0, 0, 0, 0, 0.0, 0]
-                 for addr, _fast in peers.values()}
+        icmp_src = struct.pack("!I", int(msg["icmp_src"]))
+        # Per-peer counters survive table changes: [tx_p, tx_b, rx_p, rx_b, last_rx, drops];
+        # a departed address loses them, and its half-joined train.
+        stats = {ip: self.peer_stats.get(ip) or [0, 0, 0, 0, 0.0, 0] for ip in keys}
+        for gone in self.sources.keys() - keys.keys():
+            self._reasm.forget(gone)
+        self.shift, self.local_key, self.icmp_src = shift, local_key, icmp_src
         self.peer_stats = stats
-        self.sources = {addr[0]: (key, fast, stats[addr[0]])
-                        for key, (addr, fast) in peers.items()}
+        self.sources = {ip: (frozenset(k), fast_any[ip], stats[ip]) for ip, k in keys.items()}
         self.peers = peers
         self.generation += 1
 
@@ -154,8 +171,15 @@ class Forwarder:
         self._ctl_buf += data
         *lines, self._ctl_buf = self._ctl_buf.split(b"\n")
         for line in lines:
-            if line:
+            if not line.strip():
+                continue
+            try:
                 self.apply(json.loads(line))
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                # A request cut short by a send timeout on the other side: skip it, keep
+                # forwarding by the table we have.
+                print(f"pyflannel-fastpath: ignored a bad control message: {e}",
+                      file=sys.stderr, flush=True)
 
     # -- TUN -> UDP --------------------------------------------------------------------
 
@@ -389,7 +413,7 @@ class Forwarder:
                 _settle(prev_st, prev, now)
             prev_st, prev = src[2], now
             prev_st[4] = clock()
-            src_key = src[0]
+            src_keys = src[0]
             if seg <= 0:  # an empty datagram
                 self.drop("drop_not_ipv4", 1)
                 continue
@@ -413,7 +437,7 @@ class Forwarder:
                 if _u32(rbuf, off + 16)[0] >> shift != local_key:
                     self.drop("drop_wrong_subnet", 1)
                     continue
-                if _u32(rbuf, off + 12)[0] >> shift != src_key:
+                if _u32(rbuf, off + 12)[0] >> shift not in src_keys:
                     self.drop("drop_spoofed_source", 1)
                     continue
                 ttl = rbuf[off + 8]
@@ -477,7 +501,7 @@ class Forwarder:
                 return
         self.to_tun(payload[VNET_LEN:], vnet_hdr, src[0])
 
-    def whole_train(self, n: int, seg: int, src_key: int) -> bool:
+    def whole_train(self, n: int, seg: int, src_keys: frozenset[int]) -> bool:
         """GRO handed us exactly one complete train: check every chunk header with a few
         slice comparisons, then write the payload to the TUN with one gathering write."""
         rbuf = self._rbuf
@@ -517,7 +541,7 @@ class Forwarder:
         if _u32(pkt, 16)[0] >> self.shift != self.local_key:
             self.drop("drop_wrong_subnet", 1)
             return True
-        if _u32(pkt, 12)[0] >> self.shift != src_key:
+        if _u32(pkt, 12)[0] >> self.shift not in src_keys:
             self.drop("drop_spoofed_source", 1)
             return True
         if not decrement_ttl(pkt):
@@ -532,7 +556,7 @@ class Forwarder:
         c[RX_B] += size
         return True
 
-    def to_tun(self, pkt: memoryview, vnet_hdr, src_key: int) -> None:
+    def to_tun(self, pkt: memoryview, vnet_hdr, src_keys: frozenset[int]) -> None:
         """Check an inner packet, count down its TTL and write it to the TUN."""
         c = self.c
         bad = check_ipv4(pkt, len(pkt))
@@ -542,7 +566,7 @@ class Forwarder:
         if _u32(pkt, 16)[0] >> self.shift != self.local_key:
             self.drop("drop_wrong_subnet", 1)
             return
-        if _u32(pkt, 12)[0] >> self.shift != src_key:
+        if _u32(pkt, 12)[0] >> self.shift not in src_keys:
             self.drop("drop_spoofed_source", 1)
             return
         if not decrement_ttl(pkt):
