@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 from ipaddress import IPv4Network
 
@@ -41,8 +40,10 @@ def advertised_framings(lease) -> list[str]:
 class UdpBackend(Backend):
     type = "udp"
 
-    def __init__(self, cfg, ext, framing: str = "") -> None:
+    def __init__(self, cfg, ext, framing: str = "", *, mode: str = "process",
+                 gso: bool = True, gro: bool = True) -> None:
         super().__init__(cfg, ext)
+        self.fastpath_mode, self.gso, self.gro = mode, gso, gro
         self.port = int(cfg.backend_option("Port", 8285))
         # "auto": vnet1 towards peers that advertise it, flannel's framing to the rest;
         # "flannel": plain packets only, as flanneld (for benchmarks and old kernels).
@@ -72,11 +73,8 @@ class UdpBackend(Backend):
                 f"cannot bind udp {self.ext.address}:{self.port}: {e.strerror}") from None
         tune_socket(sock)
         self.sock = sock
-        env = os.environ
-        self.fastpath = FastPath(self.tun.fileno(), sock,
-                                 mode=env.get("PYFLANNEL_FASTPATH", "process"), vnet=self.vnet,
-                                 gso=env.get("PYFLANNEL_GSO", "1") != "0",
-                                 gro=env.get("PYFLANNEL_GRO", "1") != "0",
+        self.fastpath = FastPath(self.tun.fileno(), sock, mode=self.fastpath_mode,
+                                 vnet=self.vnet, gso=self.gso, gro=self.gro,
                                  datagram_size=self.ext.mtu - UDP_OVERHEAD)
         self.fastpath.start()
         log.info("udp framing %s", "auto (vnet1 to peers that take it)" if self.vnet
@@ -91,7 +89,7 @@ class UdpBackend(Backend):
         await super().activate(lease)
 
     def desired_routes(self) -> dict[IPv4Network, RouteSpec]:
-        if not self.tun_index:
+        if not self.tun_index or self.lease is None:
             return {}
         net = self.cfg.network
         return {net: RouteSpec(net, self.tun_index)}
@@ -101,7 +99,8 @@ class UdpBackend(Backend):
             routes = [Route(s, p.attrs.public_ip, self.port,
                             vnet1=FRAMING_NAME in advertised_framings(p))
                       for s, p in self.peers.items()]
-            self.fastpath.configure(self.lease.subnet, self.cfg.network.network_address, routes)
+            await self.fastpath.configure_async(self.lease.subnet,
+                                                self.cfg.network.network_address, routes)
         await self.reconcile()
 
     def healthy(self) -> bool:

@@ -2,11 +2,18 @@
 
 The whole interface is: start with the fds, ``configure`` with a peer table, read
 ``counters``, ``stop``. Messages are newline-delimited JSON on a socketpair.
+
+The event loop configures while a worker thread asks for per-peer stats, so every request
+holds one lock for its whole exchange, and a stats request carries an id that its reply
+echoes: a reply that arrives after its caller gave up is recognised and dropped by the next
+caller instead of being taken for its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -14,6 +21,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -22,6 +30,8 @@ from pyflannel.fastpath import counters
 from pyflannel.fastpath.forwarder import Forwarder
 
 log = logging.getLogger("pyflannel.fastpath")
+
+SEND_TIMEOUT_S = 5.0  # a forwarder that reads nothing for this long is stuck or gone
 
 
 @dataclass(frozen=True)
@@ -49,12 +59,18 @@ class FastPath:
         self._ctl, self._child_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._mem_fd, self._mem = counters.create_shared()
         self._proc: subprocess.Popen | None = None
+        self._ctl.settimeout(SEND_TIMEOUT_S)
         self._replies = b""
         self._thread: threading.Thread | None = None
+        self.forwarder: Forwarder | None = None  # thread mode only: for tests and debugging
+        self._lock = threading.Lock()  # one request (and its reply) at a time
+        self._ids = itertools.count(1)
+        self._cut = False  # a send was cut short: the forwarder holds half a line
 
     def start(self) -> None:
         if self.mode == "thread":
-            fwd = Forwarder(self.tun_fd, self.sock, self._child_ctl, self._mem, **self.options)
+            fwd = self.forwarder = Forwarder(self.tun_fd, self.sock, self._child_ctl,
+                                             self._mem, **self.options)
             self._thread = threading.Thread(target=fwd.run, name="fastpath", daemon=True)
             self._thread.start()
             return
@@ -80,7 +96,11 @@ class FastPath:
 
     def configure(self, local: IPv4Network, icmp_src: IPv4Address,
                   routes: Iterable[Route]) -> None:
-        """Install our subnet and the peer table; ``icmp_src`` signs our ICMP errors."""
+        """Install our subnet and the peer table; ``icmp_src`` signs our ICMP errors.
+
+        Blocking (up to the send timeout while a stats request holds the socket): from
+        the event loop use :meth:`configure_async`.
+        """
         msg = {
             "op": "config",
             "subnet_len": local.prefixlen,
@@ -89,32 +109,84 @@ class FastPath:
             "peers": [[int(r.subnet.network_address), str(r.public_ip), r.port, r.vnet1]
                       for r in routes],
         }
-        self._ctl.sendall(json.dumps(msg).encode() + b"\n")
+        line = json.dumps(msg).encode() + b"\n"
+        with self._lock:
+            self._send(line)
+
+    async def configure_async(self, local: IPv4Network, icmp_src: IPv4Address,
+                              routes: Iterable[Route]) -> None:
+        """:meth:`configure` in a worker thread, so the loop never waits for the lock."""
+        await asyncio.to_thread(self.configure, local, icmp_src, list(routes))
+
+    def _send(self, line: bytes) -> None:
+        """Send one request line; the caller holds the lock."""
+        if self._cut:  # end the half line the forwarder holds, so it skips just that
+            line = b"\n" + line
+        try:
+            self._ctl.sendall(line)
+        except BaseException:
+            self._cut = True
+            raise
+        self._cut = False
 
     def counters(self) -> dict[str, int]:
         return counters.read(self._mem)
 
     def peer_stats(self, timeout: float = 1.0) -> dict[str, dict]:
-        """Per-peer counters by public IP (blocking: call it from a worker thread)."""
-        self._ctl.sendall(b'{"op":"stats"}\n')
-        self._ctl.settimeout(timeout)
-        try:
-            while b"\n" not in self._replies:
-                data = self._ctl.recv(1 << 20)
-                if not data:
-                    return {}
-                self._replies += data
-        finally:
-            self._ctl.settimeout(None)
-        line, _, self._replies = self._replies.partition(b"\n")
+        """Per-peer counters by public IP (blocking: call it from a worker thread).
+
+        Raises TimeoutError when the forwarder does not answer within ``timeout``; its late
+        reply is then discarded by the next call (by id), never returned to it.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            rid = next(self._ids)
+            self._send(json.dumps({"op": "stats", "id": rid}).encode() + b"\n")
+            try:
+                while True:
+                    reply = self._take_reply(rid)
+                    if reply is not None:
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"fast path did not answer stats within {timeout}s")
+                    self._ctl.settimeout(left)
+                    data = self._ctl.recv(1 << 20)
+                    if not data:
+                        return {}
+                    self._replies += data
+            finally:
+                self._ctl.settimeout(SEND_TIMEOUT_S)
         names = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "last_rx_age_s",
                  "rx_dropped")
         return {ip: dict(zip(names, values, strict=True))
-                for ip, values in json.loads(line)["stats"].items()}
+                for ip, values in reply.items()}
+
+    def _take_reply(self, rid: int) -> dict | None:
+        """The stats of reply ``rid`` if it is buffered; replies to earlier (timed-out)
+        requests and lines that are not replies are dropped on the way."""
+        while b"\n" in self._replies:
+            line, _, self._replies = self._replies.partition(b"\n")
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(doc, dict) and doc.get("id") == rid and isinstance(
+                    doc.get("stats"), dict):
+                return doc["stats"]
+            log.debug("dropped a stale fast-path reply (id %s)",
+                      doc.get("id") if isinstance(doc, dict) else None)
+        return None
 
     def stop(self, timeout: float = 1.5) -> None:
-        with contextlib.suppress(OSError):
-            self._ctl.sendall(b'{"op":"stop"}\n')
+        # A stats call in flight ends within its own timeout; do not wait longer for it.
+        locked = self._lock.acquire(timeout=timeout)
+        try:
+            with contextlib.suppress(OSError):
+                self._send(b'{"op":"stop"}\n')
+        finally:
+            if locked:
+                self._lock.release()
         if self._proc is not None:
             try:
                 self._proc.wait(timeout)
