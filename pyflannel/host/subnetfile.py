@@ -6,7 +6,7 @@ import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
-from ipaddress import IPv4Interface, IPv4Network
+from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network, ip_interface
 from pathlib import Path
 
 from pyflannel.host.atomicfile import write_atomic
@@ -18,18 +18,37 @@ class SubnetFileError(ValueError):
 
 @dataclass(frozen=True)
 class SubnetEnv:
-    network: IPv4Network
-    subnet: IPv4Interface  # first host address with the subnet's prefix: 10.1.15.1/24
+    """What subnet.env says, in flanneld's line order.
+
+    IPv4 lines are left out when ``network``/``subnet`` are None (IPv6-only mode) and IPv6
+    lines are written only when ``ipv6_network``/``ipv6_subnet`` are set (dual-stack).
+    """
+
+    network: IPv4Network | None
+    subnet: IPv4Interface | None  # first host address with the subnet's prefix: 10.1.15.1/24
     mtu: int
     ipmasq: bool
+    ipv6_network: IPv6Network | None = None
+    ipv6_subnet: IPv6Interface | None = None  # likewise: fc00:10:1:5c::1/64
 
     def render(self) -> str:
-        return (
-            f"FLANNEL_NETWORK={self.network}\n"
-            f"FLANNEL_SUBNET={self.subnet}\n"
-            f"FLANNEL_MTU={self.mtu}\n"
-            f"FLANNEL_IPMASQ={'true' if self.ipmasq else 'false'}\n"
-        )
+        lines = []
+        if self.network is not None:
+            lines.append(f"FLANNEL_NETWORK={self.network}\n")
+        if self.subnet is not None:
+            lines.append(f"FLANNEL_SUBNET={self.subnet}\n")
+        if self.ipv6_network is not None:
+            lines.append(f"FLANNEL_IPV6_NETWORK={self.ipv6_network}\n")
+        if self.ipv6_subnet is not None:
+            lines.append(f"FLANNEL_IPV6_SUBNET={self.ipv6_subnet}\n")
+        lines.append(f"FLANNEL_MTU={self.mtu}\n")
+        lines.append(f"FLANNEL_IPMASQ={'true' if self.ipmasq else 'false'}\n")
+        return "".join(lines)
+
+
+def first_host(subnet: IPv4Network | IPv6Network) -> IPv4Interface | IPv6Interface:
+    """The address flanneld writes for a leased subnet: its first host, with its prefix."""
+    return ip_interface((subnet.network_address + 1, subnet.prefixlen))
 
 
 def write_subnet_file(path: str | Path, env: SubnetEnv) -> None:
@@ -90,8 +109,29 @@ def read_env_file(path: str | Path) -> dict[str, str]:
 
 def previous_subnet(path: str | Path) -> IPv4Network | None:
     """The subnet this node held before (from an old subnet file), if readable."""
+    return previous_subnets(path)[0]
+
+
+def previous_ipv6_subnet(path: str | Path) -> IPv6Network | None:
+    """The IPv6 subnet this node held before (FLANNEL_IPV6_SUBNET), if readable."""
+    return previous_subnets(path)[1]
+
+
+def previous_subnets(path: str | Path) -> tuple[IPv4Network | None, IPv6Network | None]:
+    """Both subnets of an old subnet file, so a restart can ask for the same pair again.
+
+    Each is None when its line is missing or unreadable; a bad line spoils only itself.
+    """
     try:
-        value = read_env_file(path).get("FLANNEL_SUBNET", "")
-        return IPv4Interface(value).network if value else None
+        env = read_env_file(path)
     except (OSError, ValueError):
-        return None
+        return None, None
+    v4: IPv4Network | None = None
+    v6: IPv6Network | None = None
+    with contextlib.suppress(ValueError):
+        if value := env.get("FLANNEL_SUBNET", ""):
+            v4 = IPv4Interface(value).network
+    with contextlib.suppress(ValueError):
+        if value := env.get("FLANNEL_IPV6_SUBNET", ""):
+            v6 = IPv6Interface(value).network
+    return v4, v6
