@@ -10,6 +10,11 @@ are valid shell identifiers) overlaid by the sourced subnet file plus the comput
 ``DOCKER_OPT_*`` options; every variable whose ``set`` line mentions ``DOCKER_OPT_`` (in its
 name or value) is emitted, sorted by name in byte order (the C locale's ``set`` order).
 
+Dual-stack: flannel's script has no IPv6 options (no ``--ipv6``, no ``--fixed-cidr-v6``), so
+``FLANNEL_IPV6_NETWORK``/``FLANNEL_IPV6_SUBNET`` change nothing and an IPv6-only file (no
+``FLANNEL_SUBNET``) gives no ``--bip``; this command does the same, so units that run
+either one get the same file.  Docker's IPv6 bridge is configured outside this file.
+
 Deliberate differences, none of which change the output of a working setup:
 
 * the parent directory of the output file is created when missing (the script fails);

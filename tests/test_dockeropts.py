@@ -358,3 +358,84 @@ def test_end_to_end_invalid_ipmasq(tmp_path):
     )
     assert (proc.returncode, proc.stdout) == (1, "Invalid value of FLANNEL_IPMASQ: maybe\n")
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Dual-stack subnet files. flannel's script has no IPv6 options: FLANNEL_IPV6_* lines change
+# nothing, and an IPv6-only file (no FLANNEL_SUBNET) has no --bip. These golden outputs are
+# the script's own bytes for these inputs.
+
+DUAL_STACK_ENV = (
+    "FLANNEL_NETWORK=10.1.0.0/16\n"
+    "FLANNEL_SUBNET=10.1.86.1/24\n"
+    "FLANNEL_IPV6_NETWORK=fc00:10:1::/48\n"
+    "FLANNEL_IPV6_SUBNET=fc00:10:1:5c::1/64\n"
+    "FLANNEL_MTU=1450\n"
+    "FLANNEL_IPMASQ=false\n"
+)
+IPV6_ONLY_ENV = (
+    "FLANNEL_IPV6_NETWORK=fc00:10:1::/48\n"
+    "FLANNEL_IPV6_SUBNET=fc00:10:1:5c::1/64\n"
+    "FLANNEL_MTU=1450\n"
+    "FLANNEL_IPMASQ=true\n"
+)
+
+D_BIP = 'DOCKER_OPT_BIP="--bip=10.1.86.1/24"\n'
+D_MASQ = 'DOCKER_OPT_IPMASQ="--ip-masq=true"\n'
+D_MTU = 'DOCKER_OPT_MTU="--mtu=1450"\n'
+V6_MASQ = 'DOCKER_OPT_IPMASQ="--ip-masq=false"\n'
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ((), D_BIP + D_MASQ + D_MTU
+         + 'DOCKER_OPTS=" --bip=10.1.86.1/24 --ip-masq=true --mtu=1450"\n'),
+        (("-i",), D_BIP + D_MASQ + D_MTU),
+        (("-c",), 'DOCKER_OPTS=" --bip=10.1.86.1/24 --ip-masq=true --mtu=1450"\n'),
+        (("-m",), D_BIP + D_MTU + 'DOCKER_OPTS=" --bip=10.1.86.1/24 --mtu=1450"\n'),
+        (("-i", "-m"), D_BIP + D_MTU),
+        (("-c", "-m", "-k", "X"), 'X=" --bip=10.1.86.1/24 --mtu=1450"\n'),
+        (("-k", "DOCKER_NETWORK_OPTIONS"), D_BIP + D_MASQ + D_MTU
+         + 'DOCKER_NETWORK_OPTIONS=" --bip=10.1.86.1/24 --ip-masq=true --mtu=1450"\n'),
+    ],
+)
+def test_dual_stack_subnet_file_gives_the_ipv4_options_only(tmp_path: Path, flags, expected):
+    subnet = tmp_path / "subnet.env"
+    subnet.write_text(DUAL_STACK_ENV)
+    assert run(subnet, tmp_path / "docker_opts.env", *flags) == expected
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ((), V6_MASQ + D_MTU + 'DOCKER_OPTS=" --ip-masq=false --mtu=1450"\n'),
+        (("-i",), V6_MASQ + D_MTU),
+        (("-c",), 'DOCKER_OPTS=" --ip-masq=false --mtu=1450"\n'),
+        (("-m",), D_MTU + 'DOCKER_OPTS=" --mtu=1450"\n'),
+        (("-i", "-m"), D_MTU),
+        (("-c", "-m", "-k", "X"), 'X=" --mtu=1450"\n'),
+        (("-k", "DOCKER_NETWORK_OPTIONS"), V6_MASQ + D_MTU
+         + 'DOCKER_NETWORK_OPTIONS=" --ip-masq=false --mtu=1450"\n'),
+    ],
+)
+def test_ipv6_only_subnet_file_has_no_bip(tmp_path: Path, flags, expected):
+    subnet = tmp_path / "subnet.env"
+    subnet.write_text(IPV6_ONLY_ENV)
+    assert run(subnet, tmp_path / "docker_opts.env", *flags) == expected
+
+
+def test_ipv6_lines_do_not_change_the_output(tmp_path: Path):
+    v4_only = "".join(line for line in DUAL_STACK_ENV.splitlines(keepends=True)
+                      if "IPV6" not in line)
+    a, b = tmp_path / "a.env", tmp_path / "b.env"
+    a.write_text(DUAL_STACK_ENV)
+    b.write_text(v4_only)
+    assert run(a, tmp_path / "a.out") == run(b, tmp_path / "b.out")
+
+
+def test_render_of_a_dual_stack_subnet_env_names_no_ipv6_option():
+    env = {"FLANNEL_SUBNET": "10.1.86.1/24", "FLANNEL_IPV6_SUBNET": "fc00:10:1:5c::1/64",
+           "FLANNEL_IPV6_NETWORK": "fc00:10:1::/48", "FLANNEL_MTU": "1450"}
+    text = render(env, {}, individual=True, combined=True, key="DOCKER_OPTS", ipmasq=True)
+    assert "ipv6" not in text.lower() and "fixed-cidr" not in text
