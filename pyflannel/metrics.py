@@ -101,19 +101,41 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+REQUEST_DEADLINE_S = 5.0  # for the whole request (line and headers) and the answer
+MAX_CONNECTIONS = 64  # more at once are closed unanswered: probes need one or two
+MAX_REQUEST_LINE = 8192  # the StreamReader limit: a longer line is refused with 414
+MAX_HEADER_BYTES = 16384  # all header lines together: more is refused with 431
+DISCARD_LIMIT = 1 << 20  # after an error answer, read (and drop) at most this much
+
+
 class HealthServer:
     """``/healthz`` (alive), ``/readyz`` (lease held and data path programmed), ``/metrics``.
 
     A deliberately tiny HTTP/1.0 responder on asyncio: three GET routes need no framework.
+    It listens on 0.0.0.0 by default (kubelet probes come from outside), so anyone who
+    reaches it is held to one deadline per request, a cap on open connections and bounded
+    request sizes, and nothing a client sends can make it log a traceback.
     """
 
-    def __init__(self, host: str, port: int, metrics: Metrics,
-                 ready: Callable[[], bool]) -> None:
+    def __init__(self, host: str, port: int, metrics: Metrics, ready: Callable[[], bool], *,
+                 deadline: float = REQUEST_DEADLINE_S,
+                 max_connections: int = MAX_CONNECTIONS,
+                 max_request_line: int = MAX_REQUEST_LINE,
+                 max_header_bytes: int = MAX_HEADER_BYTES) -> None:
         self.host, self.port, self.metrics, self.ready = host, port, metrics, ready
+        self.deadline = deadline
+        self.max_connections = max_connections
+        self.max_request_line = max_request_line
+        self.max_header_bytes = max_header_bytes
         self.server: asyncio.base_events.Server | None = None
+        self.active = 0  # connections being served now
+        self.refused = 0  # connections closed at once because of the cap
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, self.host, self.port)
+        self.server = await asyncio.start_server(self._handle, self.host, self.port,
+                                                 limit=self.max_request_line)
+        if not self.port:  # port 0 (tests): the one the kernel chose
+            self.port = self.server.sockets[0].getsockname()[1]
         log.info("health and metrics on http://%s:%d/", self.host, self.port)
 
     async def close(self) -> None:
@@ -122,30 +144,83 @@ class HealthServer:
             await self.server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= self.max_connections:
+            self.refused += 1
+            writer.transport.abort()
+            return
+        self.active += 1
+        done = False
         try:
-            request = await asyncio.wait_for(reader.readline(), 5)
-            while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
-                pass
-            parts = request.decode("latin-1").split()
-            path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
-            if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
-                status, body, ctype = "405 Method Not Allowed", b"GET only\n", "text/plain"
-            elif path == "/healthz":
-                status, body, ctype = "200 OK", b"ok\n", "text/plain"
-            elif path == "/readyz":
-                ok = self.ready()
-                status = "200 OK" if ok else "503 Service Unavailable"
-                body, ctype = (b"ready\n" if ok else b"not ready\n"), "text/plain"
-            elif path == "/metrics":
-                status, body = "200 OK", self.metrics.render()
-                ctype = "text/plain; version=0.0.4; charset=utf-8"
-            else:
-                status, body, ctype = "404 Not Found", b"not found\n", "text/plain"
-            head = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
-            writer.write(head.encode() + (body if parts[:1] != ["HEAD"] else b""))
-            await writer.drain()
-        except (TimeoutError, ConnectionError, UnicodeDecodeError):
+            async with asyncio.timeout(self.deadline):
+                await self._serve(reader, writer)
+            done = True
+        except (TimeoutError, ConnectionError):
             pass
+        except Exception as e:  # noqa: BLE001 - a client must never cause a traceback
+            log.debug("health request failed: %r", e)
         finally:
-            writer.close()
+            self.active -= 1
+            if done:
+                writer.close()  # the answer is flushed first
+            else:  # too slow, or broken: nothing owed, nothing kept
+                writer.transport.abort()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            request = await reader.readline()
+        except ValueError:  # longer than the reader's limit
+            await self._refuse(reader, writer, "414 URI Too Long")
+            return
+        header_bytes = 0
+        while True:
+            try:
+                line = await reader.readline()
+            except ValueError:
+                await self._refuse(reader, writer, "431 Request Header Fields Too Large")
+                return
+            header_bytes += len(line)
+            if header_bytes > self.max_header_bytes:
+                await self._refuse(reader, writer, "431 Request Header Fields Too Large")
+                return
+            if line in (b"\r\n", b"\n", b""):
+                break
+        parts = request.decode("latin-1").split()
+        path = parts[1].split("?", 1)[0] if len(parts) >= 2 else ""
+        if len(parts) < 2 or parts[0] not in ("GET", "HEAD"):
+            status, body, ctype = "405 Method Not Allowed", b"GET only\n", "text/plain"
+        elif path == "/healthz":
+            status, body, ctype = "200 OK", b"ok\n", "text/plain"
+        elif path == "/readyz":
+            ok = self.ready()
+            status = "200 OK" if ok else "503 Service Unavailable"
+            body, ctype = (b"ready\n" if ok else b"not ready\n"), "text/plain"
+        elif path == "/metrics":
+            status, body = "200 OK", self.metrics.render()
+            ctype = "text/plain; version=0.0.4; charset=utf-8"
+        else:
+            status, body, ctype = "404 Not Found", b"not found\n", "text/plain"
+        self._answer(writer, status, body, ctype, head_only=parts[:1] == ["HEAD"])
+        await writer.drain()
+
+    @staticmethod
+    def _answer(writer: asyncio.StreamWriter, status: str, body: bytes, ctype: str,
+                head_only: bool = False) -> None:
+        head = (f"HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n")
+        writer.write(head.encode() + (b"" if head_only else body))
+
+    async def _refuse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      status: str) -> None:
+        """Answer an oversized request, then read and drop what the client is still
+        sending (bounded, within the deadline): closing with unread data would reset the
+        connection and the client might never see the answer."""
+        self._answer(writer, status, status.split(" ", 1)[1].encode() + b"\n", "text/plain")
+        await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        dropped = 0
+        while dropped < DISCARD_LIMIT:
+            data = await reader.read(65536)
+            if not data:
+                break
+            dropped += len(data)
