@@ -1,0 +1,684 @@
+"""A WireGuard device without I/O: datagrams and TUN packets in, actions out.
+
+The caller owns the sockets and the TUN. It hands every UDP datagram to :meth:`receive`
+and every packet read from the TUN to :meth:`send` (or :meth:`send_to` when it already
+knows the peer), calls :meth:`tick` when :meth:`next_deadline` comes due, and then drains
+two lists the device appended to:
+
+* ``to_tun``: ``(inner packet, peer)`` pairs, each authenticated by that peer and with an
+  inner source address inside the peer's allowed subnets;
+* ``to_net``: ``(datagram, endpoint)`` pairs to send from the UDP socket.
+
+Appending to lists the caller drains once per batch keeps the per-datagram path free of
+result objects. Time comes from an injected monotonic ``clock`` so that every timer of the
+protocol (rekey, retransmission, keepalives, key expiry) can be tested with a fake clock in
+milliseconds, and :class:`~.constants.Limits` can be shortened.
+
+Security rules kept here: a handshake from a static key not in the peer table is refused;
+nothing reaches ``to_tun`` unless it decrypted under a peer's session and its inner source
+lies in that peer's allowed subnets; every refused datagram is counted in ``drops`` by
+reason, and no datagram, however malformed, raises.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import random
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from .constants import (
+    COOKIE_REPLY_LEN,
+    DATA_COUNTER,
+    DATA_MIN_LEN,
+    DATA_RECEIVER,
+    DEFAULT_LIMITS,
+    INIT_EPHEMERAL,
+    INIT_LEN,
+    INIT_SENDER,
+    MAX_DATAGRAM,
+    MSG_COOKIE_REPLY,
+    MSG_INITIATION,
+    MSG_RESPONSE,
+    MSG_TRANSPORT,
+    RESP_EPHEMERAL,
+    RESP_LEN,
+    RESP_RECEIVER,
+    RESP_SENDER,
+    TYPE_LEN,
+    Limits,
+)
+from .crypto import tai64n
+from .keys import PrivateKey, short_key
+from .noise import (
+    ZERO_PSK,
+    CookieChecker,
+    HandshakeError,
+    InitiatorState,
+    LocalIdentity,
+    PeerIdentity,
+    address_bytes,
+    check_mac1,
+    check_mac2,
+    consume_initiation,
+    consume_response,
+    cookie_reply_receiver,
+    create_initiation,
+    create_response,
+    open_cookie_reply,
+    seal_macs,
+)
+from .transport import InvalidTag, Keypair
+
+log = logging.getLogger(__name__)
+
+Endpoint = tuple  # (host, port) or the 4-tuple of an IPv6 socket address
+_TAI64N_ZERO = bytes(12)
+_RESERVED_ZERO = b"\0\0\0"
+_IPV4_HEADER = 20
+_IPV6_HEADER = 40
+# IP header fields used to route and check inner packets.
+_V4_TOTAL_LEN = slice(2, 4)
+_V4_SRC = slice(12, 16)
+_V4_DST = slice(16, 20)
+_V6_PAYLOAD_LEN = slice(4, 6)
+_V6_SRC = slice(8, 24)
+_V6_DST = slice(24, 40)
+
+DROP_REASONS = (
+    "malformed", "bad_mac1", "bad_mac2", "unknown_peer", "unknown_index", "bad_auth",
+    "replay", "handshake_replay", "handshake_flood", "stale_key", "bad_cookie",
+    "inner_src", "inner_malformed", "no_route", "no_endpoint", "staged_overflow",
+    "internal_error",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """One row of the peer table, as flannel derives it from a lease."""
+
+    allowed: tuple[str, ...]  # subnets, e.g. ("10.1.2.0/24",)
+    endpoint: Endpoint | None = None  # (PublicIP, ListenPort)
+    persistent_keepalive: float = 0.0  # seconds; 0 is off
+    psk: bytes | None = None  # overrides the device's pre-shared key
+
+
+class _Prefixes:
+    """Subnets of one address family as (network int, mask int) pairs, for per-packet tests."""
+
+    __slots__ = ("v4", "v6")
+
+    def __init__(self, subnets: Iterable[str]) -> None:
+        self.v4: list[tuple[int, int]] = []
+        self.v6: list[tuple[int, int]] = []
+        for text in subnets:
+            net = ipaddress.ip_network(text, strict=False)
+            pair = (int(net.network_address), int(net.netmask))
+            (self.v4 if net.version == 4 else self.v6).append(pair)
+
+
+@dataclass(slots=True, repr=False, eq=False)
+class Peer:
+    """A remote WireGuard peer: its sessions, handshake state, timers and counters."""
+
+    identity: PeerIdentity
+    config: PeerConfig
+    prefixes: _Prefixes
+    endpoint: Endpoint | None
+    current: Keypair | None = None
+    previous: Keypair | None = None
+    next: Keypair | None = None
+    pending: InitiatorState | None = None  # our initiation awaiting a response
+    last_initiation_sent: float = float("-inf")
+    handshake_attempts: int = 0
+    last_timestamp: bytes = _TAI64N_ZERO  # greatest TAI64N seen in an initiation from them
+    last_initiation_consumed: float = float("-inf")
+    last_mac1: bytes | None = None  # mac1 of the last handshake message we sent them
+    cookie: bytes | None = None
+    cookie_time: float = float("-inf")
+    sent_lastminute_handshake: bool = False
+    need_another_keepalive: bool = False
+    # timer deadlines on the device clock, None when not armed
+    t_retransmit: float | None = None
+    t_keepalive: float | None = None
+    t_new_handshake: float | None = None
+    t_persistent: float | None = None
+    t_zero_keys: float | None = None
+    staged: deque = field(default_factory=deque)
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    last_handshake: float | None = None  # wall-clock time of the last completed handshake
+
+    @property
+    def public_key(self) -> bytes:
+        """The peer's static public key (32 bytes)."""
+        return self.identity.public
+
+    def allows_source(self, packet: bytes | memoryview) -> bool:
+        """Is the inner packet's source address inside this peer's allowed subnets?"""
+        version = packet[0] >> 4
+        if version == 4:
+            src = int.from_bytes(packet[_V4_SRC], "big")
+            return any(src & mask == net for net, mask in self.prefixes.v4)
+        if version == 6:
+            src = int.from_bytes(packet[_V6_SRC], "big")
+            return any(src & mask == net for net, mask in self.prefixes.v6)
+        return False
+
+    def __repr__(self) -> str:
+        return f"Peer({short_key(self.identity.public)}, endpoint={self.endpoint})"
+
+
+def inner_length(packet: bytes | memoryview) -> int:
+    """The length an IP packet claims (padding excluded); -1 if the header is not sane."""
+    n = len(packet)
+    if n == 0:
+        return -1
+    version = packet[0] >> 4
+    if version == 4 and n >= _IPV4_HEADER:
+        total = int.from_bytes(packet[_V4_TOTAL_LEN], "big")
+        return total if _IPV4_HEADER <= total <= n else -1
+    if version == 6 and n >= _IPV6_HEADER:
+        total = _IPV6_HEADER + int.from_bytes(packet[_V6_PAYLOAD_LEN], "big")
+        return total if total <= n else -1
+    return -1
+
+
+class Device:
+    """Our static key, the peer table and every session: the protocol's whole state."""
+
+    def __init__(
+        self,
+        private_key: PrivateKey,
+        *,
+        psk: bytes | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        limits: Limits = DEFAULT_LIMITS,
+        mtu: int | None = None,
+        rng: random.Random | None = None,
+        load_threshold: int = 64,
+    ) -> None:
+        self.local = LocalIdentity(private_key)
+        self.psk = psk
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.limits = limits
+        self.mtu = mtu
+        self._rng = rng or random.SystemRandom()
+        self._cookies = CookieChecker(self.local, limits.cookie_refresh_time)
+        self.peers: dict[bytes, Peer] = {}
+        self._keypairs: dict[int, Keypair] = {}  # our index -> session, for type-4 messages
+        self._pending: dict[int, Peer] = {}  # our index -> peer awaiting a response
+        self._routes4: list[tuple[int, dict[int, Peer]]] = []
+        self._routes6: list[tuple[int, dict[int, Peer]]] = []
+        self.to_tun: list[tuple[bytes, Peer]] = []
+        self.to_net: list[tuple[bytes, Endpoint]] = []
+        self.drops: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter()
+        self.force_under_load: bool | None = None  # tests and operators may pin it
+        self.load_threshold = load_threshold
+        self._load_window = float("-inf")
+        self._load_count = 0
+        self._load_until = float("-inf")
+
+    def __repr__(self) -> str:
+        return f"Device({short_key(self.local.public)}, peers={len(self.peers)})"
+
+    @property
+    def public_key(self) -> bytes:
+        """Our static public key."""
+        return self.local.public
+
+    # --- the peer table -------------------------------------------------------------------
+
+    def set_peers(self, table: Mapping[bytes, PeerConfig]) -> None:
+        """Replace the whole peer table (public key -> config), as flannel's leases say.
+
+        A key no longer in the table loses its sessions at once; a new key starts from
+        nothing; a kept key keeps its sessions, with subnets and endpoint updated.
+        """
+        now = self.clock()
+        for key in list(self.peers):
+            if key not in table:
+                self._forget(self.peers.pop(key))
+        for key, config in table.items():
+            peer = self.peers.get(key)
+            if peer is None:
+                identity = PeerIdentity.derive(self.local, key, config.psk or self.psk)
+                peer = Peer(identity, config, _Prefixes(config.allowed), config.endpoint)
+                self.peers[key] = peer
+                if config.persistent_keepalive > 0:
+                    peer.t_persistent = now  # like `wg set`: say hello at once
+                continue
+            psk = config.psk or self.psk
+            if peer.identity.psk != (psk or ZERO_PSK):
+                peer.identity = PeerIdentity.derive(self.local, key, psk)
+            if config.endpoint != peer.config.endpoint:
+                peer.endpoint = config.endpoint
+            if config.persistent_keepalive != peer.config.persistent_keepalive:
+                peer.t_persistent = now if config.persistent_keepalive > 0 else None
+            peer.config = config
+            peer.prefixes = _Prefixes(config.allowed)
+        self._build_routes()
+
+    def _forget(self, peer: Peer) -> None:
+        for kp in (peer.current, peer.previous, peer.next):
+            if kp is not None:
+                self._keypairs.pop(kp.local_index, None)
+        if peer.pending is not None:
+            self._pending.pop(peer.pending.sender_index, None)
+        peer.current = peer.previous = peer.next = None
+        peer.pending = None
+        peer.staged.clear()
+
+    def _build_routes(self) -> None:
+        by_len4: dict[int, dict[int, Peer]] = {}
+        by_len6: dict[int, dict[int, Peer]] = {}
+        for peer in self.peers.values():
+            for text in peer.config.allowed:
+                net = ipaddress.ip_network(text, strict=False)
+                bits = net.max_prefixlen
+                table = by_len4 if net.version == 4 else by_len6
+                shift = bits - net.prefixlen
+                table.setdefault(shift, {})[int(net.network_address) >> shift] = peer
+        # the longest prefix (smallest shift) first
+        self._routes4 = sorted(by_len4.items())
+        self._routes6 = sorted(by_len6.items())
+
+    def route(self, packet: bytes | memoryview) -> Peer | None:
+        """The peer whose allowed subnets hold the packet's destination (longest prefix)."""
+        if not packet:
+            return None
+        version = packet[0] >> 4
+        if version == 4 and len(packet) >= _IPV4_HEADER:
+            dst = int.from_bytes(packet[_V4_DST], "big")
+            routes = self._routes4
+        elif version == 6 and len(packet) >= _IPV6_HEADER:
+            dst = int.from_bytes(packet[_V6_DST], "big")
+            routes = self._routes6
+        else:
+            return None
+        for shift, table in routes:
+            peer = table.get(dst >> shift)
+            if peer is not None:
+                return peer
+        return None
+
+    # --- output ---------------------------------------------------------------------------
+
+    def drain(self) -> tuple[list[tuple[bytes, Peer]], list[tuple[bytes, Endpoint]]]:
+        """Take what the device produced since the last drain: (to_tun, to_net)."""
+        tun, net = self.to_tun, self.to_net
+        self.to_tun, self.to_net = [], []
+        return tun, net
+
+    # --- receive --------------------------------------------------------------------------
+
+    def receive(self, data: bytes | bytearray | memoryview, src: Endpoint) -> None:
+        """Consume one UDP datagram from ``src``. Never raises; refusals are counted."""
+        n = len(data)
+        try:
+            if n < TYPE_LEN or n > MAX_DATAGRAM or data[1:TYPE_LEN] != _RESERVED_ZERO:
+                self.drops["malformed"] += 1
+                return
+            kind = data[0]
+            if kind == MSG_TRANSPORT and n >= DATA_MIN_LEN:
+                self._receive_transport(data, src)
+            elif kind == MSG_INITIATION and n == INIT_LEN:
+                self._receive_initiation(bytes(data), src)
+            elif kind == MSG_RESPONSE and n == RESP_LEN:
+                self._receive_response(bytes(data), src)
+            elif kind == MSG_COOKIE_REPLY and n == COOKIE_REPLY_LEN:
+                self._receive_cookie_reply(bytes(data))
+            else:
+                self.drops["malformed"] += 1
+        except HandshakeError as e:
+            self.drops[e.reason] += 1
+        except Exception:  # a bug must not take the data path down with it
+            log.exception("wireguard: internal error on a %d-byte datagram", n)
+            self.drops["internal_error"] += 1
+
+    def _receive_transport(self, data: bytes | bytearray | memoryview, src: Endpoint) -> None:
+        kp = self._keypairs.get(int.from_bytes(data[DATA_RECEIVER:DATA_COUNTER], "little"))
+        if kp is None:
+            self.drops["unknown_index"] += 1
+            return
+        peer: Peer = kp.peer  # type: ignore[assignment]
+        now = self.clock()
+        if now - kp.created >= self.limits.reject_after_time:
+            self.drops["stale_key"] += 1
+            return
+        try:
+            plain = kp.open(data)
+        except InvalidTag:
+            self.drops["bad_auth"] += 1
+            return
+        if plain is None:
+            self.drops["replay"] += 1
+            return
+        # authenticated from here on
+        peer.endpoint = src
+        peer.rx_bytes += len(data)
+        peer.t_new_handshake = None  # any authenticated packet received
+        self._traversal(peer, now)
+        if kp is peer.next:
+            self._confirm_next(peer, now)
+        cur = peer.current
+        if (cur is not None and cur.initiator and not peer.sent_lastminute_handshake
+                and now - cur.created >= self.limits.receive_rekey_age):
+            peer.sent_lastminute_handshake = True
+            self._initiate(peer, now, retry=False)
+        if not plain:
+            self.stats["keepalives_received"] += 1
+            return
+        length = inner_length(plain)
+        if length < 0:
+            self.drops["inner_malformed"] += 1
+            return
+        if not peer.allows_source(plain):
+            self.drops["inner_src"] += 1
+            return
+        if peer.t_keepalive is None:  # data received: answer within KEEPALIVE_TIMEOUT
+            peer.t_keepalive = now + self.limits.keepalive_timeout
+        else:
+            peer.need_another_keepalive = True
+        self.to_tun.append((plain if length == len(plain) else plain[:length], peer))
+
+    def _confirm_next(self, peer: Peer, now: float) -> None:
+        """The initiator used the session we answered with: it becomes current."""
+        old_prev = peer.previous
+        if old_prev is not None:
+            self._keypairs.pop(old_prev.local_index, None)
+        peer.previous = peer.current
+        peer.current = peer.next
+        peer.next = None
+        self._handshake_complete(peer, now)
+        self._flush_staged(peer, now)
+
+    def _under_load(self, now: float) -> bool:
+        if self.force_under_load is not None:
+            return self.force_under_load
+        if now - self._load_window >= 1.0:
+            self._load_window = now
+            self._load_count = 0
+        self._load_count += 1
+        if self._load_count > self.load_threshold:
+            self._load_until = now + 1.0
+        return now < self._load_until
+
+    def _check_handshake_macs(self, msg: bytes, src: Endpoint, receiver: int) -> bool:
+        """mac1 always; under load mac2 too, answering a missing one with a cookie reply."""
+        if not check_mac1(msg, self.local.mac1_key):
+            self.drops["bad_mac1"] += 1
+            return False
+        now = self.clock()
+        if not self._under_load(now):
+            return True
+        source = address_bytes(str(src[0]).split("%")[0], int(src[1]))
+        if check_mac2(msg, self._cookies.cookie_for(source, now)):
+            return True
+        self.to_net.append((self._cookies.make_reply(msg, receiver, source, now), src))
+        self.stats["cookie_replies_sent"] += 1
+        self.drops["bad_mac2"] += 1
+        return False
+
+    def _receive_initiation(self, msg: bytes, src: Endpoint) -> None:
+        sender = int.from_bytes(msg[INIT_SENDER:INIT_EPHEMERAL], "little")
+        if not self._check_handshake_macs(msg, src, sender):
+            return
+        peers = self.peers
+
+        def lookup(key: bytes) -> PeerIdentity | None:
+            peer = peers.get(key)
+            return None if peer is None else peer.identity
+
+        init = consume_initiation(self.local, msg, lookup)
+        peer = peers[init.peer.public]
+        now = self.clock()
+        if init.timestamp <= peer.last_timestamp:  # both 12-byte big-endian: bytes order
+            self.drops["handshake_replay"] += 1
+            return
+        if now - peer.last_initiation_consumed < 1.0 / self.limits.initiations_per_second:
+            self.drops["handshake_flood"] += 1
+            return
+        peer.last_timestamp = init.timestamp
+        peer.last_initiation_consumed = now
+        if peer.pending is not None:  # simultaneous initiations: theirs wins, as in the kernel
+            self._pending.pop(peer.pending.sender_index, None)
+            peer.pending = None
+        index = self._new_index()
+        reply, keys = create_response(self.local, init, index)
+        peer.last_mac1 = seal_macs(reply, peer.identity.mac1_key, self._cookie_for_peer(peer, now))
+        kp = Keypair(keys.send, keys.recv, keys.local_index, keys.remote_index, False, now,
+                     reject_after_messages=self.limits.reject_after_messages, peer=peer)
+        # the responder's new session waits in `next` until the initiator uses it
+        for old in (peer.next, peer.previous):
+            if old is not None:
+                self._keypairs.pop(old.local_index, None)
+        peer.next = kp
+        peer.previous = None
+        self._keypairs[index] = kp
+        peer.endpoint = src
+        peer.t_new_handshake = None
+        peer.t_zero_keys = now + self.limits.zero_keys_after
+        self.stats["initiations_received"] += 1
+        self._send_datagram(peer, bytes(reply), now)
+        self.stats["responses_sent"] += 1
+
+    def _receive_response(self, msg: bytes, src: Endpoint) -> None:
+        receiver = int.from_bytes(msg[RESP_RECEIVER:RESP_EPHEMERAL], "little")
+        sender = int.from_bytes(msg[RESP_SENDER:RESP_RECEIVER], "little")
+        if not self._check_handshake_macs(msg, src, sender):
+            return
+        peer = self._pending.get(receiver)
+        if peer is None or peer.pending is None or peer.pending.sender_index != receiver:
+            self.drops["unknown_index"] += 1
+            return
+        keys = consume_response(self.local, peer.identity, peer.pending, msg)
+        now = self.clock()
+        del self._pending[receiver]
+        peer.pending = None
+        kp = Keypair(keys.send, keys.recv, keys.local_index, keys.remote_index, True, now,
+                     reject_after_messages=self.limits.reject_after_messages, peer=peer)
+        # the initiator may use its new session at once
+        if peer.next is not None:
+            drop_old = [peer.previous, peer.current]
+            peer.previous, peer.next = peer.next, None
+        else:
+            drop_old = [peer.previous]
+            peer.previous = peer.current
+        for old in drop_old:
+            if old is not None:
+                self._keypairs.pop(old.local_index, None)
+        peer.current = kp
+        self._keypairs[keys.local_index] = kp
+        peer.endpoint = src
+        peer.t_new_handshake = None
+        peer.t_zero_keys = now + self.limits.zero_keys_after
+        self._traversal(peer, now)
+        self._handshake_complete(peer, now)
+        self.stats["responses_received"] += 1
+        if not peer.staged:  # tell the responder its session is confirmed
+            peer.staged.append(b"")
+        self._flush_staged(peer, now)
+
+    def _receive_cookie_reply(self, msg: bytes) -> None:
+        index = cookie_reply_receiver(msg)
+        peer = self._pending.get(index)
+        if peer is None:
+            kp = self._keypairs.get(index)
+            peer = kp.peer if kp is not None else None  # type: ignore[assignment]
+        if peer is None or peer.last_mac1 is None:
+            self.drops["unknown_index"] += 1
+            return
+        peer.cookie = open_cookie_reply(msg, peer.identity.cookie_key, peer.last_mac1)
+        peer.cookie_time = self.clock()
+        self.stats["cookie_replies_received"] += 1
+
+    def _cookie_for_peer(self, peer: Peer, now: float) -> bytes | None:
+        if peer.cookie is None:
+            return None
+        if now - peer.cookie_time >= self.limits.cookie_refresh_time - self.limits.rekey_timeout:
+            peer.cookie = None
+            return None
+        return peer.cookie
+
+    # --- send -----------------------------------------------------------------------------
+
+    def send(self, packet: bytes | bytearray | memoryview) -> Peer | None:
+        """Encrypt one packet from the TUN for the peer its destination routes to."""
+        peer = self.route(packet)
+        if peer is None:
+            self.drops["no_route"] += 1
+            return None
+        self.send_to(peer, packet)
+        return peer
+
+    def send_to(self, peer: Peer, packet: bytes | bytearray | memoryview) -> None:
+        """Encrypt for ``peer`` now, or hold the packet and start a handshake."""
+        now = self.clock()
+        kp = peer.current
+        limits = self.limits
+        if (kp is None or now - kp.created >= limits.reject_after_time
+                or kp.send_counter >= limits.reject_after_messages):
+            if len(peer.staged) >= limits.max_staged_packets:
+                peer.staged.popleft()
+                self.drops["staged_overflow"] += 1
+            peer.staged.append(bytes(packet))
+            self._initiate(peer, now, retry=False)
+            return
+        endpoint = peer.endpoint
+        if endpoint is None:
+            self.drops["no_endpoint"] += 1
+            return
+        msg = kp.seal(packet, self.mtu)
+        self.to_net.append((msg, endpoint))
+        peer.tx_bytes += len(msg)
+        peer.t_keepalive = None  # any authenticated packet sent
+        if peer.config.persistent_keepalive > 0:
+            peer.t_persistent = now + peer.config.persistent_keepalive
+        if packet:
+            if peer.t_new_handshake is None:  # data sent: expect to hear back
+                peer.t_new_handshake = now + limits.new_handshake_after + self._jitter()
+        else:
+            self.stats["keepalives_sent"] += 1
+        if kp.send_counter > limits.rekey_after_messages or (
+                kp.initiator and now - kp.created >= limits.rekey_after_time):
+            self._initiate(peer, now, retry=False)
+
+    def initiate(self, public_key: bytes) -> None:
+        """Start a handshake with a peer now (rate-limited to one per REKEY_TIMEOUT)."""
+        self._initiate(self.peers[public_key], self.clock(), retry=False)
+
+    def _initiate(self, peer: Peer, now: float, *, retry: bool) -> None:
+        if not retry:
+            peer.handshake_attempts = 0
+        if now - peer.last_initiation_sent < self.limits.rekey_timeout:
+            return
+        if peer.endpoint is None:
+            self.drops["no_endpoint"] += 1
+            return
+        peer.last_initiation_sent = now
+        if peer.pending is not None:
+            self._pending.pop(peer.pending.sender_index, None)
+        index = self._new_index()
+        msg, state = create_initiation(self.local, peer.identity, index, tai64n(self.wall_clock()))
+        peer.last_mac1 = seal_macs(msg, peer.identity.mac1_key, self._cookie_for_peer(peer, now))
+        peer.pending = state
+        self._pending[index] = peer
+        self._send_datagram(peer, bytes(msg), now)
+        peer.t_retransmit = now + self.limits.rekey_timeout + self._jitter()
+        self.stats["initiations_sent"] += 1
+
+    def _send_datagram(self, peer: Peer, msg: bytes, now: float) -> None:
+        """Send a handshake message: an authenticated packet for the keepalive timers."""
+        if peer.endpoint is None:
+            self.drops["no_endpoint"] += 1
+            return
+        self.to_net.append((msg, peer.endpoint))
+        peer.tx_bytes += len(msg)
+        peer.t_keepalive = None
+        self._traversal(peer, now)
+
+    def _traversal(self, peer: Peer, now: float) -> None:
+        if peer.config.persistent_keepalive > 0:
+            peer.t_persistent = now + peer.config.persistent_keepalive
+
+    def _handshake_complete(self, peer: Peer, now: float) -> None:
+        peer.t_retransmit = None
+        peer.handshake_attempts = 0
+        peer.sent_lastminute_handshake = False
+        peer.last_handshake = self.wall_clock()
+        self.stats["handshakes_completed"] += 1
+
+    def _flush_staged(self, peer: Peer, now: float) -> None:
+        staged = list(peer.staged)
+        peer.staged.clear()
+        for packet in staged:
+            self.send_to(peer, packet)
+
+    def _jitter(self) -> float:
+        return self._rng.uniform(0.0, self.limits.jitter_max)
+
+    def _new_index(self) -> int:
+        while True:
+            index = int.from_bytes(os.urandom(4), "little")
+            if index not in self._keypairs and index not in self._pending:
+                return index
+
+    # --- timers ---------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """The earliest armed timer (device clock), for the caller's poll timeout."""
+        best: float | None = None
+        for peer in self.peers.values():
+            for t in (peer.t_retransmit, peer.t_keepalive, peer.t_new_handshake,
+                      peer.t_persistent, peer.t_zero_keys):
+                if t is not None and (best is None or t < best):
+                    best = t
+        return best
+
+    def tick(self) -> None:
+        """Run every timer that is due: retransmissions, keepalives, rekeys, key expiry."""
+        now = self.clock()
+        limits = self.limits
+        for peer in list(self.peers.values()):
+            if peer.t_retransmit is not None and now >= peer.t_retransmit:
+                peer.t_retransmit = None
+                if peer.handshake_attempts >= limits.max_handshake_attempts - 1:
+                    # REKEY_ATTEMPT_TIME is over: give up until there is new data to send
+                    self.stats["handshakes_abandoned"] += 1
+                    if peer.pending is not None:
+                        self._pending.pop(peer.pending.sender_index, None)
+                        peer.pending = None
+                    peer.t_keepalive = None
+                    self.drops["staged_overflow"] += len(peer.staged)
+                    peer.staged.clear()
+                    if peer.t_zero_keys is None:
+                        peer.t_zero_keys = now + limits.zero_keys_after
+                else:
+                    peer.handshake_attempts += 1
+                    self.stats["initiation_retransmits"] += 1
+                    self._initiate(peer, now, retry=True)
+            if peer.t_keepalive is not None and now >= peer.t_keepalive:
+                peer.t_keepalive = None
+                self.send_to(peer, b"")
+                if peer.need_another_keepalive:
+                    peer.need_another_keepalive = False
+                    peer.t_keepalive = now + limits.keepalive_timeout
+            if peer.t_new_handshake is not None and now >= peer.t_new_handshake:
+                peer.t_new_handshake = None
+                self.stats["handshakes_for_silence"] += 1
+                self._initiate(peer, now, retry=False)
+            if peer.t_persistent is not None and now >= peer.t_persistent:
+                peer.t_persistent = None
+                if peer.config.persistent_keepalive > 0:
+                    self.send_to(peer, b"")
+            if peer.t_zero_keys is not None and now >= peer.t_zero_keys:
+                peer.t_zero_keys = None
+                self._forget(peer)

@@ -1,0 +1,172 @@
+"""X25519 keys as WireGuard writes them (base64 of 32 bytes) and the node's key file.
+
+The key file keeps a node's public key stable across restarts, so its lease's
+``BackendData.PublicKey`` and its peers' configuration stay valid. It is created with mode
+0600 from the first byte on (never readable by others, even briefly) and replaced only by
+an atomic link, so a crash cannot leave a half-written key behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
+
+from .constants import KEY_LEN
+
+DEFAULT_KEY_FILE = "/run/flannel/wgkey"
+KEY_FILE_ENV = "WIREGUARD_KEY_FILE"
+
+
+class KeyError_(ValueError):
+    """A key that is not 32 bytes of base64."""
+
+
+class KeyFileError(RuntimeError):
+    """The key file exists but cannot be read or does not hold a private key (one line)."""
+
+
+def decode_key(text: str | bytes) -> bytes:
+    """Decode a WireGuard base64 key (44 characters, 32 bytes); raise KeyError_ if not one."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("ascii")
+        except UnicodeDecodeError:
+            raise KeyError_("key is not ASCII base64") from None
+    text = text.strip()
+    if len(text) != 44 or not text.endswith("="):
+        raise KeyError_("key must be 44 base64 characters (32 bytes)")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyError_("key is not valid base64") from None
+    if len(raw) != KEY_LEN or base64.b64encode(raw).decode() != text:
+        raise KeyError_("key must be 44 base64 characters (32 bytes)")
+    return raw
+
+
+def encode_key(raw: bytes) -> str:
+    """Base64 of a 32-byte key, as `wg` and flannel's lease JSON write it."""
+    if len(raw) != KEY_LEN:
+        raise KeyError_("key must be 32 bytes")
+    return base64.b64encode(raw).decode("ascii")
+
+
+def short_key(raw: bytes) -> str:
+    """The first 8 base64 characters of a public key: enough to tell peers apart in status."""
+    return encode_key(raw)[:8] + "…"
+
+
+class PrivateKey:
+    """A static X25519 private key; its repr names the public key only, never the secret."""
+
+    __slots__ = ("_key", "public")
+
+    def __init__(self, key: X25519PrivateKey) -> None:
+        self._key = key
+        self.public: bytes = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    @classmethod
+    def generate(cls) -> PrivateKey:
+        """A fresh random key."""
+        return cls(X25519PrivateKey.generate())
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> PrivateKey:
+        """From 32 raw bytes (clamping is X25519's business, as with `wg`)."""
+        if len(raw) != KEY_LEN:
+            raise KeyError_("private key must be 32 bytes")
+        return cls(X25519PrivateKey.from_private_bytes(raw))
+
+    @classmethod
+    def from_base64(cls, text: str | bytes) -> PrivateKey:
+        """From the base64 form `wg genkey` prints."""
+        return cls.from_bytes(decode_key(text))
+
+    @property
+    def x25519(self) -> X25519PrivateKey:
+        """The `cryptography` key object, for DH."""
+        return self._key
+
+    def to_base64(self) -> str:
+        """The secret in `wg genkey` form; only for writing the key file or `wg set`."""
+        raw = self._key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+        return encode_key(raw)
+
+    @property
+    def public_base64(self) -> str:
+        """The public key as the lease's BackendData.PublicKey carries it."""
+        return encode_key(self.public)
+
+    def __repr__(self) -> str:
+        return f"PrivateKey(public={short_key(self.public)})"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> None:  # type: ignore[override]
+        raise TypeError("PrivateKey is not picklable (it would copy the secret)")
+
+
+def public_from_base64(text: str | bytes) -> bytes:
+    """Validate a peer's public key from a lease and return its 32 raw bytes."""
+    raw = decode_key(text)
+    X25519PublicKey.from_public_bytes(raw)
+    return raw
+
+
+def key_file_path() -> Path:
+    """Where the key lives: $WIREGUARD_KEY_FILE, else /run/flannel/wgkey (flannel's choice)."""
+    return Path(os.environ.get(KEY_FILE_ENV) or DEFAULT_KEY_FILE)
+
+
+def load_or_create_key(path: str | os.PathLike[str] | None = None) -> PrivateKey:
+    """Read the node's private key, creating the file (0600, atomically) if it is absent."""
+    target = Path(path) if path is not None else key_file_path()
+    try:
+        return _read_key_file(target)
+    except FileNotFoundError:
+        pass
+    key = PrivateKey.generate()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{os.urandom(4).hex()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            os.fchmod(fd, 0o600)  # the umask may have taken bits away, never added any
+            os.write(fd, key.to_base64().encode("ascii") + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, target)  # atomic and never clobbers a key another process wrote
+        except FileExistsError:
+            return _read_key_file(target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return key
+
+
+def _read_key_file(path: Path) -> PrivateKey:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise KeyFileError(f"cannot read WireGuard key file {path}: {e.strerror}") from None
+    try:
+        return PrivateKey.from_base64(data)
+    except (KeyError_, ValueError):
+        raise KeyFileError(
+            f"WireGuard key file {path} is malformed: expected one base64 private key "
+            "(44 characters, as `wg genkey` writes)"
+        ) from None
+
