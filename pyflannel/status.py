@@ -6,16 +6,25 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyflannel.flags import Options
 from pyflannel.host.subnetfile import previous_subnet
 from pyflannel.lease.etcd import EtcdAuthError, EtcdUnavailable, registry_for
 
+if TYPE_CHECKING:
+    from pyflannel.lease.model import Lease
+
 
 def _local_addresses() -> set[IPv4Address]:
+    """This host's IPv4 addresses (empty where netlink is not allowed).
+
+    pyroute2's synchronous API runs an event loop of its own, so it must never be called
+    from inside a running one: call this before ``asyncio.run`` or in a worker thread.
+    """
     try:
         from pyflannel.host import netlink
 
@@ -41,13 +50,31 @@ def local_view(opts: Options) -> dict[str, dict] | None:
     return peers if isinstance(peers, dict) else None
 
 
-async def gather(opts: Options) -> list[dict[str, Any]]:
-    """One row per lease, sorted by subnet; ``expires_in_s`` is None for reservations."""
+def this_host(leases: Iterable[Lease], local: set[IPv4Address],
+              own: IPv4Network | None) -> set[IPv4Network]:
+    """The subnets to mark as this host's.
+
+    The leases naming one of our addresses decide; the subnet file (which may be stale,
+    or not where we look) only picks among them when several do, and is used alone only
+    when none does (say a -public-ip behind NAT).
+    """
+    ours = {lease.subnet for lease in leases if lease.attrs.public_ip in local}
+    if own is not None and (own in ours or not ours):
+        return {own}
+    return ours
+
+
+async def gather(opts: Options, local: set[IPv4Address] | None = None) -> list[dict[str, Any]]:
+    """One row per lease, sorted by subnet; ``expires_in_s`` is None for reservations.
+
+    ``local``: this host's addresses, when the caller already has them.
+    """
+    if local is None:
+        local = await asyncio.to_thread(_local_addresses)
     reg = registry_for(opts)
     try:
         listing = await reg.list_leases()
-        own: IPv4Network | None = previous_subnet(opts.subnet_file)
-        local = _local_addresses() if own is None else set()
+        mine = this_host(listing.leases, local, previous_subnet(opts.subnet_file))
         view = local_view(opts)
         rows = []
         for lease in sorted(listing.leases, key=lambda x: int(x.subnet.network_address)):
@@ -58,8 +85,7 @@ async def gather(opts: Options) -> list[dict[str, Any]]:
                 "backend": lease.attrs.effective_backend,
                 "backend_data": lease.attrs.backend_data,
                 "expires_in_s": ttl if ttl is None else max(ttl, 0),
-                "this_node": lease.subnet == own if own is not None
-                else lease.attrs.public_ip in local,
+                "this_node": lease.subnet in mine,
                 "counters": view.get(str(lease.subnet)) if view is not None else None,
             })
         for key, reason in listing.malformed:
@@ -131,8 +157,9 @@ def run(opts: Options, as_json: bool = False, watch: float = 0.0) -> int:
 
 
 def run_once(opts: Options, as_json: bool = False, clear: bool = False) -> int:
+    local = _local_addresses()  # before the loop: pyroute2's sync API runs its own
     try:
-        rows = asyncio.run(asyncio.wait_for(gather(opts), 30))
+        rows = asyncio.run(asyncio.wait_for(gather(opts, local), 30))
     except (EtcdUnavailable, EtcdAuthError, ValueError) as e:
         print(f"pyflannel status: {e}", file=sys.stderr)
         return 1
