@@ -163,10 +163,15 @@ class Peer:
         version = packet[0] >> 4
         if version == 4:
             src = int.from_bytes(packet[_V4_SRC], "big")
-            return any(src & mask == net for net, mask in self.prefixes.v4)
-        if version == 6:
+            prefixes = self.prefixes.v4
+        elif version == 6:
             src = int.from_bytes(packet[_V6_SRC], "big")
-            return any(src & mask == net for net, mask in self.prefixes.v6)
+            prefixes = self.prefixes.v6
+        else:
+            return False
+        for net, mask in prefixes:  # noqa: SIM110 - a generator costs more per packet
+            if src & mask == net:
+                return True
         return False
 
     def __repr__(self) -> str:
@@ -208,6 +213,10 @@ class Device:
         self.clock = clock
         self.wall_clock = wall_clock
         self.limits = limits
+        # the limits the per-datagram path reads, as plain attributes
+        self._reject_after_time = limits.reject_after_time
+        self._receive_rekey_age = limits.receive_rekey_age
+        self._keepalive_timeout = limits.keepalive_timeout
         self.mtu = mtu
         self._rng = rng or random.SystemRandom()
         self._cookies = CookieChecker(self.local, limits.cookie_refresh_time)
@@ -350,7 +359,7 @@ class Device:
             return
         peer: Peer = kp.peer  # type: ignore[assignment]
         now = self.clock()
-        if now - kp.created >= self.limits.reject_after_time:
+        if now - kp.created >= self._reject_after_time:
             self.drops["stale_key"] += 1
             return
         try:
@@ -362,15 +371,17 @@ class Device:
             self.drops["replay"] += 1
             return
         # authenticated from here on
-        peer.endpoint = src
+        if peer.endpoint != src:
+            peer.endpoint = src
         peer.rx_bytes += len(data)
         peer.t_new_handshake = None  # any authenticated packet received
-        self._traversal(peer, now)
-        if kp is peer.next:
-            self._confirm_next(peer, now)
-        cur = peer.current
-        if (cur is not None and cur.initiator and not peer.sent_lastminute_handshake
-                and now - cur.created >= self.limits.receive_rekey_age):
+        if peer.config.persistent_keepalive > 0:
+            peer.t_persistent = now + peer.config.persistent_keepalive
+        if kp is not peer.current:
+            if kp is peer.next:
+                self._confirm_next(peer, now)
+        elif (kp.initiator and now - kp.created >= self._receive_rekey_age
+                and not peer.sent_lastminute_handshake):
             peer.sent_lastminute_handshake = True
             self._initiate(peer, now, retry=False)
         if not plain:
@@ -384,7 +395,7 @@ class Device:
             self.drops["inner_src"] += 1
             return
         if peer.t_keepalive is None:  # data received: answer within KEEPALIVE_TIMEOUT
-            peer.t_keepalive = now + self.limits.keepalive_timeout
+            peer.t_keepalive = now + self._keepalive_timeout
         else:
             peer.need_another_keepalive = True
         self.to_tun.append((plain if length == len(plain) else plain[:length], peer))

@@ -38,7 +38,6 @@ __all__ = [
 ]
 
 _NONCE_PAD = b"\0\0\0\0"
-_ZEROS = bytes(PAD_MULTIPLE)
 _PAD_MASK = ~(PAD_MULTIPLE - 1)
 _BLOCK_BITS = 64
 
@@ -96,14 +95,13 @@ class ReplayWindow:
         if counter > greatest:
             top = counter >> 6
             old_top = greatest >> 6
-            steps = top - old_top
-            if steps >= self._nblocks:
-                for i in range(self._nblocks):
-                    blocks[i] = 0
-            else:
-                mask = self._mask
-                for i in range(old_top + 1, top + 1):
-                    blocks[i & mask] = 0
+            if top != old_top:  # entering new blocks: clear them (once per 64 counters)
+                if top - old_top >= self._nblocks:
+                    blocks[:] = [0] * self._nblocks
+                else:
+                    mask = self._mask
+                    for i in range(old_top + 1, top + 1):
+                        blocks[i & mask] = 0
             self._greatest = counter
         elif greatest - counter >= self.window:
             return False
@@ -155,16 +153,25 @@ class Keypair:
 
     # --- send ---------------------------------------------------------------------------
 
-    def seal(self, payload: bytes | bytearray | memoryview, mtu: int | None = None) -> bytes:
-        """Encrypt one inner packet (or b"" for a keepalive) into a whole type-4 message."""
+    def seal(self, payload: bytes | bytearray | memoryview, mtu: int | None = None) -> bytearray:
+        """Encrypt one inner packet (or b"" for a keepalive) into a whole type-4 message.
+
+        One buffer is built (header, counter, packet, padding, room for the tag) and
+        encrypted in place: one allocation and one copy of the packet.
+        """
         n = self.send_counter
         self.send_counter = n + 1
         length = len(payload)
-        pad = padded_length(length, mtu) - length
-        if pad:
-            payload = bytes(payload) + (_ZEROS[:pad] if pad < PAD_MULTIPLE else bytes(pad))
+        padded = padded_length(length, mtu)
         ctr = n.to_bytes(8, "little")
-        return self.prefix + ctr + self._send.encrypt(_NONCE_PAD + ctr, payload, None)
+        out = bytearray(self.prefix)
+        out += ctr
+        out += payload
+        out += bytes(padded - length + TAG_LEN)
+        mv = memoryview(out)
+        self._send.encrypt_into(_NONCE_PAD + ctr, mv[DATA_PAYLOAD : DATA_PAYLOAD + padded], None,
+                                mv[DATA_PAYLOAD:])
+        return out
 
     def seal_into(self, buf: memoryview, length: int, mtu: int | None = None) -> int:
         """Encrypt in place: the packet sits at ``buf[16:16+length]``; return the message size.
@@ -198,7 +205,7 @@ class Keypair:
         replay = self.replay
         if not replay.check(counter):
             return None
-        plain = self._recv.decrypt(_NONCE_PAD + bytes(ctr), msg[DATA_PAYLOAD:], None)
+        plain = self._recv.decrypt(_NONCE_PAD + ctr, msg[DATA_PAYLOAD:], None)
         if not replay.accept(counter):
             return None
         return plain
