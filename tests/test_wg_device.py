@@ -599,3 +599,83 @@ def test_repr_shows_no_secrets(net: Net) -> None:
     a, b, ka, kb = connect(net)
     text = repr(a) + repr(a.peers[kb.public]) + repr(a.peers[kb.public].current) + repr(a.local)
     assert ka.to_base64()[:10] not in text and kb.to_base64()[:10] not in text
+
+
+# --- the batch entry points the fast path uses ---------------------------------------------
+
+
+def _mixed_batch(net: Net, a: Device, rng: random.Random) -> list[tuple[bytes, tuple]]:
+    """Data, keepalives, replays, forgeries, spoofed sources and junk, shuffled a little."""
+    peer_b = next(iter(a.peers.values()))
+    for i in range(60):
+        a.send_to(peer_b, ip4("10.1.1.5", "10.1.2.7", bytes([i]) * rng.randint(0, 40)))
+        if i % 7 == 0:
+            a.send_to(peer_b, b"")
+        if i % 11 == 0:
+            a.send_to(peer_b, ip4("10.9.9.9", "10.1.2.7"))
+    msgs = [bytes(m) for m, _ in a.drain()[1]]
+    batch = [(m, A) for m in msgs]
+    batch += [(m, A) for m in rng.sample(msgs, 10)]  # replays
+    forged = bytearray(msgs[3])
+    forged[-1] ^= 1
+    batch += [(bytes(forged), A), (b"\x04\0\0\0" + bytes(40), C), (b"junk", C),
+              (bytes(INIT_LEN), C)]
+    batch += [(m, ("198.18.0.77", 1234)) for m in msgs[-3:]]  # replays from elsewhere
+    for i in range(0, len(batch) - 1, 9):  # some reordering inside the window
+        batch[i], batch[i + 1] = batch[i + 1], batch[i]
+    return batch
+
+
+def test_receive_many_matches_receive(clock: Clock) -> None:
+    results = []
+    for batched in (False, True):
+        net = Net(clock)
+        a, b, _, _ = connect(net)
+        batch = _mixed_batch(net, a, random.Random(9))
+        b.drops.clear()
+        if batched:
+            b.receive_many(batch)
+        else:
+            for data, src in batch:
+                b.receive(data, src)
+        tun, _ = b.drain()
+        results.append(([p for p, _ in tun], dict(b.drops), b.peers[a.public_key].rx_bytes,
+                         b.peers[a.public_key].endpoint))
+    assert results[0] == results[1]
+    assert results[0][1]["replay"] >= 13 and results[0][1]["inner_src"] == 6
+    assert results[0][3] == A  # replays from another address do not move the endpoint
+
+
+def test_receive_many_confirms_the_responders_next_session(net: Net) -> None:
+    a, b, ka, kb = pair(net)
+    a.send(ip4("10.1.1.5", "10.1.2.7", b"one"))
+    init = a.drain()[1]
+    for m, _ in init:
+        b.receive(bytes(m), A)
+    for m, _ in b.drain()[1]:
+        a.receive(bytes(m), B)
+    batch = [(bytes(m), A) for m, _ in a.drain()[1]]
+    b.receive_many(batch)  # the first message uses `next`: the slow path confirms it
+    assert b.peers[ka.public].current is not None
+    assert [p[20:] for p, _ in b.drain()[0]] == [b"one"]
+
+
+def test_sender_and_sent_for_batches(net: Net) -> None:
+    a, b, ka, kb = connect(net)
+    peer = a.peers[kb.public]
+    kp = a.sender(peer)
+    assert kp is peer.current
+    buf = bytearray(4096)
+    mv = memoryview(buf)
+    out = []
+    for i in range(3):
+        packet = ip4("10.1.1.5", "10.1.2.7", bytes([i]) * 30)
+        buf[16:16 + len(packet)] = packet
+        n = kp.seal_into(mv, len(packet))
+        out.append(bytes(buf[:n]))
+    a.sent(peer, kp, sum(map(len, out)))
+    assert peer.t_new_handshake is not None
+    b.receive_many([(m, A) for m in out])
+    assert [p[20] for p, _ in b.drain()[0]] == [0, 1, 2]
+    net.clock.advance(SHORT.reject_after_time)
+    assert a.sender(peer) is None  # expired: the caller falls back to send_to

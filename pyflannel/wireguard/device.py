@@ -352,6 +352,91 @@ class Device:
             log.exception("wireguard: internal error on a %d-byte datagram", n)
             self.drops["internal_error"] += 1
 
+    def receive_many(self, datagrams: Iterable[tuple[bytes, Endpoint]]) -> None:
+        """Consume a batch of datagrams (one recvmmsg's worth), as :meth:`receive` would.
+
+        Transport messages for a peer's current session, the bulk of the traffic, are
+        handled inline: per message only the replay test, the decryption, the inner-header
+        checks and one append remain; the peer's endpoint, byte count and timers are
+        updated once per run of messages from the same session. Everything else (handshakes,
+        stale or unconfirmed sessions, junk) goes through :meth:`receive`.
+        """
+        keypairs = self._keypairs
+        drops = self.drops
+        append = self.to_tun.append
+        reject_after = self._reject_after_time
+        run_kp: Keypair | None = None
+        run_peer: Peer | None = None
+        run_bytes = 0
+        run_data = False
+        run_src: Endpoint | None = None
+        now = self.clock()
+        for data, src in datagrams:
+            n = len(data)
+            if (n < DATA_MIN_LEN or n > MAX_DATAGRAM or data[0] != MSG_TRANSPORT
+                    or data[1] or data[2] or data[3]):
+                if run_kp is not None:
+                    self._finish_run(run_peer, run_kp, run_bytes, run_data, run_src, now)
+                    run_kp = None
+                self.receive(data, src)
+                continue
+            kp = keypairs.get(int.from_bytes(data[DATA_RECEIVER:DATA_COUNTER], "little"))
+            if kp is not run_kp:
+                if run_kp is not None:
+                    self._finish_run(run_peer, run_kp, run_bytes, run_data, run_src, now)
+                    run_kp = None
+                if (kp is None or kp is not kp.peer.current  # type: ignore[union-attr]
+                        or now - kp.created >= reject_after):
+                    self.receive(data, src)
+                    continue
+                run_kp, run_peer = kp, kp.peer  # type: ignore[assignment]
+                run_bytes, run_data, run_src = 0, False, None
+            try:
+                plain = run_kp.open(data)
+            except InvalidTag:
+                drops["bad_auth"] += 1
+                continue
+            if plain is None:
+                drops["replay"] += 1
+                continue
+            run_bytes += n
+            run_src = src
+            if not plain:
+                self.stats["keepalives_received"] += 1
+                continue
+            length = inner_length(plain)
+            if length < 0:
+                drops["inner_malformed"] += 1
+                continue
+            if not run_peer.allows_source(plain):  # type: ignore[union-attr]
+                drops["inner_src"] += 1
+                continue
+            run_data = True
+            append((plain if length == len(plain) else plain[:length], run_peer))
+        if run_kp is not None:
+            self._finish_run(run_peer, run_kp, run_bytes, run_data, run_src, now)
+
+    def _finish_run(self, peer: Peer | None, kp: Keypair, nbytes: int, data: bool,
+                    src: Endpoint | None, now: float) -> None:
+        """The per-peer bookkeeping of :meth:`_receive_transport`, once for a run."""
+        if peer is None or src is None:
+            return  # nothing in the run authenticated
+        if peer.endpoint != src:
+            peer.endpoint = src
+        peer.rx_bytes += nbytes
+        peer.t_new_handshake = None
+        if peer.config.persistent_keepalive > 0:
+            peer.t_persistent = now + peer.config.persistent_keepalive
+        if (kp.initiator and now - kp.created >= self._receive_rekey_age
+                and not peer.sent_lastminute_handshake):
+            peer.sent_lastminute_handshake = True
+            self._initiate(peer, now, retry=False)
+        if data:
+            if peer.t_keepalive is None:
+                peer.t_keepalive = now + self._keepalive_timeout
+            else:
+                peer.need_another_keepalive = True
+
     def _receive_transport(self, data: bytes | bytearray | memoryview, src: Endpoint) -> None:
         kp = self._keypairs.get(int.from_bytes(data[DATA_RECEIVER:DATA_COUNTER], "little"))
         if kp is None:
@@ -578,6 +663,35 @@ class Device:
                 peer.t_new_handshake = now + limits.new_handshake_after + self._jitter()
         else:
             self.stats["keepalives_sent"] += 1
+        if kp.send_counter > limits.rekey_after_messages or (
+                kp.initiator and now - kp.created >= limits.rekey_after_time):
+            self._initiate(peer, now, retry=False)
+
+    def sender(self, peer: Peer) -> Keypair | None:
+        """The session to encrypt with now, for a caller that seals a batch itself.
+
+        None means there is no usable session: hand the packets to :meth:`send_to`, which
+        holds them and starts a handshake. After sealing with ``Keypair.seal_into``, call
+        :meth:`sent` once for the batch.
+        """
+        kp = peer.current
+        if (kp is None or peer.endpoint is None
+                or self.clock() - kp.created >= self._reject_after_time
+                or kp.send_counter + self.limits.max_staged_packets
+                >= self.limits.reject_after_messages):
+            return None
+        return kp
+
+    def sent(self, peer: Peer, kp: Keypair, nbytes: int, data: bool = True) -> None:
+        """Account for messages sealed outside :meth:`send_to`: counters, timers, rekey."""
+        now = self.clock()
+        limits = self.limits
+        peer.tx_bytes += nbytes
+        peer.t_keepalive = None
+        if peer.config.persistent_keepalive > 0:
+            peer.t_persistent = now + peer.config.persistent_keepalive
+        if data and peer.t_new_handshake is None:
+            peer.t_new_handshake = now + limits.new_handshake_after + self._jitter()
         if kp.send_counter > limits.rekey_after_messages or (
                 kp.initiator and now - kp.created >= limits.rekey_after_time):
             self._initiate(peer, now, retry=False)
