@@ -57,6 +57,7 @@ class FlagSpec:
     validator: Callable[[Any], Any] | None = None  # gets the converted value, returns it
     aliases: tuple[str, ...] = ()
     env: bool = True  # settable through FLANNELD_<NAME>
+    hidden: bool = False  # for tests and measurements: parsed, left out of -help
 
 
 # ---------------------------------------------------------------------------------------
@@ -193,6 +194,12 @@ def _check_framing(value: str) -> str:
     return value
 
 
+def _check_fastpath_mode(value: str) -> str:
+    if value not in ("process", "thread"):
+        raise _Problem(f"{_show(value)} is not process or thread")
+    return value
+
+
 def _check_ip(value: str) -> str:
     try:
         ipaddress.ip_address(value)
@@ -245,6 +252,17 @@ FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec("udp-framing", "udp_framing", STR, "",
              "pyflannel only: this node's udp framing, auto or flannel (default: the "
              "config's Backend.Framing)", _check_framing),
+    # Hidden: for tests and measurements only (docs/operations.md, "Hidden flags").
+    FlagSpec("test-lease-ttl", "test_lease_ttl", INT, 0,
+             "testing only: etcd lease TTL in seconds instead of 24 h (0: 24 h)",
+             _int_range(0), hidden=True),
+    FlagSpec("fastpath-mode", "fastpath_mode", STR, "process",
+             "measurement only: run the udp fast path in a process or a thread",
+             _check_fastpath_mode, hidden=True),
+    FlagSpec("udp-gso", "udp_gso", BOOL, True,
+             "measurement only: send with UDP segmentation offload", hidden=True),
+    FlagSpec("udp-gro", "udp_gro", BOOL, True,
+             "measurement only: receive with UDP receive offload", hidden=True),
     FlagSpec("v", "verbosity", LEVEL, 0, "log verbosity level (bare -v means 1)",
              _int_range(0), env=False),
     FlagSpec("version", "version", BOOL, False, "print the version and exit", env=False),
@@ -288,6 +306,10 @@ class Options:
     iptables_resync: int = 5
     iptables_forward_rules: bool = True
     udp_framing: str = ""
+    test_lease_ttl: int = 0
+    fastpath_mode: str = "process"
+    udp_gso: bool = True
+    udp_gro: bool = True
     verbosity: int = 0
     version: bool = False
     help: bool = False
@@ -422,6 +444,8 @@ def usage(prog: str = "pyflanneld") -> str:
     first line is the only usage line, naming ``prog``."""
     lines = [f"Usage: {prog} [flags]", ""]
     for spec in FLAGS:
+        if spec.hidden:
+            continue
         names = ", ".join(f"-{n}" for n in (*spec.aliases, spec.name))
         metavar = _METAVAR[spec.kind]
         lines.append(f"  {names} {metavar}".rstrip())

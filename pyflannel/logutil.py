@@ -41,3 +41,28 @@ class RateLimitedLog:
     def clear(self, topic: str, message: str) -> None:
         if self._state.pop(topic, None) is not None:
             self.logger.info("%s", message)
+
+
+class WarnOnce:
+    """Warn once per key (a lease key, a peer), remembering a bounded number of keys so a
+    hostile stream of distinct keys cannot grow memory; ``forget`` re-arms a key."""
+
+    def __init__(self, logger: logging.Logger, limit: int = 4096) -> None:
+        self.logger, self.limit = logger, limit
+        self._seen: dict[object, None] = {}
+
+    def warn(self, key: object, fmt: str, *args: object) -> bool:
+        """Log at WARNING the first time ``key`` is seen; True if it was logged."""
+        if key in self._seen:
+            return False
+        if len(self._seen) >= self.limit:
+            self._seen.pop(next(iter(self._seen)))
+        self._seen[key] = None
+        self.logger.warning(fmt, *args)
+        return True
+
+    def forget(self, key: object) -> None:
+        self._seen.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._seen)

@@ -28,20 +28,20 @@ from tests.labtools import (
 
 pytestmark = pytest.mark.lab
 
-TTL = 8  # the test-only short lease (PYFLANNEL_TEST_LEASE_TTL), so expiry happens in-test
+TTL = 8  # the test-only short lease (FLANNELD_TEST_LEASE_TTL), so expiry happens in-test
 
 
 @pytest.fixture
 def cluster():
     require_lab()
-    os.environ["PYFLANNEL_TEST_LEASE_TTL"] = str(TTL)
+    os.environ["FLANNELD_TEST_LEASE_TTL"] = str(TTL)
     try:
         with Lab(3) as lab:
             lab.etcdctl("put", CONFIG_KEY, '{"Network": "10.1.0.0/16"}')
             nodes = [start_node(lab, n) for n in lab.nodes]
             yield lab, nodes
     finally:
-        del os.environ["PYFLANNEL_TEST_LEASE_TTL"]
+        del os.environ["FLANNELD_TEST_LEASE_TTL"]
 
 
 def ping_flood(lab: Lab, a, b, seconds: float, interval: float = 0.1) -> subprocess.Popen:
@@ -137,7 +137,7 @@ def test_a_three_member_etcd_losing_its_leader_then_another_member(tmp_path):
         etcd.start()
         etcd.ctl("put", CONFIG_KEY, '{"Network": "10.1.0.0/16"}')
         eps = f"-etcd-endpoints={etcd.endpoints}"
-        env = {"PYFLANNEL_TEST_LEASE_TTL": str(TTL)}
+        env = {"FLANNELD_TEST_LEASE_TTL": str(TTL)}
         for n in lab.nodes:
             lab.start_daemon(n, eps, "-healthz-port=9180", env=env)
         n1, n2 = (Node(n, lab.wait_subnet_file(n)["FLANNEL_SUBNET"]) for n in lab.nodes)

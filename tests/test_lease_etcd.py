@@ -112,6 +112,7 @@ async def test_losing_its_own_key_makes_a_node_take_a_lease_again(registry):
 
     me = LeaseManager(registry, CFG, node(1), on_lease=on_lease)
     first = await me.acquire()
+    me.activated(first)  # as the daemon does after programming it at start-up
     tasks = [asyncio.create_task(me.watch_forever()), asyncio.create_task(me.renew_forever())]
     await asyncio.sleep(0.3)
     await registry.delete_lease(first.subnet)
@@ -198,7 +199,7 @@ async def test_a_compacted_watch_revision_means_one_relist_and_on(registry, etcd
     rev = (await registry.list_leases()).revision
     etcd_server.etcdctl("compact", str(rev))
     with pytest.raises(WatchCompacted):
-        async for _ev in registry.watch(old):
+        async for _ev in await registry.watch(old):
             pass
     # the manager itself: its first watch starts at the compacted revision
     real_resync, calls = me.resync, []

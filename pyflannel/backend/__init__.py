@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from pyflannel.backend.base import Backend, BackendError
 from pyflannel.config import NetworkConfig
+from pyflannel.flags import Options
 from pyflannel.host.netlink import ExternalInterface
 
 
-def make_backend(cfg: NetworkConfig, ext: ExternalInterface, udp_framing: str = "") -> Backend:
-    """The backend the network config asks for."""
+def make_backend(cfg: NetworkConfig, ext: ExternalInterface,
+                 opts: Options | None = None) -> Backend:
+    """The backend the network config asks for (``opts``: this node's flags)."""
+    opts = opts or Options()
     if cfg.backend_type == "udp":
         from pyflannel.backend.udp import UdpBackend
 
-        return UdpBackend(cfg, ext, framing=udp_framing)
+        return UdpBackend(cfg, ext, framing=opts.udp_framing, mode=opts.fastpath_mode,
+                          gso=opts.udp_gso, gro=opts.udp_gro)
     if cfg.backend_type == "vxlan":
         from pyflannel.backend.vxlan import VxlanBackend
 

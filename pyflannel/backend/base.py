@@ -15,7 +15,7 @@ from pyflannel.host.monitor import NetlinkMonitor
 from pyflannel.host.netlink import ExternalInterface
 from pyflannel.host.routes import RouteSpec, sync_routes
 from pyflannel.lease.model import Lease, LeaseAttrs
-from pyflannel.logutil import RateLimitedLog
+from pyflannel.logutil import RateLimitedLog, WarnOnce
 
 log = logging.getLogger("pyflannel.backend")
 
@@ -48,6 +48,7 @@ class Backend(abc.ABC):
         self._dirty: asyncio.Event | None = None
         self._monitor: NetlinkMonitor | None = None
         self._errors = RateLimitedLog(log)
+        self._warn = WarnOnce(log)
 
     @property
     @abc.abstractmethod
@@ -59,6 +60,12 @@ class Backend(abc.ABC):
 
     async def activate(self, lease: Lease) -> None:
         self.lease = lease
+        await self.commit()
+
+    async def deactivate(self) -> None:
+        """Our subnet is no longer ours: remove its routes (peers stay known, so the next
+        ``activate`` programs them again at once)."""
+        self.lease = None
         await self.commit()
 
     async def add_peer(self, lease: Lease) -> None:
@@ -81,7 +88,8 @@ class Backend(abc.ABC):
         return {}
 
     async def reconcile(self) -> None:
-        added, removed, errors = await asyncio.to_thread(sync_routes, self.desired_routes())
+        desired = self.desired_routes() if self.lease is not None else {}
+        added, removed, errors = await asyncio.to_thread(sync_routes, desired)
         if added or removed:
             log.info("routes reconciled: %d set, %d removed", added, removed)
         if errors:

@@ -22,6 +22,8 @@ log = logging.getLogger("pyflannel.vxlan")
 VXLAN_OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
 DEFAULT_PORT = 8472  # the Linux kernel's historical VXLAN port, as flanneld uses
 
+L2Entry = tuple[IPv4Address, str, IPv4Address]  # (peer's VTEP address, VTEP MAC, host)
+
 
 class VxlanBackend(Backend):
     type = "vxlan"
@@ -37,8 +39,8 @@ class VxlanBackend(Backend):
         self.index = 0
         self.mac = ""
         self.l2_networks: list[IPv4Network] = []
-        self.programmed: dict[IPv4Network, tuple[IPv4Address, str, IPv4Address]] = {}
-        self._bad_peers: set[IPv4Network] = set()
+        self.programmed: dict[IPv4Network, L2Entry] = {}
+        self._l2_lock = asyncio.Lock()
 
     @property
     def mtu(self) -> int:
@@ -79,9 +81,8 @@ class VxlanBackend(Backend):
         data = peer.attrs.backend_data
         mac = data.get("VtepMAC") if isinstance(data, dict) else None
         if not isinstance(mac, str) or len(mac.split(":")) != 6:
-            if peer.subnet not in self._bad_peers:
-                self._bad_peers.add(peer.subnet)
-                log.warning("peer %s has no usable VtepMAC in its lease; ignored", peer.subnet)
+            self._warn.warn(("vtep", peer.subnet, str(mac)[:40]), "peer %s has no usable "
+                            "VtepMAC in its lease; ignored", peer.subnet)
             return None
         return peer.subnet.network_address, mac.lower()
 
@@ -99,27 +100,31 @@ class VxlanBackend(Backend):
         return out
 
     async def commit(self) -> None:
-        await asyncio.to_thread(self._sync_l2)
+        await self._sync_l2()
         await self.reconcile()
 
-    def _sync_l2(self) -> None:
-        """Neighbour and FDB entries for every encapsulated peer, none for others (runs in a
-        worker thread: plain netlink calls)."""
+    def _wanted_l2(self) -> dict[IPv4Network, L2Entry]:
+        """Neighbour and FDB entries for every encapsulated peer, none for others."""
         want = {}
         for subnet, peer in self.peers.items():
             vtep = None if self._direct(peer) else self._peer_vtep(peer)
             if vtep is not None:
                 want[subnet] = (vtep[0], vtep[1], peer.attrs.public_ip)
-        for subnet, (ip, mac, host) in list(self.programmed.items()):
-            if want.get(subnet) != (ip, mac, host):
-                routes.delete_neighbour(self.index, ip)
-                routes.delete_fdb(self.index, mac, host)
-                del self.programmed[subnet]
-        for subnet, (ip, mac, host) in want.items():
-            if subnet not in self.programmed:
-                routes.replace_fdb(self.index, mac, host)
-                routes.replace_neighbour(self.index, ip, mac)
-                self.programmed[subnet] = (ip, mac, host)
+        return want
+
+    async def _sync_l2(self) -> None:
+        """Program the L2 tables in a worker thread from a snapshot taken here on the loop:
+        the thread never reads ``self.peers`` or writes ``self.programmed``, which the loop
+        changes meanwhile, and one lock keeps two syncs from interleaving."""
+        async with self._l2_lock:
+            want, have = self._wanted_l2(), dict(self.programmed)
+            programmed, errors = await asyncio.to_thread(apply_l2, self.index, have, want)
+            self.programmed = programmed
+        if errors:
+            self._errors.error("l2", "cannot program neighbour/FDB entries yet (%s); will "
+                               "retry", "; ".join(errors[:3]))
+        else:
+            self._errors.clear("l2", "neighbour and FDB entries in place")
 
     def on_netlink(self, kind: str, what: str) -> None:
         if kind == "RTM_DELLINK" and what == self.device:
@@ -140,20 +145,53 @@ class VxlanBackend(Backend):
             if self.publish is not None:
                 await self.publish(self.attrs())
         else:
-            await asyncio.to_thread(self._check_l2)
+            await self._check_l2()
         await self.commit()
 
-    def _check_l2(self) -> None:
+    async def _check_l2(self) -> None:
         """Forget entries someone removed by hand, so the next sync puts them back."""
-        try:
-            neigh = routes.neighbours(self.index)
-            fdb = routes.fdb_entries(self.index)
-        except Exception:  # noqa: BLE001 - the device may be going away right now
-            return
-        for subnet, (ip, mac, host) in list(self.programmed.items()):
-            if neigh.get(ip) != mac or fdb.get(mac) != host:
-                del self.programmed[subnet]
+        async with self._l2_lock:
+            gone = await asyncio.to_thread(missing_l2, self.index, dict(self.programmed))
+            for subnet in gone:
+                self.programmed.pop(subnet, None)
 
     async def teardown(self) -> None:
         # flanneld leaves flannel.<VNI> in place so traffic survives a restart; so do we.
         await super().teardown()
+
+
+def apply_l2(index: int, have: dict[IPv4Network, L2Entry],
+             want: dict[IPv4Network, L2Entry]) -> tuple[dict[IPv4Network, L2Entry], list[str]]:
+    """Make the device's neighbour and FDB entries go from ``have`` to ``want`` (runs in a
+    worker thread; touches only its arguments). Returns what is now programmed, and errors:
+    an entry that failed is left out, so the next sync tries it again."""
+    programmed, errors = dict(have), []
+    for subnet, (ip, mac, host) in have.items():
+        if want.get(subnet) != (ip, mac, host):
+            try:
+                routes.delete_neighbour(index, ip)
+                routes.delete_fdb(index, mac, host)
+            except Exception as e:  # noqa: BLE001 - netlink errors carry errno text only
+                errors.append(f"del {subnet}: {e}")
+            programmed.pop(subnet, None)
+    for subnet, entry in want.items():
+        if subnet not in programmed:
+            ip, mac, host = entry
+            try:
+                routes.replace_fdb(index, mac, host)
+                routes.replace_neighbour(index, ip, mac)
+                programmed[subnet] = entry
+            except Exception as e:  # noqa: BLE001
+                errors.append(f"{subnet}: {e}")
+    return programmed, errors
+
+
+def missing_l2(index: int, programmed: dict[IPv4Network, L2Entry]) -> list[IPv4Network]:
+    """Subnets whose entries are no longer in the kernel (worker thread)."""
+    try:
+        neigh = routes.neighbours(index)
+        fdb = routes.fdb_entries(index)
+    except Exception:  # noqa: BLE001 - the device may be going away right now
+        return []
+    return [subnet for subnet, (ip, mac, host) in programmed.items()
+            if neigh.get(ip) != mac or fdb.get(mac) != host]

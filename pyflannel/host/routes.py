@@ -23,7 +23,7 @@ MAIN_TABLE = 254
 RTNH_F_ONLINK = 4
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
-ENOENT, ESRCH = 2, 3
+ENOENT, ESRCH, EEXIST = 2, 3, 17
 
 
 @dataclass(frozen=True)
@@ -36,23 +36,41 @@ class RouteSpec:
     onlink: bool = False
 
 
+def _spec(r) -> RouteSpec:
+    dst = IPv4Network(f"{r.get('dst') or '0.0.0.0'}/{r['dst_len']}")
+    gw = r.get("gateway")
+    return RouteSpec(dst, r.get("oif"), IPv4Address(gw) if gw else None,
+                     bool(r["flags"] & RTNH_F_ONLINK))
+
+
 def kernel_routes(ipr: IPRoute) -> dict[IPv4Network, RouteSpec]:
     """Our routes as the kernel has them now."""
-    out = {}
-    for r in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE, proto=RTPROT_PYFLANNEL):
-        dst = IPv4Network(f"{r.get('dst') or '0.0.0.0'}/{r['dst_len']}")
-        gw = r.get("gateway")
-        out[dst] = RouteSpec(dst, r.get("oif"), IPv4Address(gw) if gw else None,
-                             bool(r["flags"] & RTNH_F_ONLINK))
-    return out
+    return {spec.dst: spec for spec in map(_spec, ipr.get_routes(
+        family=socket.AF_INET, table=MAIN_TABLE, proto=RTPROT_PYFLANNEL))}
+
+
+def foreign_routes(ipr: IPRoute) -> dict[IPv4Network, tuple[int, RouteSpec]]:
+    """Unicast routes in the main table that we did not create, with their protocol."""
+    return {spec.dst: (r.get("proto"), spec)
+            for r in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE)
+            if r.get("proto") != RTPROT_PYFLANNEL and r.get("type", 1) == 1
+            for spec in [_spec(r)]}
 
 
 def sync_routes(desired: dict[IPv4Network, RouteSpec]) -> tuple[int, int, list[str]]:
-    """Make our routes equal ``desired``; returns (added, removed, errors)."""
+    """Make our routes equal ``desired``; returns (added, removed, errors).
+
+    Only routes we created (``proto 120``) are ever replaced or deleted. A destination that
+    an operator's route already holds is left alone and reported, as flanneld refuses with
+    EEXIST, rather than taken over and later deleted. The one exception is a route equal to
+    the one we want (flanneld's own, left behind when a node switches daemon): adopting it
+    changes nothing on the wire.
+    """
     added = removed = 0
     errors: list[str] = []
     with IPRoute() as ipr:
         current = kernel_routes(ipr)
+        foreign = foreign_routes(ipr) if any(d not in current for d in desired) else {}
         for dst in current:
             if dst not in desired:
                 try:
@@ -64,6 +82,11 @@ def sync_routes(desired: dict[IPv4Network, RouteSpec]) -> tuple[int, int, list[s
         for dst, spec in desired.items():
             if current.get(dst) == spec:
                 continue
+            adopt = dst not in current and dst in foreign
+            if adopt and foreign[dst][1] != spec:
+                errors.append(f"{dst}: a route to it exists and is not pyflannel's "
+                              f"(proto {foreign[dst][0]}); not touching it")
+                continue
             kw: dict = {"dst": str(dst), "oif": spec.oif, "table": MAIN_TABLE,
                         "proto": RTPROT_PYFLANNEL}
             if spec.gateway is not None:
@@ -73,10 +96,16 @@ def sync_routes(desired: dict[IPv4Network, RouteSpec]) -> tuple[int, int, list[s
             if spec.onlink:
                 kw["flags"] = RTNH_F_ONLINK
             try:
-                ipr.route("replace", **kw)
+                # "add" when the destination was free: if someone took it meanwhile the
+                # kernel says EEXIST instead of handing their route over to us.
+                ipr.route("replace" if dst in current or adopt else "add", **kw)
                 added += 1
             except NetlinkError as e:
-                errors.append(f"{dst}: {e.args[1] if len(e.args) > 1 else e}")
+                if e.code == EEXIST:
+                    errors.append(f"{dst}: a route to it exists and is not pyflannel's; "
+                                  "not touching it")
+                else:
+                    errors.append(f"{dst}: {e.args[1] if len(e.args) > 1 else e}")
     return added, removed, errors
 
 

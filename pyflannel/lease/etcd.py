@@ -19,33 +19,41 @@ import aetcd.exceptions as aexc
 import grpc
 from aetcd import rpc
 from aetcd import watcher as aetcd_watcher
+from aetcd.utils import prefix_range_end
 
 from pyflannel.lease.model import (
     Lease,
     LeaseAttrs,
-    LeaseFormatError,
     config_key,
-    parse_subnet_key,
     subnet_key,
     subnets_prefix,
 )
+from pyflannel.lease.registry import (
+    EtcdAuthError,
+    EtcdUnavailable,
+    Listing,
+    RawKV,
+    Rejected,
+    WatchCompacted,
+    WatchEvent,
+    build_listing,
+    decode,
+    event_for,
+)
+
+__all__ = ["EtcdAuthError", "EtcdRegistry", "EtcdTlsError", "EtcdUnavailable", "Listing",
+           "WatchCompacted", "WatchEvent", "registry_for"]
 
 log = logging.getLogger("pyflannel.etcd")
 
 RPC_TIMEOUT_S = 5
 CLOSE_GRACE_S = 10.0
+LIST_PAGE = 512  # keys per range request; fewer when a page exceeds gRPC's message limit
+MAX_MESSAGE = 16 * 1024 * 1024  # gRPC receive limit (its default, 4 MiB, is one big page)
 
 
-class EtcdUnavailable(ConnectionError):
-    """No endpoint answered; the caller retries with back-off."""
-
-
-class EtcdAuthError(PermissionError):
-    """etcd refused our credentials: retrying will not help."""
-
-
-class WatchCompacted(RuntimeError):
-    """The watch start revision was compacted away: list again, then watch anew."""
+class _PageTooLarge(Exception):
+    """A range reply exceeded the gRPC receive limit: ask for fewer keys."""
 
 
 @dataclass(frozen=True)
@@ -65,29 +73,20 @@ def parse_endpoint(url: str) -> Endpoint:
     return Endpoint(parts.hostname, parts.port or 2379, parts.scheme == "https")
 
 
-@dataclass(frozen=True)
-class WatchEvent:
-    """A change under ``<prefix>/subnets/``: a lease put (``lease`` set) or a key gone."""
-
-    subnet: IPv4Network
-    lease: Lease | None
-    revision: int
-
-
-@dataclass(frozen=True)
-class Listing:
-    leases: list[Lease]
-    revision: int
-    malformed: list[tuple[str, str]]  # (key, reason)
-
-
 def kv_to_lease(key: str, value: bytes, lease_id: int, mod_revision: int) -> Lease:
-    return Lease(
-        subnet=parse_subnet_key(key),
-        attrs=LeaseAttrs.from_json(value),
-        lease_id=lease_id,
-        mod_revision=mod_revision,
-    )
+    """A stored key as a lease; raises LeaseFormatError when it is not one."""
+    from pyflannel.lease.model import LeaseFormatError
+
+    got = decode(RawKV(key.encode(), bytes(value), lease_id, mod_revision))
+    if isinstance(got, Rejected):
+        raise LeaseFormatError(got.reason)
+    return got
+
+
+def _token_expired(text: str) -> bool:
+    """etcd's answers to a token it no longer knows (expired, or etcd restarted)."""
+    text = text.lower()
+    return "invalid auth token" in text or "auth store is old" in text
 
 
 class EtcdTlsError(ValueError):
@@ -153,6 +152,7 @@ class EtcdRegistry:
         username: str = "",
         password: str = "",
         timeout: float = RPC_TIMEOUT_S,
+        max_message: int = MAX_MESSAGE,
         cafile: str = "",
         certfile: str = "",
         keyfile: str = "",
@@ -167,10 +167,15 @@ class EtcdRegistry:
         self._username = username or None
         self._password = password or None
         self._timeout = timeout
+        self._max_message = max_message
         self._index = 0
         self._client: aetcd.Client | None = None
         self._retired: list[aetcd.Client] = []
+        # etcd leases granted for a create whose outcome we never learned: revoked once
+        # etcd answers again, unless they turn out to hold our key.
+        self._orphans: set[int] = set()
         self.errors = 0  # failed requests, for the metrics
+        self.reauthentications = 0
 
     @property
     def endpoint(self) -> Endpoint:
@@ -181,6 +186,7 @@ class EtcdRegistry:
         kw = dict(host=ep.host, port=ep.port, username=self._username,
                   password=self._password, timeout=self._timeout,
                   options={"grpc.enable_retries": 0,
+                           "grpc.max_receive_message_length": self._max_message,
                            # notice a dead member or a cut path within ~15 s, not minutes
                            "grpc.keepalive_time_ms": 10_000,
                            "grpc.keepalive_timeout_ms": 5_000,
@@ -219,9 +225,12 @@ class EtcdRegistry:
             await self._close_quietly(client)
 
     async def _call(self, op):
-        """Run ``op(client)``, moving to the next endpoint when one does not answer."""
+        """Run ``op(client)``, moving to the next endpoint when one does not answer, and
+        authenticating again (once per call) when etcd has forgotten our token."""
         errors: list[str] = []
-        for _ in range(len(self.endpoints)):
+        tried = 0
+        reauthenticated = False
+        while tried < len(self.endpoints):
             if self._client is None:
                 self._client = self._make_client()
             client = self._client
@@ -231,20 +240,32 @@ class EtcdRegistry:
                 _reraise_if_cancelling()
                 # gRPC cancels calls on a channel that closes: a connection failure.
                 errors.append(f"{self.endpoint}: call cancelled (channel closed)")
-            except aexc.UnauthenticatedError as e:
-                raise EtcdAuthError(f"etcd {self.endpoint} refused the credentials: {e}") from None
             except (TimeoutError, aexc.ConnectionFailedError, aexc.ConnectionTimeoutError,
                     OSError) as e:
                 errors.append(f"{self.endpoint}: {_one_line(e)}")
+            except aexc.RevisionCompactedError as e:
+                raise WatchCompacted(str(e)) from None
             except aexc.ClientError as e:
-                text = str(e).lower()
-                if "auth" in text or "permission" in text or "password" in text:
+                text = _one_line(e)
+                if _token_expired(text) and not reauthenticated:
+                    reauthenticated = True
+                    self.errors += 1
+                    self.reauthentications += 1
+                    log.info("etcd %s no longer knows our auth token; authenticating again",
+                             self.endpoint)
+                    await self._drop_client(client)  # a new client authenticates anew
+                    continue
+                if "larger than max" in text:
+                    raise _PageTooLarge(text) from None
+                if isinstance(e, aexc.UnauthenticatedError) or _is_auth_refusal(text):
+                    self.errors += 1
                     raise EtcdAuthError(f"etcd {self.endpoint} refused the credentials: "
-                                        f"{_one_line(e)}") from None
-                errors.append(f"{self.endpoint}: {_one_line(e)}")
+                                        f"{text}") from None
+                errors.append(f"{self.endpoint}: {text}")
             except rpc.AioRpcError as e:  # raised outside aetcd's wrappers (e.g. on connect)
                 errors.append(f"{self.endpoint}: {_one_line(e.details() or e)}")
             self.errors += 1
+            tried += 1
             if client is self._client:  # another task may have moved on already
                 await self._drop_client(client)
                 self._index = (self._index + 1) % len(self.endpoints)
@@ -262,23 +283,36 @@ class EtcdRegistry:
         await self._call(lambda c: c.put(key, value))
 
     async def list_leases(self) -> Listing:
+        """Every key under ``subnets/``, read in pages at one revision, so a prefix holding
+        more than a gRPC message (large or hostile values) still lists."""
         prefix = subnets_prefix(self.prefix).encode()
-        rng = await self._call(lambda c: c.get_prefix(prefix))
-        leases, malformed = [], []
-        for kv in rng.kvs:
-            key = kv.key.decode(errors="replace")
+        end = prefix_range_end(prefix)
+        kvs: list[RawKV] = []
+        start, revision, limit = prefix, 0, LIST_PAGE
+        while True:
             try:
-                leases.append(kv_to_lease(key, kv.value, kv.lease, kv.mod_revision))
-            except LeaseFormatError as e:
-                malformed.append((key, str(e)))
-        return Listing(leases, rng.header.revision, malformed)
+                reply = await self._call(
+                    lambda c, s=start, r=revision, n=limit: _range(c, s, end, n, r))
+            except _PageTooLarge as e:
+                if limit == 1:
+                    raise EtcdUnavailable(f"etcd {self.endpoint}: one key is larger than "
+                                          f"a gRPC message: {e}") from None
+                limit = max(1, limit // 8)
+                continue
+            revision = revision or reply.header.revision
+            kvs.extend(RawKV(bytes(kv.key), bytes(kv.value), kv.lease, kv.mod_revision)
+                       for kv in reply.kvs)
+            if not reply.more or not reply.kvs:
+                return build_listing(kvs, revision)
+            start = bytes(reply.kvs[-1].key) + b"\0"
 
     async def get_lease(self, subnet: IPv4Network) -> Lease | None:
         key = subnet_key(self.prefix, subnet)
         got = await self._call(lambda c: c.get(key.encode()))
         if got is None:
             return None
-        return kv_to_lease(key, got.value, got.lease, got.mod_revision)
+        lease = decode(RawKV(key.encode(), bytes(got.value), got.lease, got.mod_revision))
+        return lease if isinstance(lease, Lease) else None
 
     async def lease_ttl(self, lease_id: int) -> int:
         """Seconds left on an etcd lease; -1 when it no longer exists."""
@@ -288,25 +322,51 @@ class EtcdRegistry:
     # -- writes ------------------------------------------------------------------------
 
     async def create(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease | None:
-        """Claim a free subnet atomically; None when another node got there first."""
+        """Claim a free subnet atomically; None when another node got there first. The etcd
+        lease granted for a create that fails is revoked, never left for a day."""
         key = subnet_key(self.prefix, subnet).encode()
 
         async def op(c: aetcd.Client):
+            await self._revoke_orphans(c)
             grant = await c.lease(ttl)
+            self._orphans.add(grant.id)  # until we know what became of the transaction
             ok, _ = await c.transaction(
                 compare=[c.transactions.create(key) == 0],
                 success=[c.transactions.put(key, attrs.to_json().encode(), lease=grant.id)],
                 failure=[],
             )
-            if not ok:
-                await c.revoke_lease(grant.id)
-                return None
-            return grant.id
+            if ok:
+                self._orphans.discard(grant.id)
+                return grant.id
+            await c.revoke_lease(grant.id)
+            self._orphans.discard(grant.id)
+            return None
 
         lease_id = await self._call(op)
         if lease_id is None:
             return None
         return Lease(subnet, attrs, lease_id=lease_id)
+
+    async def _revoke_orphans(self, c: aetcd.Client) -> None:
+        """Revoke leases from creates whose outcome was lost, unless one holds a key (its
+        transaction did commit: the next acquisition adopts that key and its lease)."""
+        for lease_id in list(self._orphans):
+            info = await c.get_lease_info(lease_id, keys=True)
+            if int(info.TTL) > 0 and not info.keys:
+                await c.revoke_lease(lease_id)
+                log.info("revoked etcd lease %x left by an interrupted create", lease_id)
+            self._orphans.discard(lease_id)
+
+    async def revoke(self, lease_id: int) -> None:
+        """Give an etcd lease back (and with it any key it still holds)."""
+        async def op(c: aetcd.Client):
+            try:
+                await c.revoke_lease(lease_id)
+            except aexc.ClientError as e:
+                if "not found" not in str(e).lower():
+                    raise
+
+        await self._call(op)
 
     async def reclaim(self, existing: Lease, attrs: LeaseAttrs, ttl: int) -> Lease | None:
         """Re-put a key that already names us on a fresh lease (or keep a reservation's
@@ -339,7 +399,12 @@ class EtcdRegistry:
 
     async def refresh(self, lease_id: int) -> int:
         """Keep a lease alive; returns the new TTL, or 0 if etcd no longer has it."""
-        reply = await self._call(lambda c: c.refresh_lease(lease_id))
+        async def op(c: aetcd.Client):
+            if self._orphans:
+                await self._revoke_orphans(c)
+            return await c.refresh_lease(lease_id)
+
+        reply = await self._call(op)
         if reply is None:  # the keep-alive stream ended unanswered: etcd went away
             raise EtcdUnavailable(f"lease keep-alive on {self.endpoint} got no answer")
         return int(reply.TTL)
@@ -354,18 +419,27 @@ class EtcdRegistry:
 
     # -- watch -------------------------------------------------------------------------
 
+    async def _open_watch(self, key: bytes, **kw) -> tuple[aetcd.Client, object]:
+        """A watch created on the current client, and that client (so a failure retires the
+        client the watch ran on, not whichever is current by then)."""
+        async def op(c: aetcd.Client):
+            return c, await c.watch(key, **kw)
+
+        return await self._call(op)
+
+    async def _watch_failed(self, client: aetcd.Client, what: str, e: BaseException) -> None:
+        await self._drop_client(client)
+        raise EtcdUnavailable(f"{what} on {self.endpoint} ended: {_one_line(e)}") from None
+
     async def watch_config(self) -> AsyncIterator[bytes | None]:
         """Each new value of ``<prefix>/config`` (None when deleted); raises EtcdUnavailable
         when the stream breaks."""
-        key = config_key(self.prefix).encode()
-        watch = await self._call(lambda c: c.watch(key))
+        client, watch = await self._open_watch(config_key(self.prefix).encode())
         try:
             async for ev in watch:
                 yield None if ev.kind == "DELETE" else bytes(ev.kv.value)
         except aexc.ClientError as e:
-            await self._drop_client()
-            raise EtcdUnavailable(f"config watch on {self.endpoint} ended: {_one_line(e)}") \
-                from None
+            await self._watch_failed(client, "config watch", e)
         except asyncio.CancelledError:
             _reraise_if_cancelling()
             raise EtcdUnavailable(f"config watch on {self.endpoint} ended") from None
@@ -375,35 +449,28 @@ class EtcdRegistry:
         raise EtcdUnavailable(f"config watch on {self.endpoint} ended")
 
     async def watch(self, start_revision: int) -> AsyncIterator[WatchEvent]:
-        """Changes under the subnets directory from ``start_revision`` on.
+        """Changes under the subnets directory from ``start_revision`` on; returns once the
+        watch is established.
 
-        Ends by raising: EtcdUnavailable when the stream breaks, WatchCompacted when the
-        revision is gone. Malformed values are reported as events with ``lease=None`` only
-        for deletes; malformed puts are logged by the caller via :func:`decode_event`.
+        The iterator ends by raising: EtcdUnavailable when the stream breaks, WatchCompacted
+        when the revision is gone. Keys or values we cannot use arrive as events with
+        ``rejected`` set, so the caller can say so once.
         """
         prefix = subnets_prefix(self.prefix).encode()
-        watch = await self._call(lambda c: c.watch_prefix(prefix, start_revision=start_revision))
+        client, watch = await self._open_watch(prefix, range_end=prefix_range_end(prefix),
+                                               start_revision=start_revision)
+        return self._events(client, watch)
+
+    async def _events(self, client: aetcd.Client, watch) -> AsyncIterator[WatchEvent]:
         try:
             async for ev in watch:
-                key = ev.kv.key.decode(errors="replace")
-                try:
-                    subnet = parse_subnet_key(key)
-                except LeaseFormatError:
-                    continue
-                if ev.kind == "DELETE":
-                    yield WatchEvent(subnet, None, ev.kv.mod_revision)
-                    continue
-                try:
-                    lease = kv_to_lease(key, ev.kv.value, ev.kv.lease, ev.kv.mod_revision)
-                except LeaseFormatError as e:
-                    log.warning("ignoring malformed lease %s: %s", key, e)
-                    continue
-                yield WatchEvent(subnet, lease, ev.kv.mod_revision)
+                kv = RawKV(bytes(ev.kv.key), bytes(ev.kv.value), ev.kv.lease,
+                           ev.kv.mod_revision)
+                yield event_for(kv, deleted=ev.kind == "DELETE")
         except aexc.RevisionCompactedError as e:
             raise WatchCompacted(str(e)) from None
         except aexc.ClientError as e:
-            await self._drop_client()
-            raise EtcdUnavailable(f"watch on {self.endpoint} ended: {_one_line(e)}") from None
+            await self._watch_failed(client, "watch", e)
         except asyncio.CancelledError:
             _reraise_if_cancelling()
             raise EtcdUnavailable(f"watch on {self.endpoint} ended (channel closed)") from None
@@ -411,6 +478,22 @@ class EtcdRegistry:
             with contextlib.suppress(Exception):  # the stream may already be gone
                 await asyncio.wait_for(watch.cancel(), 1)
         raise EtcdUnavailable(f"watch on {self.endpoint} ended")
+
+
+async def _range(c: aetcd.Client, start: bytes, end: bytes, limit: int, revision: int):
+    """One page of a range read (aetcd's get_range has no limit or revision)."""
+    await c.connect()
+    request = rpc.RangeRequest(key=start, range_end=end, limit=limit, revision=revision)
+    try:
+        return await c.kvstub.Range(request, timeout=c._timeout, metadata=c.metadata)
+    except rpc.AioRpcError as e:
+        aexc._handle_exception(e)
+
+
+def _is_auth_refusal(text: str) -> bool:
+    text = text.lower()
+    return "authentication failed" in text or "permission denied" in text or \
+        "user name" in text or "password" in text
 
 
 def _reraise_if_cancelling() -> None:

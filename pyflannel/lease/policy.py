@@ -40,6 +40,7 @@ def choose_subnet(
     public_ip: IPv4Address,
     previous: IPv4Network | None = None,
     rng: random.Random | None = None,
+    occupied: Iterable[IPv4Network] = (),
 ) -> Choice:
     """flanneld's acquisition order.
 
@@ -47,9 +48,12 @@ def choose_subnet(
        reservations (keys without TTL) win over ordinary leases;
     2. else the subnet from our last subnet file, if free and still valid;
     3. else a random free subnet between SubnetMin and SubnetMax.
+
+    ``occupied`` names subnets whose keys exist but hold no usable lease (a malformed or
+    oversized value): nobody can create them, so they count as taken.
     """
     leases = list(leases)
-    taken = {lease.subnet for lease in leases}
+    taken = {lease.subnet for lease in leases} | set(occupied)
     ours = [
         lease for lease in leases
         if lease.attrs.public_ip == public_ip and cfg.contains_subnet(lease.subnet)

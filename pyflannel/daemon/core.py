@@ -1,0 +1,302 @@
+"""pyflanneld: the start-up sequence, and the wiring between leases, backend and host.
+
+Order matters and is flanneld's, with one check first: the subnet file's path is checked
+before anything is touched; then find the interface, read and validate the network config
+(before any device is touched), prepare the backend, take a lease, program the data path,
+write the subnet file, and tell systemd we are ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from ipaddress import IPv4Interface
+from pathlib import Path
+
+from pyflannel.backend import Backend, BackendError, make_backend
+from pyflannel.backoff import Backoff
+from pyflannel.config import ConfigError, NetworkConfig, parse_config
+from pyflannel.daemon.config_watcher import ConfigWatcher
+from pyflannel.daemon.iptables_keeper import IptablesKeeper
+from pyflannel.daemon.snapshot import NodeSnapshot, StatePublisher
+from pyflannel.daemon.supervise import Fatal, supervise
+from pyflannel.flags import Options
+from pyflannel.host import netlink, systemd
+from pyflannel.host.subnetfile import (
+    SubnetEnv,
+    SubnetFileError,
+    check_writable,
+    previous_subnet,
+    write_subnet_file,
+)
+from pyflannel.host.tun import TunError
+from pyflannel.lease.etcd import EtcdAuthError, EtcdUnavailable, registry_for
+from pyflannel.lease.manager import LeaseManager
+from pyflannel.lease.model import Lease, config_key
+from pyflannel.lease.policy import LEASE_TTL_S, PeerDiff, SubnetPoolExhausted
+from pyflannel.logutil import RateLimitedLog, WarnOnce
+from pyflannel.metrics import HealthServer, Metrics
+
+log = logging.getLogger("pyflannel")
+
+
+class Daemon:
+    """One node: owns the registry, the lease manager, the backend and the helpers around
+    them, and runs them as supervised tasks."""
+
+    def __init__(self, opts: Options) -> None:
+        self.opts = opts
+        self.registry = registry_for(opts)
+        self.errors = RateLimitedLog(log)
+        self.backend: Backend | None = None
+        self.manager: LeaseManager | None = None
+        self.cfg: NetworkConfig | None = None
+        self.iptables: IptablesKeeper | None = None
+        self.ready = asyncio.Event()
+        self.peer_counters: dict[str, dict] = {}
+        self.task_restarts: dict[str, int] = {}
+        self._warn = WarnOnce(log)
+        self.metrics = Metrics(lambda: self.snapshot().for_metrics())
+        self.http: HealthServer | None = None
+
+    # -- what the node looks like ------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        """Ready while we hold a lease and the data path it needs is programmed and running."""
+        m, b = self.manager, self.backend
+        return (self.ready.is_set() and m is not None and m.holds_subnet()
+                and b is not None and b.healthy())
+
+    def snapshot(self) -> NodeSnapshot:
+        m, b = self.manager, self.backend
+        lease = m.lease if m is not None else None
+        return NodeSnapshot(
+            backend=b.type if b is not None else "",
+            subnet=str(lease.subnet) if lease is not None else "",
+            peers=len(m.peers) if m is not None else 0,
+            lease_expiry=m.expires_at if lease is not None and m is not None else 0.0,
+            renewals=m.renewals if m is not None else 0,
+            etcd_errors=self.registry.errors,
+            ready=self.is_ready(),
+            counters=b.counters() if b is not None else {},
+            peer_counters=self.peer_counters,
+            task_restarts=dict(self.task_restarts),
+        )
+
+    def state_file(self) -> Path:
+        """Where ``pyflannel status`` finds this daemon's view of its peers."""
+        return Path(self.opts.subnet_file).with_name("pyflannel-state.json")
+
+    # -- start-up ----------------------------------------------------------------------
+
+    async def wait_for_config(self) -> NetworkConfig:
+        """Read ``<prefix>/config``; wait (saying so once) while it is missing or etcd is
+        down; a config that breaks a rule is fatal."""
+        key = config_key(self.opts.etcd_prefix)
+        backoff = Backoff(0.5, 5.0)
+        said_missing = False
+        while True:
+            try:
+                raw = await self.registry.get_config()
+            except EtcdUnavailable as e:
+                self.errors.error("etcd", "%s; retrying", e)
+                await asyncio.sleep(backoff.next())
+                continue
+            except EtcdAuthError as e:
+                raise Fatal(str(e)) from None
+            self.errors.clear("etcd", f"connected to etcd at {self.registry.endpoint}")
+            if raw is None:
+                if not said_missing:
+                    log.warning("network config %s not found in etcd; waiting for it", key)
+                    said_missing = True
+                await asyncio.sleep(backoff.next())
+                continue
+            try:
+                return parse_config(raw)
+            except ConfigError as e:
+                raise Fatal(f"{e} (key {key})") from None
+
+    async def acquire(self) -> Lease:
+        assert self.manager is not None
+        previous = previous_subnet(self.opts.subnet_file)
+        backoff = Backoff(0.5, 5.0)
+        while True:
+            try:
+                lease = await self.manager.acquire(previous)
+                self.errors.clear("acquire", "etcd reachable again")
+                return lease
+            except SubnetPoolExhausted as e:
+                raise Fatal(str(e)) from None
+            except EtcdAuthError as e:
+                raise Fatal(str(e)) from None
+            except EtcdUnavailable as e:
+                self.errors.error("acquire", "cannot acquire a lease: %s", e)
+                await asyncio.sleep(backoff.next())
+
+    async def start(self) -> None:
+        opts = self.opts
+        try:
+            await asyncio.to_thread(check_writable, opts.subnet_file)
+        except SubnetFileError as e:
+            raise Fatal(f"-subnet-file: {e}") from None
+        if opts.healthz_port:
+            self.http = HealthServer(opts.healthz_ip, opts.healthz_port, self.metrics,
+                                     self.is_ready)
+            try:
+                await self.http.start()
+            except OSError as e:
+                raise Fatal(f"cannot listen on {opts.healthz_ip}:{opts.healthz_port} for "
+                            f"-healthz-port: {e.strerror}") from None
+        try:
+            ext = await asyncio.to_thread(
+                netlink.find_external_interface, opts.iface, opts.iface_regex,
+                opts.iface_can_reach, opts.public_ip,
+            )
+        except netlink.InterfaceError as e:
+            raise Fatal(str(e)) from None
+        log.info("using interface %s (address %s, public address %s, mtu %d)",
+                 ext.name, ext.address, ext.public_ip, ext.mtu)
+        self.cfg = cfg = await self.wait_for_config()
+        log.info("network %s, subnets /%d from %s to %s, backend %s", cfg.network,
+                 cfg.subnet_len, cfg.subnet_min, cfg.subnet_max, cfg.backend_type)
+        self.iptables = IptablesKeeper(opts, cfg.network)
+        try:
+            self.backend = make_backend(cfg, ext, opts)
+            attrs = await self.backend.prepare()
+        except (BackendError, TunError) as e:
+            raise Fatal(str(e)) from None
+        self.manager = LeaseManager(
+            self.registry, cfg, attrs,
+            renew_margin_s=opts.subnet_lease_renew_margin * 60,
+            ttl_s=opts.test_lease_ttl or LEASE_TTL_S,
+            on_peers=self.on_peers, on_lease=self.on_lease, on_lease_lost=self.on_lease_lost,
+        )
+        if opts.test_lease_ttl:
+            log.warning("-test-lease-ttl=%d: lease TTL shortened for testing",
+                        opts.test_lease_ttl)
+        self.backend.publish = self.manager.republish
+        await self.iptables.remove_disabled()
+        lease = await self.acquire()
+        try:
+            await self.on_lease(lease, first=True)
+        except (BackendError, TunError, OSError) as e:
+            raise Fatal(f"cannot program subnet {lease.subnet}: {e}") from None
+        self.manager.activated(lease)
+        await self.initial_peers()
+        self.ready.set()
+        systemd.notify("READY=1")
+        log.info("ready: subnet %s, mtu %d", lease.subnet, self.backend.mtu)
+
+    async def initial_peers(self) -> None:
+        """Program the peers we know before claiming readiness (best effort)."""
+        assert self.manager is not None
+        try:
+            await self.manager.resync()
+        except (EtcdUnavailable, EtcdAuthError) as e:
+            self.errors.error("watch", "cannot list peers yet: %s", e)
+
+    # -- callbacks from the lease manager ----------------------------------------------
+
+    async def on_lease(self, lease: Lease, first: bool = False) -> None:
+        """Program the data path for a subnet we now hold, then hand it to Docker."""
+        assert self.backend is not None and self.cfg is not None and self.iptables
+        await self.backend.activate(lease)
+        await self.iptables.ensure(lease.subnet, fatal=first)
+        env = SubnetEnv(
+            network=self.cfg.network,
+            subnet=IPv4Interface(f"{lease.subnet.network_address + 1}/{lease.subnet.prefixlen}"),
+            mtu=self.backend.mtu,
+            ipmasq=self.opts.ip_masq,
+        )
+        await asyncio.to_thread(write_subnet_file, self.opts.subnet_file, env)
+        log.info("wrote %s (FLANNEL_SUBNET=%s)", self.opts.subnet_file, env.subnet)
+
+    async def on_lease_lost(self, old: Lease) -> None:
+        """The subnet is no longer ours: stop routing for it. The subnet file stays, so a
+        later acquisition prefers the same subnet and Docker keeps its bridge meanwhile."""
+        assert self.backend is not None and self.iptables is not None
+        self.iptables.subnet = None
+        await self.backend.deactivate()
+        log.warning("subnet %s is no longer ours; its routes are removed", old.subnet)
+
+    async def on_peers(self, diff: PeerDiff) -> None:
+        assert self.backend is not None
+        started = time.monotonic()
+        for lease in diff.removed:
+            if self._compatible(lease):
+                await self.backend.remove_peer(lease)
+                log.info("peer removed: %s (%s)", lease.subnet, lease.attrs.public_ip)
+        for lease in diff.added:
+            if self._compatible(lease):
+                await self.backend.add_peer(lease)
+                log.info("peer added: %s via %s", lease.subnet, lease.attrs.public_ip)
+        await self.backend.commit()
+        self.metrics.programming.observe(time.monotonic() - started)
+
+    def _compatible(self, lease: Lease) -> bool:
+        assert self.backend is not None
+        kind = lease.attrs.effective_backend
+        if kind == self.backend.type:
+            return True
+        self._warn.warn(("backend", lease.subnet, kind), "peer %s uses backend %s, not %s; "
+                        "ignored", lease.subnet, kind, self.backend.type)
+        return False
+
+    async def poll_peer_counters(self) -> None:
+        if self.backend is not None:
+            self.peer_counters = await self.backend.peer_counters() or {}
+
+    # -- running -----------------------------------------------------------------------
+
+    async def watch_health(self) -> None:
+        while True:
+            await asyncio.sleep(1)
+            if self.backend is not None and not self.backend.healthy():
+                raise Fatal("the data path stopped unexpectedly")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks: list[asyncio.Task] = []
+        try:
+            starter = asyncio.create_task(self.start())
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({starter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not starter.done():
+                starter.cancel()
+                await asyncio.gather(starter, return_exceptions=True)
+                return
+            stopper.cancel()
+            starter.result()
+            m, b, ipt, cfg = self.manager, self.backend, self.iptables, self.cfg
+            assert m is not None and b is not None and ipt is not None and cfg is not None
+            state = StatePublisher(self.state_file(), self.snapshot, self.poll_peer_counters)
+            parts = {
+                "watch": m.watch_forever,
+                "lease": m.renew_forever,
+                "reconcile": b.run,
+                "iptables": ipt.keep,
+                "state": state.run,
+                "config": ConfigWatcher(self.registry, cfg).run,
+            }
+            tasks = [asyncio.create_task(supervise(run, name, self.task_restarts), name=name)
+                     for name, run in parts.items()]
+            tasks.append(asyncio.create_task(self.watch_health(), name="health"))
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait({*tasks, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not stopper:
+                    t.result()  # re-raise a task's failure
+            stopper.cancel()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.shutdown()
+
+    async def shutdown(self) -> None:
+        """Stop the data path and leave the lease in etcd, so a restart keeps the subnet."""
+        if self.backend is not None:
+            await self.backend.teardown()
+        if self.http is not None:
+            await self.http.close()
+        await self.registry.close()

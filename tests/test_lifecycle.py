@@ -1,0 +1,370 @@
+"""The lease life cycle against the in-memory registry: every race, in milliseconds.
+
+Each test drives one fault class (hostile etcd content, session expiry, a failure or an
+interleaving between two awaits) and states what a node does about it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import tracemalloc
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from pyflannel.config import parse_config
+from pyflannel.lease.manager import LeaseManager
+from pyflannel.lease.memory import MemoryRegistry
+from pyflannel.lease.model import LeaseAttrs, subnet_key
+from pyflannel.lease.registry import EtcdAuthError, EtcdUnavailable
+
+CFG = parse_config(b'{"Network":"10.1.0.0/16","SubnetLen":24}')
+SMALL = parse_config(b'{"Network":"10.1.0.0/22","SubnetLen":24}')  # 3 subnets: .1 .2 .3
+ME = IPv4Address("198.18.0.1")
+PREFIX = "/coreos.com/network"
+
+
+def attrs(ip: IPv4Address | str = ME) -> LeaseAttrs:
+    return LeaseAttrs(IPv4Address(ip), "udp")
+
+
+def net(text: str) -> IPv4Network:
+    return IPv4Network(text)
+
+
+class Node:
+    """A manager with recording callbacks, and its two tasks."""
+
+    def __init__(self, registry: MemoryRegistry, cfg=CFG, ip=ME) -> None:
+        self.programmed: list[IPv4Network] = []
+        self.torn_down: list[IPv4Network] = []
+        self.diffs = []
+        self.fail_activation = 0
+        self.m = LeaseManager(registry, cfg, attrs(ip), ttl_s=60,
+                              on_lease=self.on_lease, on_lease_lost=self.on_lost,
+                              on_peers=self.on_peers)
+        self.tasks: list[asyncio.Task] = []
+
+    async def on_lease(self, lease) -> None:
+        if self.fail_activation:
+            self.fail_activation -= 1
+            raise OSError("flannel.1 vanished")
+        self.programmed.append(lease.subnet)
+
+    async def on_lost(self, old) -> None:
+        self.torn_down.append(old.subnet)
+
+    async def on_peers(self, diff) -> None:
+        self.diffs.append(diff)
+
+    async def start(self, previous: IPv4Network | None = None):
+        lease = await self.m.acquire(previous)
+        self.m.activated(lease)
+        self.tasks = [asyncio.create_task(self.m.watch_forever()),
+                      asyncio.create_task(self.m.renew_forever())]
+        await settle()
+        return lease
+
+    async def stop(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for t in self.tasks:
+            assert t.cancelled(), "a life-cycle task ended by itself"
+
+
+async def settle(rounds: int = 50) -> None:
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+async def until(cond, timeout: float = 2.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        assert loop.time() < end, "condition not reached"
+        await asyncio.sleep(0.001)
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch):
+    monkeypatch.setattr(LeaseManager, "retry_first_s", 0.001)
+    monkeypatch.setattr(LeaseManager, "retry_ceiling_s", 0.01)
+    monkeypatch.setattr(LeaseManager, "watch_retry_first_s", 0.001)
+    monkeypatch.setattr(LeaseManager, "watch_retry_ceiling_s", 0.01)
+
+
+@pytest.fixture
+def reg() -> MemoryRegistry:
+    return MemoryRegistry(PREFIX)
+
+
+def warnings_about(caplog, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.WARNING and text in r.getMessage()]
+
+
+# -- hostile etcd content ----------------------------------------------------------------
+
+
+async def test_a_malformed_value_at_the_preferred_key_is_taken_and_named_once(reg, caplog):
+    reg.put_raw(subnet_key(PREFIX, net("10.1.5.0/24")), "notjson")
+    node = Node(reg)
+    lease = await node.m.acquire(previous=net("10.1.5.0/24"))
+    assert lease.subnet != net("10.1.5.0/24")
+    await node.m.resync()
+    said = warnings_about(caplog, "10.1.5.0-24")
+    assert len(said) == 1
+    assert "not JSON" in said[0] and "counts as taken" in said[0]
+    assert reg.calls["create"] == 1  # no lost races against a key that exists
+
+
+async def test_malformed_keys_count_as_taken_when_the_pool_is_full(reg):
+    from pyflannel.lease.policy import SubnetPoolExhausted
+
+    for third in (1, 2):
+        reg.put_raw(subnet_key(PREFIX, net(f"10.1.{third}.0/24")), b"\xff garbage")
+    reg.put_lease_raw(net("10.1.3.0/24"), attrs("198.18.0.9"))
+    with pytest.raises(SubnetPoolExhausted, match="all 3 subnets"):
+        await Node(reg, SMALL).m.acquire()
+
+
+async def test_a_key_that_is_not_a_subnet_is_named_once(reg, caplog):
+    reg.put_raw(f"{PREFIX}/subnets/hello", "{}")
+    node = Node(reg)
+    await node.start()
+    reg.put_raw(f"{PREFIX}/subnets/hello", "{}")  # again, through the watch
+    reg.put_raw(f"{PREFIX}/subnets/10.1.1.0-99", "{}")
+    await settle()
+    assert len(warnings_about(caplog, "subnets/hello")) == 1
+    assert len(warnings_about(caplog, "10.1.1.0-99")) == 1
+    await node.stop()
+
+
+async def test_an_oversized_value_is_ignored_and_its_subnet_stays_taken(reg, caplog):
+    huge = '{"PublicIP":"198.18.0.7","x":"' + "a" * 100_000 + '"}'
+    reg.put_raw(subnet_key(PREFIX, net("10.1.9.0/24")), huge)
+    node = Node(reg)
+    lease = await node.start(previous=net("10.1.9.0/24"))
+    assert lease.subnet != net("10.1.9.0/24")
+    assert net("10.1.9.0/24") not in node.m.peers
+    assert len(warnings_about(caplog, "far larger than any lease")) == 1
+    await node.stop()
+
+
+async def test_a_peer_whose_value_turns_to_garbage_is_removed(reg):
+    node = Node(reg)
+    await node.start()
+    reg.put_lease_raw(net("10.1.50.0/24"), attrs("198.18.0.5"))
+    await settle()
+    assert net("10.1.50.0/24") in node.m.peers
+    reg.put_raw(subnet_key(PREFIX, net("10.1.50.0/24")), "[1,2]")
+    await settle()
+    assert net("10.1.50.0/24") not in node.m.peers
+    await node.stop()
+
+
+async def test_a_lease_naming_our_address_on_another_subnet_is_never_a_peer(reg, caplog):
+    node = Node(reg)
+    await node.start()
+    reg.put_lease_raw(net("10.1.77.0/24"), attrs(ME))
+    reg.put_lease_raw(net("10.1.77.0/24"), attrs(ME))
+    await settle()
+    assert net("10.1.77.0/24") not in node.m.peers
+    assert all(not d.added for d in node.diffs)
+    assert len(warnings_about(caplog, "names this node's address")) == 1
+    await node.stop()
+
+
+# -- someone else's key over ours --------------------------------------------------------
+
+
+async def test_a_foreign_takeover_of_our_key_moves_us_and_leaves_no_etcd_lease(reg):
+    node = Node(reg)
+    first = await node.start()
+    reg.put_lease_raw(first.subnet, attrs("198.18.0.2"), lease_id=0)
+    await until(lambda: node.m.holds_subnet() and node.m.lease.subnet != first.subnet)
+    assert node.torn_down == [first.subnet]
+    assert node.programmed == [node.m.lease.subnet]
+    assert reg.orphaned_leases() == set()
+    await node.stop()
+
+
+async def test_a_deleted_key_is_taken_back_and_the_old_etcd_lease_revoked(reg):
+    node = Node(reg)
+    first = await node.start()
+    reg.delete_raw(subnet_key(PREFIX, first.subnet))
+    await until(lambda: node.m.holds_subnet() and node.programmed)
+    assert node.m.lease.subnet == first.subnet  # it was free, so it came back
+    assert first.lease_id not in reg.live_leases()
+    assert reg.orphaned_leases() == set()
+    await node.stop()
+
+
+async def test_losing_the_lease_with_a_full_pool_waits_quietly_and_recovers(reg, caplog):
+    others = {3: "198.18.0.3"}
+    node = Node(reg, SMALL)
+    mine = await node.start(previous=net("10.1.1.0/24"))
+    reg.put_lease_raw(net("10.1.2.0/24"), attrs("198.18.0.2"))
+    reg.put_lease_raw(net("10.1.3.0/24"), attrs(others[3]))
+    await settle()
+    reg.put_lease_raw(mine.subnet, attrs("198.18.0.4"))  # taken over: the pool is now full
+    await until(lambda: node.torn_down)
+    await asyncio.sleep(0.1)  # many back-off steps
+    assert node.m.lease is None and not node.m.holds_subnet()
+    errors = [r for r in caplog.records if "cannot take a lease" in r.getMessage()]
+    assert len(errors) == 1 and "no free subnet" in errors[0].getMessage()
+    assert not any(r.exc_info for r in caplog.records)
+    assert reg.orphaned_leases() == set()
+    reg.delete_raw(subnet_key(PREFIX, net("10.1.3.0/24")))  # a node leaves
+    await until(lambda: node.m.holds_subnet())
+    assert node.m.lease.subnet == net("10.1.3.0/24")
+    assert node.programmed == [net("10.1.3.0/24")]
+    await node.stop()
+
+
+# -- session expiry ----------------------------------------------------------------------
+
+
+async def test_refused_credentials_during_renewal_are_retried_not_a_crash(reg, caplog,
+                                                                        monkeypatch):
+    monkeypatch.setattr("pyflannel.lease.manager.renew_delay", lambda *a: 0.001)
+    monkeypatch.setattr("pyflannel.lease.manager.RENEW_RETRY_S", 0.001)
+    node = Node(reg)
+    await node.start()
+    reg.fail("refresh", EtcdAuthError("etcd refused the credentials: invalid auth token"), 3)
+    await until(lambda: node.m.renewals >= 2)
+    assert node.m.holds_subnet()
+    assert not any(r.exc_info for r in caplog.records)
+    await node.stop()
+
+
+async def test_an_expired_etcd_lease_is_noticed_at_renewal_and_replaced(reg, monkeypatch):
+    monkeypatch.setattr("pyflannel.lease.manager.renew_delay", lambda *a: 0.001)
+    node = Node(reg)
+    first = await node.start()
+    node.tasks[0].cancel()  # no watch: only the renewal can notice
+    reg.lease_ttl.pop(first.lease_id)
+    await until(lambda: node.m.holds_subnet() and node.m.lease.lease_id != first.lease_id)
+    await node.stop()
+
+
+async def test_a_broken_watch_is_re_established_and_said_once(reg, caplog):
+    caplog.set_level("INFO")
+    node = Node(reg)
+    await node.start()
+    for _ in range(3):
+        reg.break_watches()
+        await settle()
+    reg.down = True
+    reg.break_watches()
+    await asyncio.sleep(0.05)
+    reg.down = False
+    await until(lambda: any("watching leases again" in r.getMessage() for r in caplog.records))
+    reg.put_lease_raw(net("10.1.60.0/24"), attrs("198.18.0.6"))
+    await until(lambda: net("10.1.60.0/24") in node.m.peers)
+    await node.stop()
+
+
+# -- failures and interleavings between two awaits ---------------------------------------
+
+
+async def test_a_failed_activation_is_retried_until_it_works(reg):
+    node = Node(reg)
+    first = await node.start()
+    node.fail_activation = 3
+    reg.delete_raw(subnet_key(PREFIX, first.subnet))
+    await until(lambda: node.programmed)
+    assert node.m.holds_subnet()
+
+
+@pytest.mark.parametrize("op", ["list_leases", "create", "get_lease", "revoke"])
+async def test_our_new_key_seen_by_the_watch_mid_reacquire_is_never_a_peer(reg, op):
+    node = Node(reg)
+    first = await node.start()
+
+    def foreign_takes_one_more():
+        # Whatever happens at this await point, a peer event arrives meanwhile.
+        reg.put_lease_raw(net("10.1.200.0/24"), attrs("198.18.0.20"))
+
+    reg.before(op, foreign_takes_one_more)
+    reg.put_lease_raw(first.subnet, attrs("198.18.0.2"))  # taken over
+    await until(lambda: node.m.holds_subnet())
+    await settle()
+    mine = node.m.lease.subnet
+    assert mine not in node.m.peers
+    assert all(lease.attrs.public_ip != ME for d in node.diffs for lease in d.added)
+    assert net("10.1.200.0/24") in node.m.peers
+    await node.stop()
+
+
+async def test_a_listing_from_before_our_create_does_not_declare_the_new_lease_lost(reg):
+    node = Node(reg)
+    first = await node.start()
+    node.tasks[0].cancel()  # no watch: this test drives resync by hand
+    gate, real = asyncio.Event(), reg.list_leases
+
+    async def listing_returned_late():
+        listing = await real()  # taken now, while we still hold the first subnet
+        await gate.wait()
+        return listing
+
+    reg.list_leases = listing_returned_late  # type: ignore[method-assign]
+    resync = asyncio.create_task(node.m.resync())
+    await settle()
+    reg.list_leases = real  # type: ignore[method-assign]
+    reg.put_lease_raw(first.subnet, attrs("198.18.0.2"))  # taken over
+    node.m.lease_lost("taken over")
+    await until(lambda: node.m.holds_subnet())
+    assert node.m.lease.subnet != first.subnet
+    gate.set()
+    await resync  # its listing predates our new key
+    assert not node.m.lease_is_lost()
+    await node.stop()
+
+
+async def test_etcd_down_during_reacquire_is_retried_without_a_traceback(reg, caplog):
+    node = Node(reg)
+    first = await node.start()
+    reg.fail("create", EtcdUnavailable("etcd unreachable (test)"), 5)
+    reg.fail("list_leases", EtcdUnavailable("etcd unreachable (test)"), 5)
+    reg.delete_raw(subnet_key(PREFIX, first.subnet))
+    await until(lambda: node.m.holds_subnet() and node.programmed)
+    assert not any(r.exc_info for r in caplog.records)
+    await node.stop()
+
+
+# -- months of churn ---------------------------------------------------------------------
+
+
+async def test_thousands_of_peer_events_leave_memory_where_it_was(reg):
+    node = Node(reg)
+    node.on_peers = None  # type: ignore[assignment]
+    node.m.on_peers = None
+    await node.start()
+
+    async def churn(n: int) -> None:
+        for i in range(n):
+            s = net(f"10.1.{100 + i % 50}.0/24")
+            reg.put_lease_raw(s, attrs(f"198.18.1.{i % 50 + 1}"))
+            await settle(3)
+            reg.delete_raw(subnet_key(PREFIX, s))
+            await settle(3)
+
+    await churn(500)  # warm up caches and the history's growth pattern
+    reg.history.clear()
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    await churn(3000)
+    reg.history.clear()  # the fake's own record, not the node's
+    gc.collect()
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    grown = sum(s.size_diff for s in after.compare_to(before, "filename")
+                if "pyflannel" in (s.traceback[0].filename if s.traceback else ""))
+    assert grown < 64 * 1024, f"grew {grown} bytes over 6000 peer events"
+    assert len(node.m.peers) == 0
+    await node.stop()
