@@ -131,3 +131,22 @@ def test_replay_window_against_a_set_model() -> None:
 def test_window_size_must_be_power_of_two_blocks() -> None:
     with pytest.raises(ValueError):
         ReplayWindow(bits=64 * 3)
+
+
+@pytest.mark.parametrize("have_into", [True, False])
+def test_same_bytes_with_and_without_encrypt_into(monkeypatch: pytest.MonkeyPatch,
+                                                  have_into: bool) -> None:
+    import pyflannel.wireguard.transport as transport
+
+    k1, k2 = bytes(range(32)), bytes(range(32, 64))
+    expected = bytes(Keypair(k1, k2, 1, 2, True, 0.0).seal(b"abc" * 10))
+    monkeypatch.setattr(transport, "_HAVE_INTO", have_into)
+    tx, rx = Keypair(k1, k2, 1, 2, True, 0.0), Keypair(k2, k1, 2, 1, False, 0.0)
+    assert bytes(tx.seal(b"abc" * 10)) == expected
+    buf = bytearray(200)
+    buf[DATA_PAYLOAD:DATA_PAYLOAD + 30] = b"abc" * 10
+    n = tx.seal_into(memoryview(buf), 30)
+    out = bytearray(100)
+    assert rx.open_into(memoryview(bytes(buf[:n])), memoryview(out)) == 32
+    assert bytes(out[:30]) == b"abc" * 10
+    assert rx.open(expected) == b"abc" * 10 + bytes(2)

@@ -39,6 +39,9 @@ __all__ = [
 
 _NONCE_PAD = b"\0\0\0\0"
 _PAD_MASK = ~(PAD_MULTIPLE - 1)
+# encrypt_into/decrypt_into arrived in later `cryptography` releases; without them the
+# same results come from encrypt/decrypt and a copy.
+_HAVE_INTO = hasattr(ChaCha20Poly1305, "encrypt_into")
 _BLOCK_BITS = 64
 
 
@@ -167,6 +170,11 @@ class Keypair:
         out = bytearray(self.prefix)
         out += ctr
         out += payload
+        if not _HAVE_INTO:
+            out += bytes(padded - length)
+            out[DATA_PAYLOAD:] = self._send.encrypt(_NONCE_PAD + ctr, bytes(out[DATA_PAYLOAD:]),
+                                                    None)
+            return out
         out += bytes(padded - length + TAG_LEN)
         mv = memoryview(out)
         self._send.encrypt_into(_NONCE_PAD + ctr, mv[DATA_PAYLOAD : DATA_PAYLOAD + padded], None,
@@ -188,8 +196,12 @@ class Keypair:
         ctr = n.to_bytes(8, "little")
         buf[0:DATA_COUNTER] = self.prefix
         buf[DATA_COUNTER:DATA_PAYLOAD] = ctr
-        self._send.encrypt_into(_NONCE_PAD + ctr, buf[DATA_PAYLOAD:end], None,
-                                buf[DATA_PAYLOAD : end + TAG_LEN])
+        if _HAVE_INTO:
+            self._send.encrypt_into(_NONCE_PAD + ctr, buf[DATA_PAYLOAD:end], None,
+                                    buf[DATA_PAYLOAD : end + TAG_LEN])
+        else:
+            buf[DATA_PAYLOAD : end + TAG_LEN] = self._send.encrypt(
+                _NONCE_PAD + ctr, bytes(buf[DATA_PAYLOAD:end]), None)
         return end + TAG_LEN
 
     # --- receive ------------------------------------------------------------------------
@@ -221,7 +233,10 @@ class Keypair:
         if not replay.check(counter):
             return -1
         n = len(msg) - DATA_MIN_LEN
-        self._recv.decrypt_into(_NONCE_PAD + bytes(ctr), msg[DATA_PAYLOAD:], None, out[:n])
+        if _HAVE_INTO:
+            self._recv.decrypt_into(_NONCE_PAD + bytes(ctr), msg[DATA_PAYLOAD:], None, out[:n])
+        else:
+            out[:n] = self._recv.decrypt(_NONCE_PAD + bytes(ctr), bytes(msg[DATA_PAYLOAD:]), None)
         if not replay.accept(counter):
             return -1
         return n
