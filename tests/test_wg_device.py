@@ -679,3 +679,27 @@ def test_sender_and_sent_for_batches(net: Net) -> None:
     assert [p[20] for p, _ in b.drain()[0]] == [0, 1, 2]
     net.clock.advance(SHORT.reject_after_time)
     assert a.sender(peer) is None  # expired: the caller falls back to send_to
+
+
+def test_a_bad_table_row_leaves_the_old_table(net: Net) -> None:
+    a, b, ka, kb = connect(net)
+    for bad in ({kb.public: PeerConfig(("not-a-subnet",), B)},
+                {kb.public: PeerConfig((NET_B,), B), bytes(32): PeerConfig((NET_C,), C)},
+                {b"short": PeerConfig((NET_C,), C)}):
+        with pytest.raises(ValueError):
+            a.set_peers(bad)
+        assert list(a.peers) == [kb.public] and a.peers[kb.public].current is not None
+    a.send(ip4("10.1.1.5", "10.1.2.7", b"still"))
+    net.pump()
+    assert net.tun[B][-1][0][20:] == b"still"
+
+
+def test_table_update_keeps_sessions_and_applies_changes(net: Net) -> None:
+    a, b, ka, kb = connect(net)
+    session = a.peers[kb.public].current
+    a.set_peers({kb.public: PeerConfig((NET_B, NET_C), C)})
+    peer = a.peers[kb.public]
+    assert peer.current is session and peer.endpoint == C
+    assert a.route(ip4("10.1.1.5", "10.1.3.1")) is peer
+    a.set_peers({})
+    assert not a.peers and a.route(ip4("10.1.1.5", "10.1.2.7")) is None

@@ -249,30 +249,39 @@ class Device:
         """Replace the whole peer table (public key -> config), as flannel's leases say.
 
         A key no longer in the table loses its sessions at once; a new key starts from
-        nothing; a kept key keeps its sessions, with subnets and endpoint updated.
+        nothing; a kept key keeps its sessions, with subnets and endpoint updated. The table
+        is checked whole first (key sizes, low-order keys, subnets), so a bad row raises
+        ValueError and leaves the old table in force.
         """
+        prepared: dict[bytes, tuple[PeerConfig, _Prefixes, PeerIdentity | None]] = {}
+        for key, config in table.items():
+            psk = config.psk or self.psk
+            peer = self.peers.get(key)
+            identity = None
+            if peer is None or peer.identity.psk != (psk or ZERO_PSK):
+                identity = PeerIdentity.derive(self.local, key, psk)
+            prepared[key] = (config, _Prefixes(config.allowed), identity)
         now = self.clock()
         for key in list(self.peers):
             if key not in table:
                 self._forget(self.peers.pop(key))
-        for key, config in table.items():
+        for key, (config, prefixes, identity) in prepared.items():
             peer = self.peers.get(key)
             if peer is None:
-                identity = PeerIdentity.derive(self.local, key, config.psk or self.psk)
-                peer = Peer(identity, config, _Prefixes(config.allowed), config.endpoint)
+                assert identity is not None
+                peer = Peer(identity, config, prefixes, config.endpoint)
                 self.peers[key] = peer
                 if config.persistent_keepalive > 0:
                     peer.t_persistent = now  # like `wg set`: say hello at once
                 continue
-            psk = config.psk or self.psk
-            if peer.identity.psk != (psk or ZERO_PSK):
-                peer.identity = PeerIdentity.derive(self.local, key, psk)
+            if identity is not None:  # the pre-shared key changed
+                peer.identity = identity
             if config.endpoint != peer.config.endpoint:
                 peer.endpoint = config.endpoint
             if config.persistent_keepalive != peer.config.persistent_keepalive:
                 peer.t_persistent = now if config.persistent_keepalive > 0 else None
             peer.config = config
-            peer.prefixes = _Prefixes(config.allowed)
+            peer.prefixes = prefixes
         self._build_routes()
 
     def _forget(self, peer: Peer) -> None:
