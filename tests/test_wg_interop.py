@@ -114,11 +114,9 @@ print(json.dumps({"phase": "A", "requests": seen["requests"], "src": seen.get("s
 before = dev.stats["responses_received"]
 dev.initiate(go_key)
 got = {}
-def handshake_done(pkt):
-    return False
 deadline = time.monotonic() + 10
 while dev.stats["responses_received"] == before and time.monotonic() < deadline:
-    pump(time.monotonic() + 0.05, handshake_done)
+    pump(time.monotonic() + 0.05, lambda pkt: False)
 peer = dev.peers[go_key]
 initiated = peer.current is not None and peer.current.initiator
 dev.send(ipv4("10.1.1.1", "10.1.2.0", 1, icmp(8, 0x4242, 7, b"pyflannel-wireguard-interop")))
