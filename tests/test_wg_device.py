@@ -703,3 +703,13 @@ def test_table_update_keeps_sessions_and_applies_changes(net: Net) -> None:
     assert a.route(ip4("10.1.1.5", "10.1.3.1")) is peer
     a.set_peers({})
     assert not a.peers and a.route(ip4("10.1.1.5", "10.1.2.7")) is None
+
+
+def test_status_rows_have_no_secrets(net: Net) -> None:
+    a, b, ka, kb = connect(net)
+    (row,) = a.status()
+    assert row["public_key"] == kb.public_base64[:8] + "…"
+    assert row["endpoint"] == "198.18.0.2:51820" and row["session"] is True
+    assert row["latest_handshake"] == net.clock.wall()
+    assert row["tx_bytes"] > 0 and row["rx_bytes"] > 0
+    assert kb.to_base64()[:10] not in repr(row) and ka.to_base64()[:10] not in repr(row)

@@ -327,6 +327,23 @@ class Device:
                 return peer
         return None
 
+    def status(self) -> list[dict[str, object]]:
+        """Per peer what `wg show` prints, for `pyflannel status` and metrics: no secrets."""
+        rows: list[dict[str, object]] = []
+        for peer in self.peers.values():
+            ep = peer.endpoint
+            rows.append({
+                "public_key": short_key(peer.public_key),
+                "endpoint": None if ep is None else f"{ep[0]}:{ep[1]}",
+                "allowed": list(peer.config.allowed),
+                "latest_handshake": peer.last_handshake,
+                "rx_bytes": peer.rx_bytes,
+                "tx_bytes": peer.tx_bytes,
+                "session": peer.current is not None,
+                "persistent_keepalive": peer.config.persistent_keepalive,
+            })
+        return rows
+
     # --- output ---------------------------------------------------------------------------
 
     def drain(self) -> tuple[list[tuple[bytes, Peer]], list[tuple[bytes, Endpoint]]]:
