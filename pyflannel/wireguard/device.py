@@ -570,6 +570,7 @@ class Device:
             return
         peer.last_timestamp = init.timestamp
         peer.last_initiation_consumed = now
+        peer.rx_bytes += INIT_LEN
         if peer.pending is not None:  # simultaneous initiations: theirs wins, as in the kernel
             self._pending.pop(peer.pending.sender_index, None)
             peer.pending = None
@@ -605,6 +606,7 @@ class Device:
         now = self.clock()
         del self._pending[receiver]
         peer.pending = None
+        peer.rx_bytes += RESP_LEN
         kp = Keypair(keys.send, keys.recv, keys.local_index, keys.remote_index, True, now,
                      reject_after_messages=self.limits.reject_after_messages, peer=peer)
         # the initiator may use its new session at once
