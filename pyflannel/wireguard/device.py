@@ -61,6 +61,7 @@ from .noise import (
     InitiatorState,
     LocalIdentity,
     PeerIdentity,
+    TransportKeys,
     address_bytes,
     check_mac1,
     check_mac2,
@@ -80,6 +81,7 @@ Endpoint = tuple  # (host, port) or the 4-tuple of an IPv6 socket address
 _TAI64N_ZERO = bytes(12)
 _RESERVED_ZERO = b"\0\0\0"
 _IPV4_HEADER = 20
+_IPV4_VERSION_IHL5 = 0x45  # version 4, 20-byte header: almost every packet
 _IPV6_HEADER = 40
 # IP header fields used to route and check inner packets.
 _V4_TOTAL_LEN = slice(2, 4)
@@ -152,6 +154,7 @@ class Peer:
     rx_bytes: int = 0
     tx_bytes: int = 0
     last_handshake: float | None = None  # wall-clock time of the last completed handshake
+    keepalive_interval: float = 0.0  # the config's persistent keepalive, read per packet
 
     @property
     def public_key(self) -> bytes:
@@ -217,6 +220,8 @@ class Device:
         self._reject_after_time = limits.reject_after_time
         self._receive_rekey_age = limits.receive_rekey_age
         self._keepalive_timeout = limits.keepalive_timeout
+        self._reject_after_messages = limits.reject_after_messages
+        self._rekey_after_messages = limits.rekey_after_messages
         self.mtu = mtu
         self._rng = rng or random.SystemRandom()
         self._cookies = CookieChecker(self.local, limits.cookie_refresh_time)
@@ -270,6 +275,7 @@ class Device:
             if peer is None:
                 assert identity is not None
                 peer = Peer(identity, config, prefixes, config.endpoint)
+                peer.keepalive_interval = max(0.0, config.persistent_keepalive)
                 self.peers[key] = peer
                 if config.persistent_keepalive > 0:
                     peer.t_persistent = now  # like `wg set`: say hello at once
@@ -282,6 +288,7 @@ class Device:
                 peer.t_persistent = now if config.persistent_keepalive > 0 else None
             peer.config = config
             peer.prefixes = prefixes
+            peer.keepalive_interval = max(0.0, config.persistent_keepalive)
         self._build_routes()
 
     def _forget(self, peer: Peer) -> None:
@@ -390,12 +397,12 @@ class Device:
         keypairs = self._keypairs
         drops = self.drops
         append = self.to_tun.append
-        reject_after = self._reject_after_time
         run_kp: Keypair | None = None
         run_peer: Peer | None = None
         run_bytes = 0
         run_data = False
         run_src: Endpoint | None = None
+        run_prefixes4: list[tuple[int, int]] = []
         now = self.clock()
         for data, src in datagrams:
             n = len(data)
@@ -412,10 +419,11 @@ class Device:
                     self._finish_run(run_peer, run_kp, run_bytes, run_data, run_src, now)
                     run_kp = None
                 if (kp is None or kp is not kp.peer.current  # type: ignore[union-attr]
-                        or now - kp.created >= reject_after):
+                        or now >= kp.expires_at):
                     self.receive(data, src)
                     continue
                 run_kp, run_peer = kp, kp.peer  # type: ignore[assignment]
+                run_prefixes4 = run_peer.prefixes.v4  # type: ignore[union-attr]
                 run_bytes, run_data, run_src = 0, False, None
             try:
                 plain = run_kp.open(data)
@@ -430,15 +438,29 @@ class Device:
             if not plain:
                 self.stats["keepalives_received"] += 1
                 continue
-            length = inner_length(plain)
-            if length < 0:
-                drops["inner_malformed"] += 1
-                continue
-            if not run_peer.allows_source(plain):  # type: ignore[union-attr]
-                drops["inner_src"] += 1
-                continue
+            size = len(plain)
+            if plain[0] == _IPV4_VERSION_IHL5 and size >= _IPV4_HEADER:  # the common case, inline
+                length = int.from_bytes(plain[_V4_TOTAL_LEN], "big")
+                if not _IPV4_HEADER <= length <= size:
+                    drops["inner_malformed"] += 1
+                    continue
+                src4 = int.from_bytes(plain[_V4_SRC], "big")
+                for net, mask in run_prefixes4:  # noqa: B007 - for/else
+                    if src4 & mask == net:
+                        break
+                else:
+                    drops["inner_src"] += 1
+                    continue
+            else:
+                length = inner_length(plain)
+                if length < 0:
+                    drops["inner_malformed"] += 1
+                    continue
+                if not run_peer.allows_source(plain):  # type: ignore[union-attr]
+                    drops["inner_src"] += 1
+                    continue
             run_data = True
-            append((plain if length == len(plain) else plain[:length], run_peer))
+            append((plain if length == size else plain[:length], run_peer))
         if run_kp is not None:
             self._finish_run(run_peer, run_kp, run_bytes, run_data, run_src, now)
 
@@ -451,8 +473,8 @@ class Device:
             peer.endpoint = src
         peer.rx_bytes += nbytes
         peer.t_new_handshake = None
-        if peer.config.persistent_keepalive > 0:
-            peer.t_persistent = now + peer.config.persistent_keepalive
+        if peer.keepalive_interval:
+            peer.t_persistent = now + peer.keepalive_interval
         if (kp.initiator and now - kp.created >= self._receive_rekey_age
                 and not peer.sent_lastminute_handshake):
             peer.sent_lastminute_handshake = True
@@ -470,7 +492,7 @@ class Device:
             return
         peer: Peer = kp.peer  # type: ignore[assignment]
         now = self.clock()
-        if now - kp.created >= self._reject_after_time:
+        if now >= kp.expires_at:
             self.drops["stale_key"] += 1
             return
         try:
@@ -486,8 +508,8 @@ class Device:
             peer.endpoint = src
         peer.rx_bytes += len(data)
         peer.t_new_handshake = None  # any authenticated packet received
-        if peer.config.persistent_keepalive > 0:
-            peer.t_persistent = now + peer.config.persistent_keepalive
+        if peer.keepalive_interval:
+            peer.t_persistent = now + peer.keepalive_interval
         if kp is not peer.current:
             if kp is peer.next:
                 self._confirm_next(peer, now)
@@ -577,8 +599,7 @@ class Device:
         index = self._new_index()
         reply, keys = create_response(self.local, init, index)
         peer.last_mac1 = seal_macs(reply, peer.identity.mac1_key, self._cookie_for_peer(peer, now))
-        kp = Keypair(keys.send, keys.recv, keys.local_index, keys.remote_index, False, now,
-                     reject_after_messages=self.limits.reject_after_messages, peer=peer)
+        kp = self._keypair(keys, peer, now)
         # the responder's new session waits in `next` until the initiator uses it
         for old in (peer.next, peer.previous):
             if old is not None:
@@ -607,8 +628,7 @@ class Device:
         del self._pending[receiver]
         peer.pending = None
         peer.rx_bytes += RESP_LEN
-        kp = Keypair(keys.send, keys.recv, keys.local_index, keys.remote_index, True, now,
-                     reject_after_messages=self.limits.reject_after_messages, peer=peer)
+        kp = self._keypair(keys, peer, now)
         # the initiator may use its new session at once
         if peer.next is not None:
             drop_old = [peer.previous, peer.current]
@@ -630,6 +650,15 @@ class Device:
         if not peer.staged:  # tell the responder its session is confirmed
             peer.staged.append(b"")
         self._flush_staged(peer, now)
+
+    def _keypair(self, keys: TransportKeys, peer: Peer, now: float) -> Keypair:
+        limits = self.limits
+        kp = Keypair(keys.send, keys.recv, keys.local_index, keys.remote_index, keys.initiator,
+                     now, reject_after_messages=limits.reject_after_messages, peer=peer)
+        kp.expires_at = now + limits.reject_after_time
+        if keys.initiator:  # only the initiator rekeys because of age
+            kp.rekey_at = now + limits.rekey_after_time
+        return kp
 
     def _receive_cookie_reply(self, msg: bytes) -> None:
         index = cookie_reply_receiver(msg)
@@ -667,10 +696,9 @@ class Device:
         """Encrypt for ``peer`` now, or hold the packet and start a handshake."""
         now = self.clock()
         kp = peer.current
-        limits = self.limits
-        if (kp is None or now - kp.created >= limits.reject_after_time
-                or kp.send_counter >= limits.reject_after_messages):
-            if len(peer.staged) >= limits.max_staged_packets:
+        if (kp is None or now >= kp.expires_at
+                or kp.send_counter >= self._reject_after_messages):
+            if len(peer.staged) >= self.limits.max_staged_packets:
                 peer.staged.popleft()
                 self.drops["staged_overflow"] += 1
             peer.staged.append(bytes(packet))
@@ -684,15 +712,14 @@ class Device:
         self.to_net.append((msg, endpoint))
         peer.tx_bytes += len(msg)
         peer.t_keepalive = None  # any authenticated packet sent
-        if peer.config.persistent_keepalive > 0:
-            peer.t_persistent = now + peer.config.persistent_keepalive
+        if peer.keepalive_interval:
+            peer.t_persistent = now + peer.keepalive_interval
         if packet:
             if peer.t_new_handshake is None:  # data sent: expect to hear back
-                peer.t_new_handshake = now + limits.new_handshake_after + self._jitter()
+                peer.t_new_handshake = now + self.limits.new_handshake_after + self._jitter()
         else:
             self.stats["keepalives_sent"] += 1
-        if kp.send_counter > limits.rekey_after_messages or (
-                kp.initiator and now - kp.created >= limits.rekey_after_time):
+        if now >= kp.rekey_at or kp.send_counter > self._rekey_after_messages:
             self._initiate(peer, now, retry=False)
 
     def sender(self, peer: Peer) -> Keypair | None:
@@ -704,7 +731,7 @@ class Device:
         """
         kp = peer.current
         if (kp is None or peer.endpoint is None
-                or self.clock() - kp.created >= self._reject_after_time
+                or self.clock() >= kp.expires_at
                 or kp.send_counter + self.limits.max_staged_packets
                 >= self.limits.reject_after_messages):
             return None
@@ -716,12 +743,11 @@ class Device:
         limits = self.limits
         peer.tx_bytes += nbytes
         peer.t_keepalive = None
-        if peer.config.persistent_keepalive > 0:
-            peer.t_persistent = now + peer.config.persistent_keepalive
+        if peer.keepalive_interval:
+            peer.t_persistent = now + peer.keepalive_interval
         if data and peer.t_new_handshake is None:
             peer.t_new_handshake = now + limits.new_handshake_after + self._jitter()
-        if kp.send_counter > limits.rekey_after_messages or (
-                kp.initiator and now - kp.created >= limits.rekey_after_time):
+        if now >= kp.rekey_at or kp.send_counter > limits.rekey_after_messages:
             self._initiate(peer, now, retry=False)
 
     def initiate(self, public_key: bytes) -> None:
@@ -759,8 +785,8 @@ class Device:
         self._traversal(peer, now)
 
     def _traversal(self, peer: Peer, now: float) -> None:
-        if peer.config.persistent_keepalive > 0:
-            peer.t_persistent = now + peer.config.persistent_keepalive
+        if peer.keepalive_interval:
+            peer.t_persistent = now + peer.keepalive_interval
 
     def _handshake_complete(self, peer: Peer, now: float) -> None:
         peer.t_retransmit = None
@@ -830,7 +856,7 @@ class Device:
                 self._initiate(peer, now, retry=False)
             if peer.t_persistent is not None and now >= peer.t_persistent:
                 peer.t_persistent = None
-                if peer.config.persistent_keepalive > 0:
+                if peer.keepalive_interval:
                     self.send_to(peer, b"")
             if peer.t_zero_keys is not None and now >= peer.t_zero_keys:
                 peer.t_zero_keys = None

@@ -131,7 +131,7 @@ class Keypair:
 
     __slots__ = (
         "_send", "_recv", "local_index", "remote_index", "initiator", "created",
-        "send_counter", "replay", "prefix", "peer",
+        "send_counter", "replay", "prefix", "peer", "rekey_at", "expires_at",
     )
 
     def __init__(
@@ -149,6 +149,9 @@ class Keypair:
         self.replay = ReplayWindow(window_bits, reject_after_messages)
         self.prefix = HEADER_TRANSPORT + remote_index.to_bytes(INDEX_LEN, "little")
         self.peer = peer
+        # set by the session layer from its limits: when to rekey, when to stop using it
+        self.rekey_at = float("inf")
+        self.expires_at = float("inf")
 
     def __repr__(self) -> str:
         return (f"Keypair(local={self.local_index:#010x}, remote={self.remote_index:#010x}, "
@@ -207,16 +210,19 @@ class Keypair:
     # --- receive ------------------------------------------------------------------------
 
     def open(self, msg: bytes | memoryview) -> bytes | None:
-        """Decrypt a type-4 message addressed to this keypair; None if forged or replayed.
+        """Decrypt a type-4 message addressed to this keypair; None if replayed or too old.
 
-        The replay window is updated only after the tag verified, so a forged counter
-        cannot move it. Returns the padded payload (b"" for a keepalive).
+        Raises InvalidTag for a forgery. The replay window is updated only after the tag
+        verified, so a forged counter cannot move it. Returns the padded payload (b"" for a
+        keepalive).
         """
         ctr = msg[DATA_COUNTER:DATA_PAYLOAD]
         counter = int.from_bytes(ctr, "little")
         replay = self.replay
-        if not replay.check(counter):
-            return None
+        greatest = replay._greatest
+        if counter >= replay.limit or (counter <= greatest
+                                       and greatest - counter >= replay.window):
+            return None  # hopeless before decrypting; duplicates are caught after
         plain = self._recv.decrypt(_NONCE_PAD + ctr, msg[DATA_PAYLOAD:], None)
         if not replay.accept(counter):
             return None
