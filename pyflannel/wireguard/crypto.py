@@ -116,6 +116,7 @@ def dh(private: X25519PrivateKey, public: bytes) -> bytes:
 
 # --- HChaCha20 and XChaCha20-Poly1305 (draft-irtf-cfrg-xchacha) ----------------------
 
+_HNONCE_LEN = 16  # HChaCha20 takes the first 16 bytes of the 24-byte nonce
 _SIGMA = struct.unpack("<4I", b"expand 32-byte k")
 _M32 = 0xFFFFFFFF
 
@@ -137,7 +138,7 @@ def _quarter(s: list[int], a: int, b: int, c: int, d: int) -> None:
 
 def hchacha20(key: bytes, nonce16: bytes) -> bytes:
     """HChaCha20: 20 ChaCha rounds without the final addition; words 0-3 and 12-15 out."""
-    if len(key) != KEY_LEN or len(nonce16) != 16:
+    if len(key) != KEY_LEN or len(nonce16) != _HNONCE_LEN:
         raise ValueError("HChaCha20 takes a 32-byte key and a 16-byte nonce")
     s = [*_SIGMA, *struct.unpack("<8I", key), *struct.unpack("<4I", nonce16)]
     for _ in range(10):
@@ -155,8 +156,8 @@ def hchacha20(key: bytes, nonce16: bytes) -> bytes:
 def _xsplit(key: bytes, nonce24: bytes) -> tuple[ChaCha20Poly1305, bytes]:
     if len(nonce24) != XNONCE_LEN:
         raise ValueError("XChaCha20-Poly1305 takes a 24-byte nonce")
-    subkey = hchacha20(key, nonce24[:16])
-    return ChaCha20Poly1305(subkey), b"\0\0\0\0" + nonce24[16:]
+    subkey = hchacha20(key, nonce24[:_HNONCE_LEN])
+    return ChaCha20Poly1305(subkey), b"\0\0\0\0" + nonce24[_HNONCE_LEN:]
 
 
 def xaead_encrypt(key: bytes, nonce24: bytes, plaintext: bytes, ad: bytes) -> bytes:

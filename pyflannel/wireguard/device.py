@@ -37,6 +37,7 @@ from .constants import (
     DATA_MIN_LEN,
     DATA_RECEIVER,
     DEFAULT_LIMITS,
+    HEADER_TRANSPORT,
     INIT_EPHEMERAL,
     INIT_LEN,
     INIT_SENDER,
@@ -45,11 +46,13 @@ from .constants import (
     MSG_INITIATION,
     MSG_RESPONSE,
     MSG_TRANSPORT,
+    RESERVED,
     RESP_EPHEMERAL,
     RESP_LEN,
     RESP_RECEIVER,
     RESP_SENDER,
     TYPE_LEN,
+    TYPE_OFFSET,
     Limits,
 )
 from .crypto import tai64n
@@ -81,6 +84,7 @@ Endpoint = tuple  # (host, port) or the 4-tuple of an IPv6 socket address
 _TAI64N_ZERO = bytes(12)
 _RESERVED_ZERO = b"\0\0\0"
 _IPV4_HEADER = 20
+_IP_VERSION = 0  # the byte whose high nibble is the IP version
 _IPV4_VERSION_IHL5 = 0x45  # version 4, 20-byte header: almost every packet
 _IPV6_HEADER = 40
 # IP header fields used to route and check inner packets.
@@ -163,7 +167,7 @@ class Peer:
 
     def allows_source(self, packet: bytes | memoryview) -> bool:
         """Is the inner packet's source address inside this peer's allowed subnets?"""
-        version = packet[0] >> 4
+        version = packet[_IP_VERSION] >> 4
         if version == 4:
             src = int.from_bytes(packet[_V4_SRC], "big")
             prefixes = self.prefixes.v4
@@ -186,7 +190,7 @@ def inner_length(packet: bytes | memoryview) -> int:
     n = len(packet)
     if n == 0:
         return -1
-    version = packet[0] >> 4
+    version = packet[_IP_VERSION] >> 4
     if version == 4 and n >= _IPV4_HEADER:
         total = int.from_bytes(packet[_V4_TOTAL_LEN], "big")
         return total if _IPV4_HEADER <= total <= n else -1
@@ -319,7 +323,7 @@ class Device:
         """The peer whose allowed subnets hold the packet's destination (longest prefix)."""
         if not packet:
             return None
-        version = packet[0] >> 4
+        version = packet[_IP_VERSION] >> 4
         if version == 4 and len(packet) >= _IPV4_HEADER:
             dst = int.from_bytes(packet[_V4_DST], "big")
             routes = self._routes4
@@ -365,10 +369,10 @@ class Device:
         """Consume one UDP datagram from ``src``. Never raises; refusals are counted."""
         n = len(data)
         try:
-            if n < TYPE_LEN or n > MAX_DATAGRAM or data[1:TYPE_LEN] != _RESERVED_ZERO:
+            if n < TYPE_LEN or n > MAX_DATAGRAM or data[RESERVED] != _RESERVED_ZERO:
                 self.drops["malformed"] += 1
                 return
-            kind = data[0]
+            kind = data[TYPE_OFFSET]
             if kind == MSG_TRANSPORT and n >= DATA_MIN_LEN:
                 self._receive_transport(data, src)
             elif kind == MSG_INITIATION and n == INIT_LEN:
@@ -406,8 +410,8 @@ class Device:
         now = self.clock()
         for data, src in datagrams:
             n = len(data)
-            if (n < DATA_MIN_LEN or n > MAX_DATAGRAM or data[0] != MSG_TRANSPORT
-                    or data[1] or data[2] or data[3]):
+            if (n < DATA_MIN_LEN or n > MAX_DATAGRAM
+                    or data[TYPE_OFFSET:TYPE_LEN] != HEADER_TRANSPORT):
                 if run_kp is not None:
                     self._finish_run(run_peer, run_kp, run_bytes, run_data, run_src, now)
                     run_kp = None
@@ -439,7 +443,8 @@ class Device:
                 self.stats["keepalives_received"] += 1
                 continue
             size = len(plain)
-            if plain[0] == _IPV4_VERSION_IHL5 and size >= _IPV4_HEADER:  # the common case, inline
+            # the common case, inline: IPv4 without options
+            if plain[_IP_VERSION] == _IPV4_VERSION_IHL5 and size >= _IPV4_HEADER:
                 length = int.from_bytes(plain[_V4_TOTAL_LEN], "big")
                 if not _IPV4_HEADER <= length <= size:
                     drops["inner_malformed"] += 1

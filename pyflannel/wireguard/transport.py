@@ -20,9 +20,9 @@ from .constants import (
     DATA_MIN_LEN,
     DATA_PAYLOAD,
     DATA_RECEIVER,
+    DATA_TYPE,
     HEADER_TRANSPORT,
     INDEX_LEN,
-    MSG_TRANSPORT,
     PAD_MULTIPLE,
     REJECT_AFTER_MESSAGES,
     REPLAY_WINDOW_BITS,
@@ -250,5 +250,4 @@ class Keypair:
 
 def is_transport(msg: bytes | memoryview) -> bool:
     """A quick type test for dispatch: type byte 4, reserved bytes zero, long enough."""
-    return (len(msg) >= DATA_MIN_LEN and msg[0] == MSG_TRANSPORT
-            and msg[1:4] == b"\0\0\0")
+    return len(msg) >= DATA_MIN_LEN and msg[DATA_TYPE:DATA_RECEIVER] == HEADER_TRANSPORT
