@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from pyflannel.wireguard.keys import PrivateKey
+from pyflannel.wireguard.keys import PrivateKey, encode_key
 from tests.conftest import _need
 
 PY_UNDERLAY = "198.18.77.1"
@@ -44,8 +44,8 @@ import ipaddress, json, select, socket, sys, time
 from pyflannel.wireguard.device import Device, PeerConfig
 from pyflannel.wireguard.keys import PrivateKey, decode_key
 
-priv, go_pub, go_endpoint, phase_a_timeout = sys.argv[1:5]
-dev = Device(PrivateKey.from_base64(priv))
+priv, go_pub, go_endpoint, phase_a_timeout, psk = sys.argv[1:6]
+dev = Device(PrivateKey.from_base64(priv), psk=decode_key(psk) if psk != "-" else None)
 go_key = decode_key(go_pub)
 host, port = go_endpoint.rsplit(":", 1)
 dev.set_peers({go_key: PeerConfig(("10.1.2.0/24",), (host, int(port)))})
@@ -177,7 +177,8 @@ class WgLab:
         _run("ip", "-n", self.ns_py, "link", "set", "eth0", "up")
         _run("ip", "-n", self.ns_go, "link", "set", "eth0", "up")
 
-    def start_wireguard_go(self, go_key: PrivateKey, py_public_b64: str) -> None:
+    def start_wireguard_go(self, go_key: PrivateKey, py_public_b64: str,
+                           psk: str | None = None) -> None:
         log = open(self.dir / "wireguard-go.log", "wb")  # noqa: SIM115 - handed to the child
         env = {**os.environ, "WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1",
                "LOG_LEVEL": "debug"}
@@ -201,10 +202,19 @@ class WgLab:
         _run("ip", "netns", "exec", self.ns_go, "wg", "set", self.dev,
              "listen-port", str(PORT), "private-key", str(keyfile),
              "peer", py_public_b64, "allowed-ips", "10.1.1.0/24",
-             "endpoint", f"{PY_UNDERLAY}:{PORT}")
+             "endpoint", f"{PY_UNDERLAY}:{PORT}", *self._psk_args(psk))
         _run("ip", "-n", self.ns_go, "addr", "add", f"{GO_OVERLAY}/32", "dev", self.dev)
         _run("ip", "-n", self.ns_go, "link", "set", self.dev, "up")
         _run("ip", "-n", self.ns_go, "route", "add", NETWORK, "dev", self.dev)
+
+    def _psk_args(self, psk: str | None) -> list[str]:
+        if psk is None:
+            return []
+        path = self.dir / "psk"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, psk.encode() + b"\n")
+        os.close(fd)
+        return ["preshared-key", str(path)]
 
     def log_tail(self) -> str:
         path = self.dir / "wireguard-go.log"
@@ -256,12 +266,14 @@ def _read_json(proc: subprocess.Popen, timeout: float) -> dict:
         sel.close()
 
 
-def test_interop_with_wireguard_go_both_directions(wg_lab: WgLab) -> None:
+@pytest.mark.parametrize("with_psk", [False, True], ids=["no-psk", "psk"])
+def test_interop_with_wireguard_go_both_directions(wg_lab: WgLab, with_psk: bool) -> None:
     go_key, py_key = PrivateKey.generate(), PrivateKey.generate()
-    wg_lab.start_wireguard_go(go_key, py_key.public_base64)
+    psk = encode_key(os.urandom(32)) if with_psk else None
+    wg_lab.start_wireguard_go(go_key, py_key.public_base64, psk)
     child = subprocess.Popen(
         ["ip", "netns", "exec", wg_lab.ns_py, sys.executable, "-c", CHILD,
-         py_key.to_base64(), go_key.public_base64, f"{GO_UNDERLAY}:{PORT}", "8"],
+         py_key.to_base64(), go_key.public_base64, f"{GO_UNDERLAY}:{PORT}", "8", psk or "-"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         cwd=Path(__file__).resolve().parents[1],
     )
