@@ -8,7 +8,9 @@ the other runs our pure-Python device on a UDP socket, in a child process.
 
 Both directions are exercised: wireguard-go initiates (a ping from its namespace) and we
 respond and answer the ping; then we initiate, send an ICMP echo request inside a transport
-message, and decrypt the kernel's echo reply that wireguard-go encrypted for us.
+message, and decrypt the kernel's echo reply that wireguard-go encrypted for us. Last, our
+side rekeys every second (shortened limits) while pinging, and every ping is answered
+across the key rotations. Run with and without a pre-shared key.
 """
 
 from __future__ import annotations
@@ -132,6 +134,26 @@ def reply(pkt):
 pump(time.monotonic() + 10, reply)
 print(json.dumps({"phase": "B", "initiated": initiated, "reply": got,
                   "stats": dict(dev.stats), "drops": dict(dev.drops)}), flush=True)
+
+# Phase C: rekeying against a real peer. Our device restarts (same key) with its limits
+# shortened so that it rekeys every second (wireguard-go keeps its own 120 s); a ping every
+# 100 ms for 4 s must keep being answered across the key rotations.
+from pyflannel.wireguard.constants import Limits
+dev = Device(PrivateKey.from_base64(priv), psk=decode_key(psk) if psk != "-" else None,
+             limits=Limits(rekey_after_time=1.0, reject_after_time=2.5, rekey_timeout=0.3,
+                           keepalive_timeout=0.5))
+dev.set_peers({go_key: PeerConfig(("10.1.2.0/24",), (host, int(port)))})
+answered = set()
+def echo_reply(pkt):
+    if pkt[9] == 1 and pkt[20] == 0 and pkt[24:26] == b"\x43\x43":
+        answered.add(int.from_bytes(pkt[26:28], "big"))
+    return False
+for seq in range(40):
+    dev.send(ipv4("10.1.1.1", "10.1.2.0", 1, icmp(8, 0x4343, seq, b"rekey")))
+    pump(time.monotonic() + 0.1, echo_reply)
+pump(time.monotonic() + 0.5, echo_reply)
+print(json.dumps({"phase": "C", "answered": len(answered), "stats": dict(dev.stats),
+                  "drops": dict(dev.drops)}), flush=True)
 """
 
 
@@ -301,6 +323,13 @@ def test_interop_with_wireguard_go_both_directions(wg_lab: WgLab, with_psk: bool
         }, phase_b
         bad = {k: v for k, v in phase_b["drops"].items() if k != "staged_overflow"}
         assert not bad, phase_b
+        phase_c = _read_json(child, 30)
+        print("phase C:", phase_c)
+        assert phase_c["phase"] == "C"
+        assert phase_c["answered"] >= 36, phase_c  # replies kept coming across the rekeys
+        assert phase_c["stats"].get("responses_received", 0) >= 3, phase_c
+        bad = {k: v for k, v in phase_c["drops"].items() if k != "staged_overflow"}
+        assert not bad, phase_c
         show = _run("ip", "netns", "exec", wg_lab.ns_go, "wg", "show", wg_lab.dev, "dump")
         assert py_key.public_base64 in show.stdout
         assert f"{PY_UNDERLAY}:{PORT}" in show.stdout
