@@ -713,3 +713,24 @@ def test_status_rows_have_no_secrets(net: Net) -> None:
     assert row["latest_handshake"] == net.clock.wall()
     assert row["tx_bytes"] > 0 and row["rx_bytes"] > 0
     assert kb.to_base64()[:10] not in repr(row) and ka.to_base64()[:10] not in repr(row)
+
+
+def test_under_load_a_proven_source_is_still_rate_limited(net: Net) -> None:
+    a, b, ka, kb = pair(net)
+    b.force_under_load = True
+    a.initiate(kb.public)
+    net.pump()  # cookie reply: a now holds a cookie for its address
+    assert a.peers[kb.public].cookie is not None
+    accepted = 0
+    for _ in range(20):  # 20 initiations 21 ms apart (past the per-peer 20 ms), valid mac2
+        twin = Device(ka, clock=net.clock, wall_clock=net.clock.wall, limits=SHORT)
+        twin.set_peers({kb.public: PeerConfig((NET_B,), B)})
+        twin.peers[kb.public].cookie = a.peers[kb.public].cookie
+        twin.peers[kb.public].cookie_time = net.clock.t
+        net.clock.advance(0.021)
+        twin.initiate(kb.public)
+        before = b.stats["responses_sent"]
+        b.receive(bytes(twin.drain()[1][0][0]), A)
+        accepted += b.stats["responses_sent"] - before
+    assert b.drops["rate_limited"] >= 5, (b.drops, accepted)
+    assert 12 <= accepted <= 15  # the burst of 5, then 20 a second over 0.42 s

@@ -85,6 +85,9 @@ _TAI64N_ZERO = bytes(12)
 _RESERVED_ZERO = b"\0\0\0"
 _IPV4_HEADER = 20
 _IP_VERSION = 0  # the byte whose high nibble is the IP version
+_PORT_LEN = 2
+_IPV6_ADDR_LEN = 16
+_IPV6_LIMIT_PREFIX = 8  # handshake rate limits apply per IPv6 /64
 _IPV4_VERSION_IHL5 = 0x45  # version 4, 20-byte header: almost every packet
 _IPV6_HEADER = 40
 # IP header fields used to route and check inner packets.
@@ -99,7 +102,7 @@ DROP_REASONS = (
     "malformed", "bad_mac1", "bad_mac2", "unknown_peer", "unknown_index", "bad_auth",
     "replay", "handshake_replay", "handshake_flood", "stale_key", "bad_cookie",
     "inner_src", "inner_malformed", "no_route", "no_endpoint", "staged_overflow",
-    "internal_error",
+    "rate_limited", "internal_error",
 )
 
 
@@ -200,6 +203,35 @@ def inner_length(packet: bytes | memoryview) -> int:
     return -1
 
 
+class _SourceLimiter:
+    """Handshakes per source address under load: 20 a second, bursts of 5 (wireguard-go's).
+
+    Only consulted for messages whose mac2 proved the source address, so spoofed
+    addresses cannot fill it; idle entries are dropped once a second.
+    """
+
+    __slots__ = ("_buckets", "_swept", "rate", "burst")
+
+    def __init__(self, rate: float = 20.0, burst: float = 5.0) -> None:
+        self._buckets: dict[bytes, tuple[float, float]] = {}
+        self._swept = float("-inf")
+        self.rate = rate
+        self.burst = burst
+
+    def allow(self, address: bytes, now: float) -> bool:
+        """Take a token for this address if it has one."""
+        if now - self._swept >= 1.0:
+            self._swept = now
+            self._buckets = {a: b for a, b in self._buckets.items() if now - b[1] < 1.0}
+        tokens, last = self._buckets.get(address, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self._buckets[address] = (tokens, now)
+            return False
+        self._buckets[address] = (tokens - 1.0, now)
+        return True
+
+
 class Device:
     """Our static key, the peer table and every session: the protocol's whole state."""
 
@@ -243,6 +275,7 @@ class Device:
         self._load_window = float("-inf")
         self._load_count = 0
         self._load_until = float("-inf")
+        self._limiter = _SourceLimiter()
 
     def __repr__(self) -> str:
         return f"Device({short_key(self.local.public)}, peers={len(self.peers)})"
@@ -568,9 +601,17 @@ class Device:
         now = self.clock()
         if not self._under_load(now):
             return True
-        source = address_bytes(str(src[0]).split("%")[0], int(src[1]))
+        host = str(src[0]).split("%")[0]
+        source = address_bytes(host, int(src[1]))
         if check_mac2(msg, self._cookies.cookie_for(source, now)):
-            return True
+            # a proven address may still flood: a token bucket per address (IPv6 per /64)
+            address = source[:-_PORT_LEN]
+            if len(address) == _IPV6_ADDR_LEN:
+                address = address[:_IPV6_LIMIT_PREFIX]
+            if self._limiter.allow(address, now):
+                return True
+            self.drops["rate_limited"] += 1
+            return False
         self.to_net.append((self._cookies.make_reply(msg, receiver, source, now), src))
         self.stats["cookie_replies_sent"] += 1
         self.drops["bad_mac2"] += 1
