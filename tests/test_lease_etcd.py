@@ -94,10 +94,10 @@ async def test_the_watch_follows_peers_joining_and_leaving(registry, etcd_server
     watcher = asyncio.create_task(me.watch_forever())
     other_reg = EtcdRegistry([etcd_server.endpoint], etcd_prefix)
     other = await LeaseManager(other_reg, CFG, node(2)).acquire()
-    await _until(lambda: other.subnet in me.peers)
-    assert me.lease.subnet not in me.peers
+    await _until(lambda: other.key_name in me.peers)
+    assert me.lease.key_name not in me.peers
     await other_reg.delete_lease(other.subnet)
-    await _until(lambda: other.subnet not in me.peers)
+    await _until(lambda: other.key_name not in me.peers)
     assert any(other.subnet in {x.subnet for x in d.removed} for d in diffs)
     watcher.cancel()
     await other_reg.close()
@@ -215,9 +215,74 @@ async def test_a_compacted_watch_revision_means_one_relist_and_on(registry, etcd
     other_reg = EtcdRegistry([etcd_server.endpoint], etcd_prefix)
     await asyncio.sleep(0.5)
     other = await LeaseManager(other_reg, CFG, node(2)).acquire()
-    await _until(lambda: other.subnet in me.peers)
+    await _until(lambda: other.key_name in me.peers)
     watcher.cancel()
     assert len(calls) == 2  # listed again once, then watched on
     assert sum("compacted" in r.getMessage() for r in caplog.records) == 1
     await other_reg.close()
+    await registry.close()
+
+
+# -- dual-stack and IPv6-only against real etcd ------------------------------------------
+
+DUAL = parse_config('{"Network": "10.1.0.0/16", "EnableIPv6": true,'
+                    ' "IPv6Network": "fc00:10:1::/48"}')
+V6ONLY = parse_config('{"EnableIPv4": false, "EnableIPv6": true,'
+                      ' "IPv6Network": "fc00:10:1::/48"}')
+
+
+def node6(i: int, v4: bool = True) -> LeaseAttrs:
+    return LeaseAttrs(IPv4Address(f"198.18.1.{i}" if v4 else "0.0.0.0"), "vxlan",
+                      public_ipv6=f"fd00:198::{i}")
+
+
+async def test_a_dual_stack_key_is_written_read_renewed_and_watched_whole(
+        registry, etcd_server, etcd_prefix):
+    me = LeaseManager(registry, DUAL, node6(1))
+    lease = await me.acquire()
+    key = subnet_key(etcd_prefix, lease.subnet, lease.ipv6_subnet)
+    assert key.endswith(f"{lease.subnet.network_address}-24&{lease.ipv6_subnet.network_address}-64")
+    raw = etcd_server.etcdctl("get", key, "--print-value-only").stdout.strip()
+    assert json.loads(raw) == {"PublicIP": "198.18.1.1", "PublicIPv6": "fd00:198::1",
+                               "BackendType": "vxlan"}
+    got = await registry.get_lease(lease.subnet, lease.ipv6_subnet)
+    assert got is not None and got.ipv6_subnet == lease.ipv6_subnet
+    # A restart takes the same key back, on a fresh etcd lease.
+    again = await LeaseManager(registry, DUAL, node6(1)).acquire()
+    assert again.key_name == lease.key_name and again.lease_id != lease.lease_id
+    # Peers: an IPv6-only key from etcdctl, as flanneld writes it, arrives whole.
+    watcher = asyncio.create_task(me.watch_forever())
+    await asyncio.sleep(0.3)
+    v6key = f"{etcd_prefix}/subnets/0.0.0.0-0&fc00:10:1:4f::-64"
+    etcd_server.etcdctl("put", v6key, '{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198::9",'
+                        '"BackendType":"vxlan"}')
+    await _until(lambda: "0.0.0.0-0&fc00:10:1:4f::-64" in me.peers)
+    etcd_server.etcdctl("del", v6key)
+    await _until(lambda: "0.0.0.0-0&fc00:10:1:4f::-64" not in me.peers)
+    watcher.cancel()
+    await registry.close()
+
+
+async def test_two_ipv6_only_nodes_get_two_keys_in_etcd(etcd_server, etcd_prefix):
+    regs = [EtcdRegistry([etcd_server.endpoint], etcd_prefix) for _ in range(2)]
+    a, b = (LeaseManager(r, V6ONLY, node6(i, v4=False)) for i, r in enumerate(regs, 1))
+    la, lb = await a.acquire(), await b.acquire()
+    assert la.key_name != lb.key_name
+    assert (await LeaseManager(regs[1], V6ONLY, node6(2, v4=False)).acquire()).key_name \
+        == lb.key_name
+    listing = await regs[0].list_leases()
+    assert {x.key_name for x in listing.leases} == {la.key_name, lb.key_name}
+    for r in regs:
+        await r.close()
+
+
+async def test_delete_if_unchanged_spares_a_key_rewritten_meanwhile(registry):
+    lease = await LeaseManager(registry, DUAL, node6(1)).acquire()
+    listed = (await registry.list_leases()).leases[0]
+    await registry.put_lease(lease.subnet, node6(1), lease.lease_id,
+                             ipv6_subnet=lease.ipv6_subnet)
+    assert await registry.delete_if_unchanged(listed) is False
+    fresh = (await registry.list_leases()).leases[0]
+    assert await registry.delete_if_unchanged(fresh) is True
+    assert (await registry.list_leases()).leases == []
     await registry.close()

@@ -257,3 +257,49 @@ def test_every_subnet_pair_round_trips_through_its_key(a4, p4, a6, p6, v6_only):
     v4 = NO_IPV4_SUBNET if v6_only else IPv4Network((a4, p4), strict=False)
     v6 = IPv6Network((a6, p6), strict=False)
     assert parse_lease_key(subnet_key("/p", v4, v6)) == (v4, v6)
+
+
+# -- registry decoding: every key layout, per family -------------------------------------
+
+
+def test_registry_decode_reads_all_three_key_layouts():
+    from pyflannel.lease.registry import RawKV, decode
+
+    value = b'{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198::2","BackendType":"vxlan"}'
+    for name, v4, v6 in [
+        ("10.1.45.0-24", "10.1.45.0/24", None),
+        ("10.1.45.0-24&fc00:10:1:4f::-64", "10.1.45.0/24", "fc00:10:1:4f::/64"),
+        ("0.0.0.0-0&fc00:10:1:4f::-64", "0.0.0.0/0", "fc00:10:1:4f::/64"),
+    ]:
+        got = decode(RawKV(f"/coreos.com/network/subnets/{name}".encode(), value, 5, 9))
+        assert got.subnet == IPv4Network(v4)
+        assert got.ipv6_subnet == (IPv6Network(v6) if v6 else None)
+        assert got.key_name == name and (got.lease_id, got.mod_revision) == (5, 9)
+
+
+def test_rejected_keys_and_watch_events_carry_the_key_name():
+    from pyflannel.lease.registry import RawKV, build_listing, event_for
+
+    a = RawKV(b"/p/subnets/0.0.0.0-0&fc00:10:1:4f::-64", b"garbage", 0, 3)
+    b = RawKV(b"/p/subnets/0.0.0.0-0&fc00:10:1:50::-64", b"garbage", 0, 4)
+    listing = build_listing([a, b], 4)
+    names = [r.key_name for r in listing.rejected]
+    assert names == ["0.0.0.0-0&fc00:10:1:4f::-64", "0.0.0.0-0&fc00:10:1:50::-64"]
+    # IPv4 and IPv6 subnets are taken per family; 0.0.0.0/0 is no subnet anybody holds.
+    assert listing.occupied == {IPv6Network("fc00:10:1:4f::/64"),
+                                IPv6Network("fc00:10:1:50::/64")}
+    assert listing.occupied_in(4) == set()
+    deleted = event_for(RawKV(a.key, b"", 0, 7), deleted=True)
+    assert deleted.key_name == "0.0.0.0-0&fc00:10:1:4f::-64" and deleted.lease is None
+    assert deleted.ipv6_subnet == IPv6Network("fc00:10:1:4f::/64") and deleted.rejected is None
+    put = event_for(b, deleted=False)
+    assert put.rejected is not None and put.key_name == "0.0.0.0-0&fc00:10:1:50::-64"
+
+
+def test_occupied_holds_both_families_of_a_dual_stack_key():
+    from pyflannel.lease.registry import RawKV, build_listing
+
+    kv = RawKV(b"/p/subnets/10.1.45.0-24&fc00:10:1:4f::-64", b'{"PublicIP":"192.0.2.2"}')
+    listing = build_listing([kv], 1)
+    assert listing.occupied == {IPv4Network("10.1.45.0/24"), IPv6Network("fc00:10:1:4f::/64")}
+    assert listing.occupied_in(4) == {IPv4Network("10.1.45.0/24")}

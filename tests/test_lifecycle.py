@@ -10,14 +10,14 @@ import asyncio
 import gc
 import logging
 import tracemalloc
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 import pytest
 
 from pyflannel.config import parse_config
 from pyflannel.lease.manager import LeaseManager
 from pyflannel.lease.memory import MemoryRegistry
-from pyflannel.lease.model import LeaseAttrs, subnet_key
+from pyflannel.lease.model import NO_IPV4_SUBNET, LeaseAttrs, lease_key_name, subnet_key
 from pyflannel.lease.registry import EtcdAuthError, EtcdUnavailable
 
 CFG = parse_config(b'{"Network":"10.1.0.0/16","SubnetLen":24}')
@@ -32,6 +32,11 @@ def attrs(ip: IPv4Address | str = ME) -> LeaseAttrs:
 
 def net(text: str) -> IPv4Network:
     return IPv4Network(text)
+
+
+def key(text: str) -> str:
+    """The peer-table key (the lease's key name) of an IPv4-only lease."""
+    return lease_key_name(IPv4Network(text))
 
 
 class Node:
@@ -149,7 +154,7 @@ async def test_an_oversized_value_is_ignored_and_its_subnet_stays_taken(reg, cap
     node = Node(reg)
     lease = await node.start(previous=net("10.1.9.0/24"))
     assert lease.subnet != net("10.1.9.0/24")
-    assert net("10.1.9.0/24") not in node.m.peers
+    assert key("10.1.9.0/24") not in node.m.peers
     assert len(warnings_about(caplog, "far larger than any lease")) == 1
     await node.stop()
 
@@ -159,10 +164,10 @@ async def test_a_peer_whose_value_turns_to_garbage_is_removed(reg):
     await node.start()
     reg.put_lease_raw(net("10.1.50.0/24"), attrs("198.18.0.5"))
     await settle()
-    assert net("10.1.50.0/24") in node.m.peers
+    assert key("10.1.50.0/24") in node.m.peers
     reg.put_raw(subnet_key(PREFIX, net("10.1.50.0/24")), "[1,2]")
     await settle()
-    assert net("10.1.50.0/24") not in node.m.peers
+    assert key("10.1.50.0/24") not in node.m.peers
     await node.stop()
 
 
@@ -172,7 +177,7 @@ async def test_a_lease_naming_our_address_on_another_subnet_is_never_a_peer(reg,
     reg.put_lease_raw(net("10.1.77.0/24"), attrs(ME))
     reg.put_lease_raw(net("10.1.77.0/24"), attrs(ME))
     await settle()
-    assert net("10.1.77.0/24") not in node.m.peers
+    assert key("10.1.77.0/24") not in node.m.peers
     assert all(not d.added for d in node.diffs)
     assert len(warnings_about(caplog, "names this node's address")) == 1
     await node.stop()
@@ -264,7 +269,7 @@ async def test_a_broken_watch_is_re_established_and_said_once(reg, caplog):
     reg.down = False
     await until(lambda: any("watching leases again" in r.getMessage() for r in caplog.records))
     reg.put_lease_raw(net("10.1.60.0/24"), attrs("198.18.0.6"))
-    await until(lambda: net("10.1.60.0/24") in node.m.peers)
+    await until(lambda: key("10.1.60.0/24") in node.m.peers)
     await node.stop()
 
 
@@ -293,10 +298,10 @@ async def test_our_new_key_seen_by_the_watch_mid_reacquire_is_never_a_peer(reg, 
     reg.put_lease_raw(first.subnet, attrs("198.18.0.2"))  # taken over
     await until(lambda: node.m.holds_subnet())
     await settle()
-    mine = node.m.lease.subnet
+    mine = node.m.lease.key_name
     assert mine not in node.m.peers
     assert all(lease.attrs.public_ip != ME for d in node.diffs for lease in d.added)
-    assert net("10.1.200.0/24") in node.m.peers
+    assert key("10.1.200.0/24") in node.m.peers
     await node.stop()
 
 
@@ -367,4 +372,148 @@ async def test_thousands_of_peer_events_leave_memory_where_it_was(reg):
                 if "pyflannel" in (s.traceback[0].filename if s.traceback else ""))
     assert grown < 64 * 1024, f"grew {grown} bytes over 6000 peer events"
     assert len(node.m.peers) == 0
+    await node.stop()
+
+
+# -- dual-stack and IPv6-only ------------------------------------------------------------
+
+DUAL = parse_config(b'{"Network":"10.1.0.0/16","EnableIPv6":true,'
+                    b'"IPv6Network":"fc00:10:1::/48"}')
+V6ONLY = parse_config(b'{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00:10:1::/48"}')
+
+
+def attrs6(ip: str = str(ME), ip6: str = "fd00:198::1") -> LeaseAttrs:
+    return LeaseAttrs(IPv4Address(ip), "vxlan", public_ipv6=ip6)
+
+
+def node6(registry: MemoryRegistry, cfg, ip: str = str(ME), ip6: str = "fd00:198::1") -> Node:
+    n = Node(registry, cfg)
+    n.m.attrs = attrs6(ip, ip6)
+    return n
+
+
+async def test_dual_stack_key_and_value_are_flanneld_s(reg):
+    node = node6(reg, DUAL)
+    lease = await node.m.acquire()
+    assert lease.has_ipv4 and lease.has_ipv6
+    stored = reg.kvs[lease.key(PREFIX).encode()]
+    assert stored.key.decode() == (f"{PREFIX}/subnets/{lease.subnet.network_address}-24&"
+                                   f"{lease.ipv6_subnet.network_address}-64")
+    assert b'"PublicIPv6":"fd00:198::1"' in stored.value
+    assert reg.lease_of(lease.subnet, lease.ipv6_subnet) == lease
+
+
+async def test_dual_stack_restart_keeps_both_subnets(reg):
+    first = await node6(reg, DUAL).m.acquire()
+    again = await node6(reg, DUAL).m.acquire()  # the same node, restarted: its key is there
+    assert (again.subnet, again.ipv6_subnet) == (first.subnet, first.ipv6_subnet)
+    assert again.lease_id != first.lease_id and first.lease_id not in reg.live_leases()
+    # The key is gone too (expired while the node was down): the subnet file's two subnets.
+    reg.expire(again.lease_id)
+    third = await node6(reg, DUAL).m.acquire(first.subnet, first.ipv6_subnet)
+    assert (third.subnet, third.ipv6_subnet) == (first.subnet, first.ipv6_subnet)
+    assert len(reg.kvs) == 1
+
+
+async def test_a_lost_dual_stack_key_is_taken_again_with_both_subnets(reg):
+    node = node6(reg, DUAL)
+    first = await node.start()
+    reg.delete_raw(first.key(PREFIX))
+    await until(lambda: node.m.holds_subnet() and node.programmed)
+    got = node.m.lease
+    assert (got.subnet, got.ipv6_subnet) == (first.subnet, first.ipv6_subnet)
+    assert reg.orphaned_leases() == set()
+    await node.stop()
+
+
+async def test_two_ipv6_only_nodes_never_share_a_lease(reg):
+    a = node6(reg, V6ONLY, ip="0.0.0.0", ip6="fd00:198::1")
+    b = node6(reg, V6ONLY, ip="0.0.0.0", ip6="fd00:198::2")
+    la = await a.start()
+    lb = await b.start()
+    assert la.key_name != lb.key_name and la.ipv6_subnet != lb.ipv6_subnet
+    assert la.key_name.startswith("0.0.0.0-0&") and lb.subnet == la.subnet
+    await until(lambda: lb.key_name in a.m.peers and la.key_name in b.m.peers)
+    # b restarts: it takes back its own key, not a's (which also says PublicIP 0.0.0.0).
+    await b.stop()
+    b2 = node6(reg, V6ONLY, ip="0.0.0.0", ip6="fd00:198::2")
+    assert (await b2.m.acquire()).key_name == lb.key_name
+    assert a.m.holds_subnet() and a.m.lease.key_name == la.key_name
+    await a.stop()
+
+
+async def test_ipv6_only_peers_are_told_apart_by_key_name(reg):
+    node = node6(reg, DUAL)
+    await node.start()
+    for i in (5, 6):
+        reg.put_lease_raw(NO_IPV4_SUBNET, attrs6("0.0.0.0", f"fd00:198::{i}"),
+                          ipv6_subnet=IPv6Network(f"fc00:10:1:{i}::/64"))
+    await settle()
+    names = {"0.0.0.0-0&fc00:10:1:5::-64", "0.0.0.0-0&fc00:10:1:6::-64"}
+    assert names <= set(node.m.peers)
+    reg.delete_raw(f"{PREFIX}/subnets/0.0.0.0-0&fc00:10:1:5::-64")
+    await settle()
+    assert "0.0.0.0-0&fc00:10:1:5::-64" not in node.m.peers
+    assert "0.0.0.0-0&fc00:10:1:6::-64" in node.m.peers
+    await node.stop()
+
+
+async def test_an_ipv4_only_node_never_takes_an_ipv6_only_lease_as_a_peer(reg, caplog):
+    node = Node(reg)
+    await node.start()
+    reg.put_lease_raw(NO_IPV4_SUBNET, attrs6("0.0.0.0", "fd00:198::5"),
+                      ipv6_subnet=IPv6Network("fc00:10:1:5::/64"))
+    reg.put_lease_raw(net("10.1.50.0/24"), attrs6("198.18.0.5", "fd00:198::50"),
+                      ipv6_subnet=IPv6Network("fc00:10:1:50::/64"))
+    await settle()
+    # 0.0.0.0/0 is never routed; the dual-stack peer is an IPv4 peer here.
+    assert set(node.m.peers) == {"10.1.50.0-24&fc00:10:1:50::-64"}
+    assert len(warnings_about(caplog, "0.0.0.0-0&fc00:10:1:5::-64")) == 1
+    await node.stop()
+
+
+async def test_a_peer_whose_ipv6_subnet_lies_outside_the_ipv6_network_is_ignored(reg, caplog):
+    node = node6(reg, DUAL)
+    await node.start()
+    reg.put_lease_raw(net("10.1.50.0/24"), attrs6("198.18.0.5", "fd00:198::5"),
+                      ipv6_subnet=IPv6Network("fc00:99::/64"))
+    reg.put_lease_raw(net("10.1.51.0/24"), attrs6("198.18.0.6", "fd00:198::6"),
+                      ipv6_subnet=IPv6Network("fc00:10:1:51::/120"))
+    reg.put_lease_raw(net("10.1.52.0/24"), attrs("198.18.0.7"))  # not yet dual-stack
+    await settle()
+    assert set(node.m.peers) == {"10.1.52.0-24"}
+    assert len(warnings_about(caplog, "outside the network config")) == 2
+    await node.stop()
+
+
+async def test_republishing_keeps_the_ipv6_subnet_and_its_key(reg):
+    node = node6(reg, DUAL)
+    first = await node.start()
+    new = LeaseAttrs(ME, "vxlan", {"VNI": 1, "VtepMAC": "96:cd:e4:4f:c9:30"},
+                     "fd00:198::1", {"VNI": 1, "VtepMAC": "5e:80:d2:17:9a:d2"})
+    await node.m.republish(new)
+    await settle()
+    assert node.m.lease.ipv6_subnet == first.ipv6_subnet
+    assert node.m.lease.key_name == first.key_name
+    assert len(reg.kvs) == 1 and reg.lease_of(first.subnet, first.ipv6_subnet).attrs == new
+    assert node.m.holds_subnet() and not node.torn_down
+    await node.stop()
+
+
+async def test_turning_ipv6_on_keeps_the_ipv4_subnet_in_a_dual_stack_key(reg):
+    old = await Node(reg).m.acquire()  # an IPv4-only cluster
+    node = node6(reg, DUAL)
+    lease = await node.m.acquire(previous=old.subnet)  # restarted with the new config
+    assert lease.subnet == old.subnet and lease.has_ipv6
+    assert [k.decode() for k in reg.kvs] == [lease.key(PREFIX)]  # the old key is gone
+    assert reg.orphaned_leases() == set() and old.lease_id not in reg.live_leases()
+
+
+async def test_a_dual_stack_takeover_is_noticed_by_key_name(reg):
+    node = node6(reg, DUAL)
+    first = await node.start()
+    reg.put_lease_raw(first.subnet, attrs6("198.18.0.2", "fd00:198::2"),
+                      ipv6_subnet=first.ipv6_subnet)
+    await until(lambda: node.m.holds_subnet() and node.m.lease.key_name != first.key_name)
+    assert node.torn_down == [first.subnet]
     await node.stop()

@@ -10,8 +10,8 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
-from ipaddress import IPv4Network
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Network, IPv6Network
 from urllib.parse import urlsplit
 
 import aetcd
@@ -306,8 +306,10 @@ class EtcdRegistry:
                 return build_listing(kvs, revision)
             start = bytes(reply.kvs[-1].key) + b"\0"
 
-    async def get_lease(self, subnet: IPv4Network) -> Lease | None:
-        key = subnet_key(self.prefix, subnet)
+    async def get_lease(self, subnet: IPv4Network,
+                        ipv6_subnet: IPv6Network | None = None) -> Lease | None:
+        """The lease under the key naming ``subnet`` (and ``ipv6_subnet``), if usable."""
+        key = subnet_key(self.prefix, subnet, ipv6_subnet)
         got = await self._call(lambda c: c.get(key.encode()))
         if got is None:
             return None
@@ -321,10 +323,14 @@ class EtcdRegistry:
 
     # -- writes ------------------------------------------------------------------------
 
-    async def create(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease | None:
-        """Claim a free subnet atomically; None when another node got there first. The etcd
-        lease granted for a create that fails is revoked, never left for a day."""
-        key = subnet_key(self.prefix, subnet).encode()
+    async def create(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int,
+                     ipv6_subnet: IPv6Network | None = None) -> Lease | None:
+        """Claim a free key atomically; None when another node got there first. The etcd
+        lease granted for a create that fails is revoked, never left for a day.
+
+        The key names both subnets (``subnet`` is NO_IPV4_SUBNET for an IPv6-only lease).
+        """
+        key = subnet_key(self.prefix, subnet, ipv6_subnet).encode()
 
         async def op(c: aetcd.Client):
             await self._revoke_orphans(c)
@@ -345,7 +351,7 @@ class EtcdRegistry:
         lease_id = await self._call(op)
         if lease_id is None:
             return None
-        return Lease(subnet, attrs, lease_id=lease_id)
+        return Lease(subnet, attrs, lease_id=lease_id, ipv6_subnet=ipv6_subnet)
 
     async def _revoke_orphans(self, c: aetcd.Client) -> None:
         """Revoke leases from creates whose outcome was lost, unless one holds a key (its
@@ -371,7 +377,7 @@ class EtcdRegistry:
     async def reclaim(self, existing: Lease, attrs: LeaseAttrs, ttl: int) -> Lease | None:
         """Re-put a key that already names us on a fresh lease (or keep a reservation's
         missing TTL); None when the key changed under us since we read it."""
-        key = subnet_key(self.prefix, existing.subnet).encode()
+        key = existing.key(self.prefix).encode()
 
         async def op(c: aetcd.Client):
             lease_id = 0
@@ -395,7 +401,7 @@ class EtcdRegistry:
         lease_id = await self._call(op)
         if lease_id is None:
             return None
-        return Lease(existing.subnet, attrs, lease_id=lease_id)
+        return replace(existing, attrs=attrs, lease_id=lease_id, mod_revision=0)
 
     async def refresh(self, lease_id: int) -> int:
         """Keep a lease alive; returns the new TTL, or 0 if etcd no longer has it."""
@@ -409,13 +415,28 @@ class EtcdRegistry:
             raise EtcdUnavailable(f"lease keep-alive on {self.endpoint} got no answer")
         return int(reply.TTL)
 
-    async def put_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, lease_id: int = 0) -> None:
-        key = subnet_key(self.prefix, subnet).encode()
+    async def put_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, lease_id: int = 0,
+                        ipv6_subnet: IPv6Network | None = None) -> None:
+        key = subnet_key(self.prefix, subnet, ipv6_subnet).encode()
         await self._call(lambda c: c.put(key, attrs.to_json().encode(), lease=lease_id or None))
 
-    async def delete_lease(self, subnet: IPv4Network) -> bool:
-        key = subnet_key(self.prefix, subnet).encode()
+    async def delete_lease(self, subnet: IPv4Network,
+                           ipv6_subnet: IPv6Network | None = None) -> bool:
+        key = subnet_key(self.prefix, subnet, ipv6_subnet).encode()
         return bool(await self._call(lambda c: c.delete(key)))
+
+    async def delete_if_unchanged(self, lease: Lease) -> bool:
+        """Delete ``lease``'s key only if nobody wrote it since we read it (a stale lease of
+        ours, say after the config changed); False when it changed or is gone."""
+        key = lease.key(self.prefix).encode()
+
+        async def op(c: aetcd.Client):
+            ok, _ = await c.transaction(
+                compare=[c.transactions.mod(key) == lease.mod_revision],
+                success=[c.transactions.delete(key)], failure=[])
+            return ok
+
+        return bool(await self._call(op))
 
     # -- watch -------------------------------------------------------------------------
 

@@ -14,7 +14,8 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from ipaddress import IPv4Address, IPv4Network
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from pyflannel.backoff import Backoff
 from pyflannel.config import NetworkConfig
@@ -26,6 +27,7 @@ from pyflannel.lease.policy import (
     SubnetPoolExhausted,
     choose_subnet,
     diff_peers,
+    names_us,
     renew_delay,
 )
 from pyflannel.lease.registry import (
@@ -76,7 +78,7 @@ class LeaseManager:
         self.lease: Lease | None = None  # the key we hold in etcd (None while re-acquiring)
         self.active = False  # on_lease has programmed the data path for self.lease
         self.expires_at: float = 0.0
-        self.peers: dict[IPv4Network, Lease] = {}
+        self.peers: dict[str, Lease] = {}  # by Lease.key_name
         self.renewals = 0
         self._epoch = 0  # bumped whenever self.lease changes
         self._lost = asyncio.Event()
@@ -89,30 +91,60 @@ class LeaseManager:
     def public_ip(self) -> IPv4Address:
         return self.attrs.public_ip
 
+    @property
+    def public_ipv6(self) -> IPv6Address | None:
+        return self.attrs.public_ipv6
+
+    def _names_us(self, lease: Lease) -> bool:
+        """Written by this node: PublicIP decides, PublicIPv6 in IPv6-only mode."""
+        return names_us(self.cfg, lease, self.public_ip, self.public_ipv6)
+
+    def _our_address(self) -> str:
+        return str(self.public_ip) if self.cfg.enable_ipv4 else str(self.public_ipv6)
+
     def _backoff(self) -> Backoff:
         return Backoff(self.retry_first_s, self.retry_ceiling_s)
 
     # -- acquisition -------------------------------------------------------------------
 
-    async def acquire(self, previous: IPv4Network | None = None) -> Lease:
-        """Take a subnet, retrying lost races; raises SubnetPoolExhausted when full."""
-        lost_races: set[IPv4Network] = set()
+    async def acquire(self, previous: IPv4Network | None = None,
+                      previous_ipv6: IPv6Network | None = None) -> Lease:
+        """Take a subnet (one per enabled family, in one key), retrying lost races;
+        ``previous``/``previous_ipv6`` are preferred each on its own; raises
+        SubnetPoolExhausted when a family's pool is full."""
+        lost_races: set[IPv4Network | IPv6Network] = set()
         for _attempt in range(ACQUIRE_ATTEMPTS):
             listing = await self.registry.list_leases()
             self._report_rejected(listing.rejected)
             choice = choose_subnet(self.cfg, listing.leases, self.public_ip, previous,
-                                   occupied=listing.occupied | lost_races)
+                                   occupied=listing.occupied | lost_races,
+                                   public_ipv6=self.public_ipv6, previous_ipv6=previous_ipv6)
+            if choice.stale:
+                await self._delete_stale(choice.stale)
+                continue  # list again: their subnets may now be free for us
             if choice.existing is not None:
                 lease = await self.registry.reclaim(choice.existing, self.attrs, self.ttl_s)
             else:
-                lease = await self.registry.create(choice.subnet, self.attrs, self.ttl_s)
-                lost_races.add(choice.subnet)
+                lease = await self.registry.create(choice.subnet, self.attrs, self.ttl_s,
+                                                   ipv6_subnet=choice.ipv6_subnet)
+                lost_races.update(s for s in (choice.subnet, choice.ipv6_subnet)
+                                  if s is not None and s.prefixlen)
             if lease is not None:
                 self._took(lease, choice.reason)
                 return lease
             log.info("subnet %s was taken by another node meanwhile; trying again",
-                     choice.subnet)
+                     choice.key_name)
         raise EtcdUnavailable(f"could not acquire a subnet in {ACQUIRE_ATTEMPTS} attempts")
+
+    async def _delete_stale(self, stale: Iterable[Lease]) -> None:
+        """Delete keys of ours that no longer fit the config (as flanneld does), unless
+        someone rewrote them since we listed."""
+        for lease in stale:
+            if await self.registry.delete_if_unchanged(lease):
+                log.warning("deleted lease %s: it names this node (%s) but does not fit the "
+                            "network config", lease.key_name, self._our_address())
+                if lease.lease_id:
+                    await self._revoke(lease.lease_id)
 
     def _took(self, lease: Lease, reason: str) -> None:
         self.lease = lease
@@ -121,11 +153,12 @@ class LeaseManager:
         self._lost.clear()
         self.expires_at = float("inf") if lease.reserved else time.time() + self.ttl_s
         kind = "reserved subnet" if lease.reserved else f"lease {lease.lease_id:x}"
-        log.info("acquired %s (%s, %s)", lease.subnet, reason, kind)
+        log.info("acquired %s (%s, %s)", describe(lease), reason, kind)
 
     def _report_rejected(self, rejected: Iterable[Rejected]) -> None:
         for r in rejected:
-            taken = f"; subnet {r.subnet} counts as taken" if r.subnet is not None else ""
+            subnets = " and ".join(str(s) for s in r.subnets)
+            taken = f"; subnet {subnets} counts as taken" if subnets else ""
             self._warn.warn(("rejected", r.key, r.reason), "ignoring key %s: %s%s",
                             r.key, r.reason, taken)
 
@@ -170,7 +203,7 @@ class LeaseManager:
         self._errors.clear("renew", "lease renewal works again")
         self.renewals += 1
         self.expires_at = time.time() + ttl
-        log.info("renewed lease for %s (%ds)", lease.subnet, ttl)
+        log.info("renewed lease for %s (%ds)", describe(lease), ttl)
 
     async def _wait_lost(self, seconds: float) -> bool:
         """Sleep, waking early if the lease is lost; True if it was."""
@@ -190,12 +223,12 @@ class LeaseManager:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure here is retried
                 self._errors.error("activate", "cannot program subnet %s yet: %s",
-                                   lease.subnet, _one_line(e))
+                                   describe(lease), _one_line(e))
                 await self._wait_lost(backoff.next())
                 continue
             if self.lease is lease:
                 self.active = True
-                self._errors.clear("activate", f"subnet {lease.subnet} programmed")
+                self._errors.clear("activate", f"subnet {describe(lease)} programmed")
             return
 
     async def _reacquire(self) -> None:
@@ -209,7 +242,9 @@ class LeaseManager:
         while True:
             self._pool_changed.clear()
             try:
-                lease = await self.acquire(previous=old.subnet if old else None)
+                lease = await self.acquire(
+                    previous=old.subnet if old is not None and old.has_ipv4 else None,
+                    previous_ipv6=old.ipv6_subnet if old is not None else None)
                 break
             except SubnetPoolExhausted as e:
                 self._errors.error("reacquire", "cannot take a lease: %s; waiting for one "
@@ -218,7 +253,7 @@ class LeaseManager:
                 self._errors.error("reacquire", "cannot take a lease: %s", e)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._pool_changed.wait(), backoff.next())
-        self._errors.clear("reacquire", f"lease re-acquired: {lease.subnet}")
+        self._errors.clear("reacquire", f"lease re-acquired: {describe(lease)}")
         if old is not None and old.lease_id and old.lease_id != lease.lease_id:
             await self._revoke(old.lease_id)
 
@@ -231,11 +266,11 @@ class LeaseManager:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - tearing down must not stop re-acquiring
-                log.error("cannot tear down subnet %s: %s", old.subnet, _one_line(e))
+                log.error("cannot tear down subnet %s: %s", describe(old), _one_line(e))
         if old.reserved:
             return
         try:
-            current = await self.registry.get_lease(old.subnet)
+            current = await self.registry.get_lease(old.subnet, old.ipv6_subnet)
         except EtcdTrouble:
             return  # revoked after the next acquisition instead
         if current is None or current.lease_id != old.lease_id:
@@ -257,14 +292,15 @@ class LeaseManager:
             if lease is None or self._lost.is_set():
                 return  # re-acquiring publishes self.attrs anyway
             try:
-                await self.registry.put_lease(lease.subnet, attrs, lease.lease_id)
+                await self.registry.put_lease(lease.subnet, attrs, lease.lease_id,
+                                              ipv6_subnet=lease.ipv6_subnet)
             except EtcdTrouble as e:
                 self._errors.error("publish", "cannot publish lease attributes: %s", e)
                 await asyncio.sleep(backoff.next())
                 continue
             if self.lease is lease:
-                self.lease = Lease(lease.subnet, attrs, lease.lease_id, lease.mod_revision)
-            log.info("published new lease attributes for %s", lease.subnet)
+                self.lease = replace(lease, attrs=attrs)
+            log.info("published new lease attributes for %s", describe(lease))
             return
 
     def activated(self, lease: Lease) -> None:
@@ -287,26 +323,34 @@ class LeaseManager:
     # -- peers -------------------------------------------------------------------------
 
     def _usable_peer(self, lease: Lease) -> bool:
+        """A lease to program as a peer: not ours, and routable with this config.
+
+        Each family the lease has and the config enables must fit that family's network and
+        subnet length; a family the config does not enable is left to nobody (a dual-stack
+        peer in an IPv4-only cluster is an IPv4 peer), and a lease without any enabled
+        family (an IPv6-only key, subnet 0.0.0.0/0, in an IPv4-only cluster) is no peer.
+        """
         own = self.lease
-        if own is not None and lease.subnet == own.subnet:
+        if own is not None and lease.key_name == own.key_name:
             return False
-        if lease.attrs.public_ip == self.public_ip:
+        if self._names_us(lease):
             # Our own new key seen before we recorded it, or a stale or mistyped lease for
             # our address: never a peer (it would route our traffic to ourselves).
             if own is not None:
-                self._warn.warn(("own-address", lease.subnet), "lease %s names this node's "
+                self._warn.warn(("own-address", lease.key_name), "lease %s names this node's "
                                 "address %s but is not our lease (%s); not programmed",
-                                lease.subnet, self.public_ip, own.subnet)
+                                lease.key_name, self._our_address(), own.key_name)
             return False
-        if lease.subnet.prefixlen != self.cfg.subnet_len or not lease.subnet.subnet_of(
-            self.cfg.network
-        ):
-            self._warn.warn(("outside", lease.subnet), "peer lease %s lies outside the "
-                            "network config; ignored", lease.subnet)
+        v4 = self.cfg.ipv4 is not None and lease.has_ipv4
+        v6 = self.cfg.ipv6 is not None and lease.has_ipv6
+        if (not v4 and not v6) or (v4 and not _fits(self.cfg.ipv4, lease.subnet)) or (
+                v6 and not _fits(self.cfg.ipv6, lease.ipv6_subnet)):
+            self._warn.warn(("outside", lease.key_name), "peer lease %s lies outside the "
+                            "network config; ignored", lease.key_name)
             return False
         return True
 
-    async def _apply(self, table: dict[IPv4Network, Lease]) -> None:
+    async def _apply(self, table: dict[str, Lease]) -> None:
         diff = diff_peers(self.peers, table)
         self.peers = table
         if not diff or self.on_peers is None:
@@ -326,11 +370,12 @@ class LeaseManager:
         own = self.lease
         # A listing begun before our lease changed says nothing about the new one.
         if own is not None and epoch == self._epoch and not any(
-            lease.subnet == own.subnet and lease.attrs.public_ip == self.public_ip
+            lease.key_name == own.key_name and self._names_us(lease)
             for lease in listing.leases
         ):
             self.lease_lost()
-        table = {lease.subnet: lease for lease in listing.leases if self._usable_peer(lease)}
+        table = {lease.key_name: lease for lease in listing.leases
+                 if self._usable_peer(lease)}
         await self._apply(table)
         self._pool_changed.set()
         return listing.revision + 1
@@ -356,12 +401,12 @@ class LeaseManager:
     async def _on_event(self, ev: WatchEvent) -> None:
         if ev.rejected is not None:
             self._report_rejected([ev.rejected])
-        subnet = ev.subnet
-        if subnet is None:
+        name = ev.key_name
+        if name is None:
             return
         own = self.lease
-        if own is not None and subnet == own.subnet:
-            if ev.lease is None or ev.lease.attrs.public_ip != self.public_ip:
+        if own is not None and name == own.key_name:
+            if ev.lease is None or not self._names_us(ev.lease):
                 self.lease_lost("own lease key was deleted" if ev.rejected is None and
                                 ev.lease is None else "own lease key was taken over")
             return
@@ -369,10 +414,23 @@ class LeaseManager:
             self._pool_changed.set()
         table = dict(self.peers)
         if ev.lease is not None and self._usable_peer(ev.lease):
-            table[subnet] = ev.lease
+            table[name] = ev.lease
         else:
-            table.pop(subnet, None)
+            table.pop(name, None)
         await self._apply(table)
+
+
+def describe(lease: Lease) -> str:
+    """A lease's subnets for a log line: ``10.1.5.0/24``, ``10.1.5.0/24 + fc00:..::/64``."""
+    parts = [str(lease.subnet)] if lease.has_ipv4 else []
+    if lease.ipv6_subnet is not None:
+        parts.append(str(lease.ipv6_subnet))
+    return " + ".join(parts)
+
+
+def _fits(pool, subnet) -> bool:
+    return (pool is not None and subnet is not None and subnet.version == pool.version
+            and subnet.prefixlen == pool.subnet_len and subnet.subnet_of(pool.network))
 
 
 def _one_line(e: BaseException) -> str:

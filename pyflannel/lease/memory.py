@@ -14,7 +14,8 @@ import asyncio
 import itertools
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from ipaddress import IPv4Network
+from dataclasses import replace
+from ipaddress import IPv4Network, IPv6Network
 
 from pyflannel.lease.model import Lease, LeaseAttrs, config_key, subnet_key, subnets_prefix
 from pyflannel.lease.registry import (
@@ -66,8 +67,10 @@ class MemoryRegistry:
         v = value.encode() if isinstance(value, str) else value
         return self._put(k, v, lease_id)
 
-    def put_lease_raw(self, subnet: IPv4Network, attrs: LeaseAttrs, lease_id: int = 0) -> int:
-        return self.put_raw(subnet_key(self.prefix, subnet), attrs.to_json(), lease_id)
+    def put_lease_raw(self, subnet: IPv4Network, attrs: LeaseAttrs, lease_id: int = 0,
+                      ipv6_subnet: IPv6Network | None = None) -> int:
+        return self.put_raw(subnet_key(self.prefix, subnet, ipv6_subnet), attrs.to_json(),
+                            lease_id)
 
     def delete_raw(self, key: str | bytes) -> bool:
         k = key.encode() if isinstance(key, str) else key
@@ -86,8 +89,9 @@ class MemoryRegistry:
     def compact(self) -> None:
         self.compacted = self.revision
 
-    def lease_of(self, subnet: IPv4Network) -> Lease | None:
-        got = self.kvs.get(subnet_key(self.prefix, subnet).encode())
+    def lease_of(self, subnet: IPv4Network,
+                 ipv6_subnet: IPv6Network | None = None) -> Lease | None:
+        got = self.kvs.get(subnet_key(self.prefix, subnet, ipv6_subnet).encode())
         lease = decode(got) if got is not None else None
         return lease if isinstance(lease, Lease) else None
 
@@ -155,23 +159,26 @@ class MemoryRegistry:
         kvs = [kv for k, kv in sorted(self.kvs.items()) if k.startswith(prefix)]
         return build_listing(kvs, self.revision)
 
-    async def get_lease(self, subnet: IPv4Network) -> Lease | None:
+    async def get_lease(self, subnet: IPv4Network,
+                        ipv6_subnet: IPv6Network | None = None) -> Lease | None:
         await self._enter("get_lease")
-        return self.lease_of(subnet)
+        return self.lease_of(subnet, ipv6_subnet)
 
-    async def create(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int) -> Lease | None:
+    async def create(self, subnet: IPv4Network, attrs: LeaseAttrs, ttl: int,
+                     ipv6_subnet: IPv6Network | None = None) -> Lease | None:
         await self._enter("create")
-        key = subnet_key(self.prefix, subnet).encode()
+        key = subnet_key(self.prefix, subnet, ipv6_subnet).encode()
         if key in self.kvs:
             return None
         lease_id = next(self._ids)
         self.lease_ttl[lease_id] = ttl
         rev = self._put(key, attrs.to_json().encode(), lease_id)
-        return Lease(subnet, attrs, lease_id=lease_id, mod_revision=rev)
+        return Lease(subnet, attrs, lease_id=lease_id, mod_revision=rev,
+                     ipv6_subnet=ipv6_subnet)
 
     async def reclaim(self, existing: Lease, attrs: LeaseAttrs, ttl: int) -> Lease | None:
         await self._enter("reclaim")
-        key = subnet_key(self.prefix, existing.subnet).encode()
+        key = existing.key(self.prefix).encode()
         kv = self.kvs.get(key)
         if kv is None or kv.mod_revision != existing.mod_revision:
             return None
@@ -182,7 +189,7 @@ class MemoryRegistry:
         rev = self._put(key, attrs.to_json().encode(), lease_id)
         if existing.lease_id:
             self.lease_ttl.pop(existing.lease_id, None)
-        return Lease(existing.subnet, attrs, lease_id=lease_id, mod_revision=rev)
+        return replace(existing, attrs=attrs, lease_id=lease_id, mod_revision=rev)
 
     async def refresh(self, lease_id: int) -> int:
         await self._enter("refresh")
@@ -192,9 +199,18 @@ class MemoryRegistry:
         await self._enter("revoke")
         self.expire(lease_id)
 
-    async def put_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, lease_id: int = 0) -> None:
+    async def put_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, lease_id: int = 0,
+                        ipv6_subnet: IPv6Network | None = None) -> None:
         await self._enter("put_lease")
-        self.put_lease_raw(subnet, attrs, lease_id)
+        self.put_lease_raw(subnet, attrs, lease_id, ipv6_subnet)
+
+    async def delete_if_unchanged(self, lease: Lease) -> bool:
+        await self._enter("delete_if_unchanged")
+        key = lease.key(self.prefix).encode()
+        kv = self.kvs.get(key)
+        if kv is None or kv.mod_revision != lease.mod_revision:
+            return False
+        return self._delete(key)
 
     async def watch(self, start_revision: int) -> AsyncIterator[WatchEvent]:
         await self._enter("watch")
