@@ -5,10 +5,17 @@ Network namespaces give us that on one box, cheaply and without touching the hos
 
 Layout (``P`` is a per-run prefix such as ``pf3a9c1e``)::
 
-    P-br    bridge "br0"; one port "v-<name>" per attached namespace
-    P-n1    eth0 198.18.0.1/24, ip_forward=1      (node n1; n2 = .2, ...)
-    P-etcd  eth0 198.18.0.100/24, runs etcd on :2379
+    P-br    bridge "br0" (fd00:198::ffff/64); one port "v-<name>" per attached namespace
+    P-n1    eth0 198.18.0.1/24 and fd00:198::1/64, IPv4 and IPv6 forwarding on,
+            IPv6 default route via fd00:198::ffff      (node n1; n2 = .2 and ::2, ...)
+    P-etcd  eth0 198.18.0.100/24 and fd00:198::100/64, runs etcd on :2379
     P-<h>   extra hosts from add_host(), e.g. an "internet" box at 198.18.0.200
+
+The underlay is dual-stack: every attached namespace also has an address in the ULA
+fd00:198::/64, written with the same digits as its IPv4 address's last byte (198.18.0.12 is
+fd00:198::12), and an IPv6 default route, because flanneld finds the IPv6 side of its
+external interface through the IPv6 default route. IPv6 addresses are added without
+duplicate address detection so they are usable at once.
 
 Good-citizen rules this module keeps:
 
@@ -49,6 +56,7 @@ __all__ = [
     "LabError",
     "LabNode",
     "UNDERLAY_NET",
+    "UNDERLAY_NET6",
     "require_root_and_tools",
 ]
 
@@ -56,6 +64,8 @@ log = logging.getLogger(__name__)
 
 UNDERLAY_NET = ipaddress.IPv4Network("198.18.0.0/24")
 ETCD_IP = "198.18.0.100"
+UNDERLAY_NET6 = ipaddress.IPv6Network("fd00:198::/64")
+BRIDGE_IP6 = "fd00:198::ffff"  # the bridge namespace: every node's IPv6 default router
 BRIDGE = "br0"
 NETNS_DIR = Path("/run/netns")
 KEEP_ENV = "PYFLANNEL_LAB_KEEP"
@@ -94,7 +104,14 @@ class LabNode:
     workdir: Path
     subnet_file: Path
     log_file: Path
+    underlay_ip6: str = ""  # fd00:198::<n>
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+
+def underlay_ip6(ip: str) -> str:
+    """The lab's IPv6 underlay address of the host at IPv4 ``ip``: 198.18.0.12 -> fd00:198::12."""
+    last = ipaddress.IPv4Address(ip).packed[-1]
+    return str(ipaddress.IPv6Address(f"{UNDERLAY_NET6.network_address}{last}"))
 
 
 def require_root_and_tools() -> str | None:
@@ -314,6 +331,7 @@ class Lab:
                     workdir=ndir,
                     subnet_file=ndir / "subnet.env",
                     log_file=ndir / "daemon.log",
+                    underlay_ip6=underlay_ip6(str(UNDERLAY_NET.network_address + i)),
                 )
             )
         self.hosts: dict[str, str] = {}  # add_host name -> namespace
@@ -380,10 +398,13 @@ class Lab:
         self._ip(self.bridge_ns, "link", "set", "lo", "up")
         self._ip(self.bridge_ns, "link", "add", BRIDGE, "type", "bridge")
         self._ip(self.bridge_ns, "link", "set", BRIDGE, "up")
+        self._ip(self.bridge_ns, "addr", "add", f"{BRIDGE_IP6}/{UNDERLAY_NET6.prefixlen}",
+                 "dev", BRIDGE, "nodad")
         for node in self.nodes:
             node.workdir.mkdir(parents=True, exist_ok=True)
             self._attach(node.name, node.ns, node.underlay_ip)
             self._sysctl(node.ns, "net.ipv4.ip_forward", "1")
+            self._sysctl(node.ns, "net.ipv6.conf.all.forwarding", "1")
         if self.with_etcd:
             self._attach("etcd", self.etcd_ns, ETCD_IP)
 
@@ -394,7 +415,8 @@ class Lab:
         self._namespaces.append(ns)
 
     def _attach(self, name: str, ns: str, ip: str) -> None:
-        """New namespace ``ns`` whose eth0 (``ip``/24) is plugged into the lab bridge.
+        """New namespace ``ns`` whose eth0 (``ip``/24 and its fd00:198::/64 twin, IPv6
+        default route via the bridge) is plugged into the lab bridge.
 
         The veth pair is created inside the bridge namespace with its peer placed
         straight into ``ns``, so it never appears in the root namespace.
@@ -412,7 +434,10 @@ class Lab:
         self._ip(self.bridge_ns, "link", "set", port, "master", BRIDGE, "up")
         self._ip(ns, "link", "set", "lo", "up")
         self._ip(ns, "addr", "add", f"{ip}/{UNDERLAY_NET.prefixlen}", "dev", "eth0")
+        self._ip(ns, "addr", "add", f"{underlay_ip6(ip)}/{UNDERLAY_NET6.prefixlen}",
+                 "dev", "eth0", "nodad")
         self._ip(ns, "link", "set", "eth0", "up")
+        self._ip(ns, "-6", "route", "add", "default", "via", BRIDGE_IP6, "dev", "eth0")
         self._used_ips.add(ip)
 
     def _ip(self, ns: str, *args: str) -> None:
@@ -756,19 +781,35 @@ class Lab:
         """Last ``lines`` lines of the node's daemon log ('' if none yet)."""
         return _tail(node.log_file, lines)
 
-    def add_docker0(self, node: LabNode, flannel_subnet: str) -> None:
-        """Give ``node`` a docker0 bridge holding ``flannel_subnet`` (e.g. "10.1.15.1/24").
+    def add_docker0(
+        self, node: LabNode, flannel_subnet: str | None, ipv6_subnet: str | None = None
+    ) -> None:
+        """Give ``node`` a docker0 bridge holding ``flannel_subnet`` (e.g. "10.1.15.1/24")
+        and, for IPv6 networks, ``ipv6_subnet`` (FLANNEL_IPV6_SUBNET, "fc00:10:1:5c::1/64").
 
         Mimics what Docker does with flannel's subnet.env; a second call replaces the
-        address, as a Docker restart with a new lease would.
+        addresses, as a Docker restart with a new lease would. ``flannel_subnet`` None (an
+        IPv6-only node) leaves docker0 without IPv4.
         """
-        if "/" not in flannel_subnet:
-            raise ValueError("flannel_subnet needs a prefix length, e.g. 10.1.15.1/24")
-        iface = ipaddress.IPv4Interface(flannel_subnet)
+        ifaces: list[ipaddress.IPv4Interface | ipaddress.IPv6Interface] = []
+        for value, example, cls in (
+            (flannel_subnet, "10.1.15.1/24", ipaddress.IPv4Interface),
+            (ipv6_subnet, "fc00:10:1:5c::1/64", ipaddress.IPv6Interface),
+        ):
+            if value is None:
+                continue
+            if "/" not in value:
+                raise ValueError(f"{value!r} needs a prefix length, e.g. {example}")
+            ifaces.append(cls(value))
+        if not ifaces:
+            raise ValueError("add_docker0 needs an IPv4 or an IPv6 subnet")
         if not self._docker0_exists(node):
             self._ip(node.ns, "link", "add", "docker0", "type", "bridge")
         self._ip(node.ns, "-4", "addr", "flush", "dev", "docker0")
-        self._ip(node.ns, "addr", "add", str(iface), "dev", "docker0")
+        self._ip(node.ns, "-6", "addr", "flush", "dev", "docker0", "scope", "global")
+        for iface in ifaces:
+            extra = ["nodad"] if iface.version == 6 else []
+            self._ip(node.ns, "addr", "add", str(iface), "dev", "docker0", *extra)
         self._ip(node.ns, "link", "set", "docker0", "up")
 
     def _docker0_exists(self, node: LabNode) -> bool:

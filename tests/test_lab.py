@@ -52,6 +52,18 @@ def ns_addresses(ns: str, ifname: str) -> list[str]:
         ]
 
 
+def ns_addresses6(ns: str, ifname: str) -> list[str]:
+    """Global IPv6 addresses (link-local ones left out) of ``ifname`` in ``ns``."""
+    from pyroute2 import NetNS
+
+    with NetNS(ns, flags=0) as nl:
+        idx = nl.link_lookup(ifname=ifname)
+        assert idx, f"{ifname} missing in {ns}"
+        return [f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}"
+                for a in nl.get_addr(index=idx[0], family=10)
+                if not a.get("IFA_ADDRESS").startswith("fe80:")]
+
+
 def ns_mtu(ns: str, ifname: str) -> int:
     from pyroute2 import NetNS
 
@@ -115,6 +127,25 @@ def test_underlay_ping(lab: Lab) -> None:
     assert not lab.ping(n1, "198.18.0.99", timeout=0.5)
 
 
+def test_dual_stack_underlay(lab: Lab, root_before: set[tuple[int, str]]) -> None:
+    """Each namespace also has the fd00:198::/64 twin of its IPv4 address, usable at once
+    (no DAD), and nodes have an IPv6 default route (how flanneld finds its IPv6 side) and
+    IPv6 forwarding on."""
+    n1, n2 = lab.nodes
+    assert (n1.underlay_ip6, n2.underlay_ip6) == ("fd00:198::1", "fd00:198::2")
+    assert ns_addresses6(n1.ns, "eth0") == ["fd00:198::1/64"]
+    assert ns_addresses6(lab.etcd_ns, "eth0") == ["fd00:198::100/64"]
+    assert ns_addresses6(lab.bridge_ns, "br0") == ["fd00:198::ffff/64"]
+    route = lab.run(n1.ns, ["ip", "-6", "route", "show", "default"], text=True).stdout
+    assert route.startswith("default via fd00:198::ffff dev eth0")
+    assert lab.run(n1.ns, ["ip", "-4", "route", "show", "default"], text=True).stdout == ""
+    fwd = lab.run(n1.ns, ["cat", "/proc/sys/net/ipv6/conf/all/forwarding"]).stdout
+    assert fwd == b"1\n"
+    assert lab.ping(n1, n2.underlay_ip6)
+    assert lab.ping(n2, "fd00:198::100", src_ip=n2.underlay_ip6)
+    assert lab_like(root_links() - root_before) == set()
+
+
 def test_run_check_timeout_and_input(lab: Lab) -> None:
     ns = lab.nodes[0].ns
     assert lab.run(ns, ["cat"], input=b"hello").stdout == b"hello"
@@ -153,6 +184,21 @@ def test_add_docker0(lab: Lab) -> None:
     assert lab.ping(n1, "10.1.16.1")
     with pytest.raises(ValueError):
         lab.add_docker0(n1, "10.1.17.1")
+
+
+def test_add_docker0_dual_stack_and_ipv6_only(lab: Lab) -> None:
+    n2 = lab.nodes[1]
+    lab.add_docker0(n2, "10.1.15.1/24", "fc00:10:1:5c::1/64")
+    assert ns_addresses(n2.ns, "docker0") == ["10.1.15.1/24"]
+    assert ns_addresses6(n2.ns, "docker0") == ["fc00:10:1:5c::1/64"]
+    assert lab.ping(n2, "fc00:10:1:5c::1")
+    lab.add_docker0(n2, None, "fc00:10:1:5d::1/64")  # IPv6 only: no IPv4 left
+    assert ns_addresses(n2.ns, "docker0") == []
+    assert ns_addresses6(n2.ns, "docker0") == ["fc00:10:1:5d::1/64"]
+    with pytest.raises(ValueError):
+        lab.add_docker0(n2, None, "fc00:10:1:5d::1")
+    with pytest.raises(ValueError):
+        lab.add_docker0(n2, None)
 
 
 def test_add_host(lab: Lab) -> None:
