@@ -734,3 +734,29 @@ def test_under_load_a_proven_source_is_still_rate_limited(net: Net) -> None:
         accepted += b.stats["responses_sent"] - before
     assert b.drops["rate_limited"] >= 5, (b.drops, accepted)
     assert 12 <= accepted <= 15  # the burst of 5, then 20 a second over 0.42 s
+
+
+def test_ipv6_underlay_endpoints_and_cookies(clock: Clock) -> None:
+    net = Net(clock)
+    a6, b6 = ("fd00:77::1", 51821, 0, 0), ("fd00:77::2", 51821)  # as recvfrom, as configured
+    ka, kb = PrivateKey.generate(), PrivateKey.generate()
+    a = net.add(a6, ka)
+    b = net.add(b6, kb)
+    a.set_peers({kb.public: PeerConfig((NET6_B,), b6)})
+    b.set_peers({ka.public: PeerConfig((NET6_A,), None)})  # learns a's endpoint
+    b.force_under_load = True
+    a.send(ip6("fd00:1:1::5", "fd00:1:2::7", b"v6 underlay"))
+    net.pump()
+    assert b.stats["cookie_replies_sent"] == 1 and a.stats["cookie_replies_received"] == 1
+    net.clock.advance(SHORT.rekey_timeout + SHORT.jitter_max)
+    net.tick()
+    net.pump()
+    assert [p for p, _ in net.tun[b6]] == [ip6("fd00:1:1::5", "fd00:1:2::7", b"v6 underlay")]
+    assert b.peers[ka.public].endpoint == a6
+    assert b.status()[0]["endpoint"] == "fd00:77::1:51821"
+
+
+def test_default_jitter_is_at_most_a_third_of_a_second() -> None:
+    dev = Device(PrivateKey.generate(), rng=random.Random(3))
+    samples = [dev._jitter() for _ in range(1000)]
+    assert min(samples) >= 0.0 and max(samples) <= 0.333 and max(samples) > 0.3
