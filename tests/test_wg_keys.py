@@ -14,7 +14,7 @@ import pytest
 
 from pyflannel.wireguard.keys import (
     DEFAULT_KEY_FILE,
-    KeyError_,
+    InvalidKeyError,
     KeyFileError,
     PrivateKey,
     decode_key,
@@ -41,7 +41,7 @@ def test_base64_round_trip() -> None:
     b"\xff" * 44,
 ])
 def test_decode_rejects_what_is_not_a_key(bad: str | bytes) -> None:
-    with pytest.raises(KeyError_):
+    with pytest.raises(InvalidKeyError):
         decode_key(bad)
 
 
@@ -58,7 +58,7 @@ def test_repr_and_str_never_show_the_private_key() -> None:
 def test_public_key_validation() -> None:
     key = PrivateKey.generate()
     assert public_from_base64(key.public_base64) == key.public
-    with pytest.raises(KeyError_):
+    with pytest.raises(InvalidKeyError):
         public_from_base64("not a key")
 
 
@@ -118,3 +118,14 @@ def test_public_key_agrees_with_wg_pubkey() -> None:
     out = subprocess.run(["wg", "pubkey"], input=key.to_base64() + "\n", capture_output=True,
                          text=True, check=True, timeout=10).stdout.strip()
     assert out == key.public_base64
+
+
+def test_loose_key_file_mode_is_warned_about(tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    key = PrivateKey.generate()
+    path = tmp_path / "wgkey"
+    path.write_text(key.to_base64())
+    path.chmod(0o644)
+    with caplog.at_level("WARNING"):
+        assert load_or_create_key(path).public == key.public
+    assert "readable by others" in caplog.text and key.to_base64() not in caplog.text

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
 from pathlib import Path
 
@@ -23,11 +24,13 @@ from cryptography.hazmat.primitives.serialization import (
 
 from .constants import KEY_LEN
 
+log = logging.getLogger(__name__)
+
 DEFAULT_KEY_FILE = "/run/flannel/wgkey"
 KEY_FILE_ENV = "WIREGUARD_KEY_FILE"
 
 
-class KeyError_(ValueError):
+class InvalidKeyError(ValueError):
     """A key that is not 32 bytes of base64."""
 
 
@@ -36,28 +39,28 @@ class KeyFileError(RuntimeError):
 
 
 def decode_key(text: str | bytes) -> bytes:
-    """Decode a WireGuard base64 key (44 characters, 32 bytes); raise KeyError_ if not one."""
+    """Decode a WireGuard base64 key (44 characters, 32 bytes); raise InvalidKeyError if not one."""
     if isinstance(text, bytes):
         try:
             text = text.decode("ascii")
         except UnicodeDecodeError:
-            raise KeyError_("key is not ASCII base64") from None
+            raise InvalidKeyError("key is not ASCII base64") from None
     text = text.strip()
     if len(text) != 44 or not text.endswith("="):
-        raise KeyError_("key must be 44 base64 characters (32 bytes)")
+        raise InvalidKeyError("key must be 44 base64 characters (32 bytes)")
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise KeyError_("key is not valid base64") from None
+        raise InvalidKeyError("key is not valid base64") from None
     if len(raw) != KEY_LEN or base64.b64encode(raw).decode() != text:
-        raise KeyError_("key must be 44 base64 characters (32 bytes)")
+        raise InvalidKeyError("key must be 44 base64 characters (32 bytes)")
     return raw
 
 
 def encode_key(raw: bytes) -> str:
     """Base64 of a 32-byte key, as `wg` and flannel's lease JSON write it."""
     if len(raw) != KEY_LEN:
-        raise KeyError_("key must be 32 bytes")
+        raise InvalidKeyError("key must be 32 bytes")
     return base64.b64encode(raw).decode("ascii")
 
 
@@ -84,7 +87,7 @@ class PrivateKey:
     def from_bytes(cls, raw: bytes) -> PrivateKey:
         """From 32 raw bytes (clamping is X25519's business, as with `wg`)."""
         if len(raw) != KEY_LEN:
-            raise KeyError_("private key must be 32 bytes")
+            raise InvalidKeyError("private key must be 32 bytes")
         return cls(X25519PrivateKey.from_private_bytes(raw))
 
     @classmethod
@@ -157,14 +160,18 @@ def load_or_create_key(path: str | os.PathLike[str] | None = None) -> PrivateKey
 
 def _read_key_file(path: Path) -> PrivateKey:
     try:
+        mode = path.stat().st_mode
         data = path.read_bytes()
     except FileNotFoundError:
         raise
     except OSError as e:
         raise KeyFileError(f"cannot read WireGuard key file {path}: {e.strerror}") from None
+    if mode & 0o077:
+        log.warning("WireGuard key file %s is readable by others (mode %o); chmod 600 it",
+                    path, mode & 0o777)
     try:
         return PrivateKey.from_base64(data)
-    except (KeyError_, ValueError):
+    except (InvalidKeyError, ValueError):
         raise KeyFileError(
             f"WireGuard key file {path} is malformed: expected one base64 private key "
             "(44 characters, as `wg genkey` writes)"
