@@ -200,6 +200,18 @@ def _check_fastpath_mode(value: str) -> str:
     return value
 
 
+def _check_ipv6(value: str) -> str:
+    if value == "":
+        return value  # unset
+    try:
+        addr = ipaddress.IPv6Address(value)
+    except ValueError:
+        addr = None
+    if addr is None or addr.scope_id is not None:
+        raise _Problem(f"{_show(value)} is not an IPv6 address")
+    return value
+
+
 def _check_ip(value: str) -> str:
     try:
         ipaddress.ip_address(value)
@@ -233,6 +245,9 @@ FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec("public-ip", "public_ip", STR, "",
              "IPv4 address other hosts use to reach this one (empty: the interface's)",
              _check_ipv4),
+    FlagSpec("public-ipv6", "public_ipv6", STR, "",
+             "IPv6 address other hosts use to reach this one, for IPv6 networks (empty: the "
+             "interface's)", _check_ipv6),
     FlagSpec("subnet-file", "subnet_file", STR, "/run/flannel/subnet.env",
              "file the leased subnet and MTU are written to"),
     FlagSpec("subnet-lease-renew-margin", "subnet_lease_renew_margin", INT, 60,
@@ -298,6 +313,7 @@ class Options:
     iface_regex: tuple[str, ...] = ()
     iface_can_reach: str = ""
     public_ip: str = ""
+    public_ipv6: str = ""
     subnet_file: str = "/run/flannel/subnet.env"
     subnet_lease_renew_margin: int = 60
     ip_masq: bool = False

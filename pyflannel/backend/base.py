@@ -7,13 +7,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from ipaddress import IPv4Network
 from typing import ClassVar
 
 from pyflannel.config import NetworkConfig
 from pyflannel.host.monitor import NetlinkMonitor
 from pyflannel.host.netlink import ExternalInterface
-from pyflannel.host.routes import RouteSpec, sync_routes
+from pyflannel.host.routes import IPNetwork, RouteSpec, sync_routes
 from pyflannel.lease.model import Lease, LeaseAttrs
 from pyflannel.logutil import RateLimitedLog, WarnOnce
 
@@ -34,6 +33,9 @@ class Backend(abc.ABC):
     attributes to publish) -> ``activate(lease)`` (again whenever our subnet changes) ->
     ``add_peer``/``remove_peer`` as leases come and go, each batch closed by ``commit`` ->
     ``teardown``. ``run`` keeps the kernel state equal to the wanted state meanwhile.
+
+    Peers are keyed by :attr:`Lease.key_name`: IPv6-only leases all share the IPv4
+    placeholder 0.0.0.0/0, so the IPv4 subnet cannot tell them apart.
     """
 
     type: ClassVar[str]
@@ -42,7 +44,7 @@ class Backend(abc.ABC):
         self.cfg = cfg
         self.ext = ext
         self.lease: Lease | None = None
-        self.peers: dict[IPv4Network, Lease] = {}
+        self.peers: dict[str, Lease] = {}
         # Set by the daemon: publish changed lease attributes (e.g. a new VtepMAC).
         self.publish: Callable[[LeaseAttrs], Awaitable[None]] | None = None
         self._dirty: asyncio.Event | None = None
@@ -69,10 +71,10 @@ class Backend(abc.ABC):
         await self.commit()
 
     async def add_peer(self, lease: Lease) -> None:
-        self.peers[lease.subnet] = lease
+        self.peers[lease.key_name] = lease
 
     async def remove_peer(self, lease: Lease) -> None:
-        self.peers.pop(lease.subnet, None)
+        self.peers.pop(lease.key_name, None)
 
     async def commit(self) -> None:
         """Apply the peer changes made since the last commit."""
@@ -83,8 +85,9 @@ class Backend(abc.ABC):
             monitor, self._monitor = self._monitor, None
             await asyncio.to_thread(monitor.stop)
 
-    def desired_routes(self) -> dict[IPv4Network, RouteSpec]:
-        """Every route this backend wants in the main table (and no other of ours)."""
+    def desired_routes(self) -> dict[IPNetwork, RouteSpec]:
+        """Every route (both families) this backend wants in the main table, and no other
+        of ours."""
         return {}
 
     async def reconcile(self) -> None:

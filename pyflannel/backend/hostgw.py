@@ -2,18 +2,21 @@
 
 No encapsulation at all, so every host must share one L2 segment with the others. Routes
 are reconciled on netlink events, so a link flap costs a second, not the routes.
+
+Dual-stack works the same way in each family: the IPv6 subnet goes via the peer's
+``PublicIPv6`` on the same interface (``fc00:10:1:24::/64 via fd00:198::2 dev eth0``), and
+the lease carries ``PublicIPv6`` and, as flanneld's, no backend data.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from ipaddress import IPv4Network
 
 from pyflannel.backend.base import Backend, BackendError
 from pyflannel.host import netlink
-from pyflannel.host.routes import RouteSpec
-from pyflannel.lease.model import LeaseAttrs
+from pyflannel.host.routes import IPNetwork, RouteSpec
+from pyflannel.lease.model import NO_PUBLIC_IP, LeaseAttrs
 
 log = logging.getLogger("pyflannel.hostgw")
 
@@ -26,20 +29,33 @@ class HostGwBackend(Backend):
         return self.ext.mtu
 
     async def prepare(self) -> LeaseAttrs:
-        own = await asyncio.to_thread(netlink.interface_addresses, self.ext.index)
-        if self.ext.public_ip not in own:
+        v4, v6 = self.cfg.enable_ipv4, self.cfg.enable_ipv6
+        if v6 and self.ext.public_ipv6 is None:
             raise BackendError(
-                f"host-gw: the published address {self.ext.public_ip} is not an address of "
-                f"{self.ext.name} (host-gw routes to peers directly and cannot work through "
-                "NAT; drop -public-ip or use vxlan)")
+                f"host-gw: the network has IPv6 (EnableIPv6) but interface {self.ext.name} "
+                "has no IPv6 address to route it; give it one, or pick another with -iface")
+        own = await asyncio.to_thread(netlink.interface_addresses, self.ext.index)
+        for on, addr, flag in ((v4, self.ext.public_ip, "-public-ip"),
+                               (v6, self.ext.public_ipv6, "-public-ipv6")):
+            if on and addr not in own:
+                raise BackendError(
+                    f"host-gw: the published address {addr} is not an address of "
+                    f"{self.ext.name} (host-gw routes to peers directly and cannot work "
+                    f"through NAT; drop {flag} or use vxlan)")
         gone = await asyncio.to_thread(netlink.remove_stale_devices, None)
         if gone:
             log.info("removed devices of an earlier backend: %s", ", ".join(gone))
-        return LeaseAttrs(public_ip=self.ext.public_ip, backend_type=self.type)
+        return LeaseAttrs(public_ip=self.ext.public_ip if v4 else NO_PUBLIC_IP,
+                          backend_type=self.type,
+                          public_ipv6=self.ext.public_ipv6 if v6 else None)
 
-    def desired_routes(self) -> dict[IPv4Network, RouteSpec]:
-        return {
-            subnet: RouteSpec(subnet, self.ext.index, peer.attrs.public_ip)
-            for subnet, peer in self.peers.items()
-            if peer.attrs.public_ip != self.ext.public_ip
-        }
+    def desired_routes(self) -> dict[IPNetwork, RouteSpec]:
+        out: dict[IPNetwork, RouteSpec] = {}
+        for peer in self.peers.values():
+            pub, pub6 = peer.attrs.public_ip, peer.attrs.public_ipv6
+            if self.cfg.enable_ipv4 and peer.has_ipv4 and pub != self.ext.public_ip:
+                out[peer.subnet] = RouteSpec(peer.subnet, self.ext.index, pub)
+            if (self.cfg.enable_ipv6 and peer.ipv6_subnet is not None and pub6 is not None
+                    and pub6 != self.ext.public_ipv6):
+                out[peer.ipv6_subnet] = RouteSpec(peer.ipv6_subnet, self.ext.index, pub6)
+        return out

@@ -59,6 +59,13 @@ class UdpBackend(Backend):
         return self.ext.mtu - UDP_OVERHEAD
 
     async def prepare(self) -> LeaseAttrs:
+        # flanneld's udp backend is IPv4 only; carrying IPv6 inside it comes later.
+        if not self.cfg.enable_ipv4:
+            raise BackendError("udp backend carries IPv4 only; an IPv6-only network "
+                               "(EnableIPv4 false) needs vxlan or host-gw")
+        if self.cfg.enable_ipv6:
+            log.warning("IPv6 over the udp backend is not yet supported: this node carries "
+                        "IPv4 only (IPv6Network %s gets no traffic here)", self.cfg.ipv6_network)
         gone = await asyncio.to_thread(netlink.remove_stale_devices, DEVICE)
         if gone:
             log.info("removed devices of an earlier backend: %s", ", ".join(gone))
@@ -96,9 +103,9 @@ class UdpBackend(Backend):
 
     async def commit(self) -> None:
         if self.fastpath is not None and self.lease is not None:
-            routes = [Route(s, p.attrs.public_ip, self.port,
+            routes = [Route(p.subnet, p.attrs.public_ip, self.port,
                             vnet1=FRAMING_NAME in advertised_framings(p))
-                      for s, p in self.peers.items()]
+                      for p in self.peers.values() if p.has_ipv4]
             await self.fastpath.configure_async(self.lease.subnet,
                                                 self.cfg.network.network_address, routes)
         await self.reconcile()
@@ -113,7 +120,7 @@ class UdpBackend(Backend):
         if self.fastpath is None:
             return None
         by_ip = await asyncio.to_thread(self.fastpath.peer_stats)
-        return {str(subnet): by_ip[str(p.attrs.public_ip)] for subnet, p in self.peers.items()
+        return {str(p.subnet): by_ip[str(p.attrs.public_ip)] for p in self.peers.values()
                 if str(p.attrs.public_ip) in by_ip}
 
     async def teardown(self) -> None:

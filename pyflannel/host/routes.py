@@ -4,6 +4,10 @@ Every route pyflannel installs carries its own routing protocol number, so the s
 ``proto pyflannel`` routes in the main table is exactly what the current backend wants:
 reconciling removes what is extra (a peer that left, another backend's routes after a switch)
 and restores what is missing (after a link flap, or someone's ``ip route del``).
+
+Both address families go through the same functions: the family of a route, neighbour or FDB
+entry is the family of its destination, so a dual-stack backend hands IPv4 and IPv6 entries
+over together and each is programmed in its own table.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -24,40 +28,53 @@ RTNH_F_ONLINK = 4
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 ENOENT, ESRCH, EEXIST = 2, 3, 17
+FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+IPNetwork = IPv4Network | IPv6Network
+IPAddress = IPv4Address | IPv6Address
+
+
+def _family(addr: IPNetwork | IPAddress) -> int:
+    return socket.AF_INET6 if addr.version == 6 else socket.AF_INET
 
 
 @dataclass(frozen=True)
 class RouteSpec:
-    """``dst [via gateway] dev oif [onlink]``."""
+    """``dst [via gateway] dev oif [onlink]``, IPv4 or IPv6 (the family of ``dst``)."""
 
-    dst: IPv4Network
+    dst: IPNetwork
     oif: int
-    gateway: IPv4Address | None = None
+    gateway: IPAddress | None = None
     onlink: bool = False
 
 
-def _spec(r) -> RouteSpec:
-    dst = IPv4Network(f"{r.get('dst') or '0.0.0.0'}/{r['dst_len']}")
+def _spec(r, family: int) -> RouteSpec:
+    default = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    net_cls = IPv6Network if family == socket.AF_INET6 else IPv4Network
+    dst = net_cls(f"{r.get('dst') or default}/{r['dst_len']}")
     gw = r.get("gateway")
-    return RouteSpec(dst, r.get("oif"), IPv4Address(gw) if gw else None,
+    return RouteSpec(dst, r.get("oif"), ip_address(gw) if gw else None,
                      bool(r["flags"] & RTNH_F_ONLINK))
 
 
-def kernel_routes(ipr: IPRoute) -> dict[IPv4Network, RouteSpec]:
-    """Our routes as the kernel has them now."""
-    return {spec.dst: spec for spec in map(_spec, ipr.get_routes(
-        family=socket.AF_INET, table=MAIN_TABLE, proto=RTPROT_PYFLANNEL))}
+def kernel_routes(ipr: IPRoute) -> dict[IPNetwork, RouteSpec]:
+    """Our routes (both families) as the kernel has them now."""
+    return {spec.dst: spec for family in FAMILIES
+            for spec in (_spec(r, family) for r in ipr.get_routes(
+                family=family, table=MAIN_TABLE, proto=RTPROT_PYFLANNEL))}
 
 
-def foreign_routes(ipr: IPRoute) -> dict[IPv4Network, tuple[int, RouteSpec]]:
-    """Unicast routes in the main table that we did not create, with their protocol."""
+def foreign_routes(ipr: IPRoute) -> dict[IPNetwork, tuple[int, RouteSpec]]:
+    """Unicast routes in the main table (both families) that we did not create, with their
+    protocol."""
     return {spec.dst: (r.get("proto"), spec)
-            for r in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE)
+            for family in FAMILIES
+            for r in ipr.get_routes(family=family, table=MAIN_TABLE)
             if r.get("proto") != RTPROT_PYFLANNEL and r.get("type", 1) == 1
-            for spec in [_spec(r)]}
+            for spec in [_spec(r, family)]}
 
 
-def sync_routes(desired: dict[IPv4Network, RouteSpec]) -> tuple[int, int, list[str]]:
+def sync_routes(desired: dict[IPNetwork, RouteSpec]) -> tuple[int, int, list[str]]:
     """Make our routes equal ``desired``; returns (added, removed, errors).
 
     Only routes we created (``proto 120``) are ever replaced or deleted. A destination that
@@ -74,7 +91,8 @@ def sync_routes(desired: dict[IPv4Network, RouteSpec]) -> tuple[int, int, list[s
         for dst in current:
             if dst not in desired:
                 try:
-                    ipr.route("del", dst=str(dst), table=MAIN_TABLE, proto=RTPROT_PYFLANNEL)
+                    ipr.route("del", dst=str(dst), table=MAIN_TABLE, proto=RTPROT_PYFLANNEL,
+                              family=_family(dst))
                     removed += 1
                 except NetlinkError as e:
                     if e.code not in (ENOENT, ESRCH):
@@ -88,7 +106,7 @@ def sync_routes(desired: dict[IPv4Network, RouteSpec]) -> tuple[int, int, list[s
                               f"(proto {foreign[dst][0]}); not touching it")
                 continue
             kw: dict = {"dst": str(dst), "oif": spec.oif, "table": MAIN_TABLE,
-                        "proto": RTPROT_PYFLANNEL}
+                        "proto": RTPROT_PYFLANNEL, "family": _family(dst)}
             if spec.gateway is not None:
                 kw["gateway"] = str(spec.gateway)
             else:
@@ -109,27 +127,30 @@ def sync_routes(desired: dict[IPv4Network, RouteSpec]) -> tuple[int, int, list[s
     return added, removed, errors
 
 
-def replace_neighbour(ifindex: int, ip: IPv4Address, mac: str) -> None:
+def replace_neighbour(ifindex: int, ip: IPAddress, mac: str) -> None:
+    """A permanent neighbour entry (ARP for IPv4, NDP for IPv6) from ``ip`` to ``mac``."""
     with IPRoute() as ipr:
-        ipr.neigh("replace", dst=str(ip), lladdr=mac, ifindex=ifindex, state=NUD_PERMANENT)
+        ipr.neigh("replace", dst=str(ip), lladdr=mac, ifindex=ifindex, state=NUD_PERMANENT,
+                  family=_family(ip))
 
 
-def delete_neighbour(ifindex: int, ip: IPv4Address) -> None:
+def delete_neighbour(ifindex: int, ip: IPAddress) -> None:
     with IPRoute() as ipr:
         try:
-            ipr.neigh("del", dst=str(ip), ifindex=ifindex)
+            ipr.neigh("del", dst=str(ip), ifindex=ifindex, family=_family(ip))
         except NetlinkError as e:
             if e.code not in (ENOENT, ESRCH):
                 raise
 
 
-def replace_fdb(ifindex: int, mac: str, dst: IPv4Address) -> None:
+def replace_fdb(ifindex: int, mac: str, dst: IPAddress) -> None:
+    """Send frames for ``mac`` to the VTEP at ``dst`` (an IPv4 or IPv6 underlay address)."""
     with IPRoute() as ipr:
         ipr.fdb("replace", ifindex=ifindex, lladdr=mac, dst=str(dst), state=NUD_PERMANENT,
                 flags=NTF_SELF)
 
 
-def delete_fdb(ifindex: int, mac: str, dst: IPv4Address) -> None:
+def delete_fdb(ifindex: int, mac: str, dst: IPAddress) -> None:
     with IPRoute() as ipr:
         try:
             ipr.fdb("del", ifindex=ifindex, lladdr=mac, dst=str(dst), flags=NTF_SELF)
@@ -138,14 +159,17 @@ def delete_fdb(ifindex: int, mac: str, dst: IPv4Address) -> None:
                 raise
 
 
-def neighbours(ifindex: int) -> dict[IPv4Address, str]:
+def neighbours(ifindex: int) -> dict[IPAddress, str]:
+    """The device's neighbour entries of both families: address -> MAC."""
     with IPRoute() as ipr:
-        return {IPv4Address(n.get("dst")): n.get("lladdr")
-                for n in ipr.get_neighbours(ifindex=ifindex, family=socket.AF_INET)
+        return {ip_address(n.get("dst")): n.get("lladdr")
+                for family in FAMILIES
+                for n in ipr.get_neighbours(ifindex=ifindex, family=family)
                 if n.get("dst") and n.get("lladdr")}
 
 
-def fdb_entries(ifindex: int) -> dict[str, IPv4Address]:
+def fdb_entries(ifindex: int) -> dict[str, IPAddress]:
+    """The device's FDB entries that name a remote VTEP: MAC -> its underlay address."""
     with IPRoute() as ipr:
-        return {n.get("lladdr"): IPv4Address(n.get("dst"))
+        return {n.get("lladdr"): ip_address(n.get("dst"))
                 for n in ipr.fdb("dump", ifindex=ifindex) if n.get("dst")}
