@@ -375,3 +375,127 @@ def test_restore_failure_raises_one_line_error(netns: tuple[Lab, str], ipt: Ipta
     with pytest.raises(IptablesError) as info:
         ipt._restore("*nat\n-A PYFLANNEL-NO-SUCH-CHAIN -j RETURN\nCOMMIT\n")
     assert "\n" not in str(info.value) and "iptables-restore" in str(info.value)
+
+
+# ------------------------------------------------------------------------------ IPv6
+
+NET6, SUB6, SUB6B = "fc00:10:1::/48", "fc00:10:1:5c::/64", "fc00:10:1:4f::/64"
+
+
+def expected_nat6(sub: str = SUB6, rf: str = " --random-fully") -> list[str]:
+    """flanneld's MasqIP6Rules: the IPv4 chain with the IPv6 network and ff00::/8."""
+    a = "-A FLANNEL-POSTRTG"
+    return [
+        f"{a} -m mark --mark 0x4000/0x4000 {MC} -j RETURN",
+        f"{a} -s {sub} -d {NET6} {MC} -j RETURN",
+        f"{a} -s {NET6} -d {sub} {MC} -j RETURN",
+        f"{a} ! -s {NET6} -d {sub} {MC} -j RETURN",
+        f"{a} -s {NET6} ! -d ff00::/8 {MC} -j MASQUERADE{rf}",
+        f"{a} ! -s {NET6} -d {NET6} {MC} -j MASQUERADE{rf}",
+    ]
+
+
+EXPECTED_FWD6 = [
+    f"-A FLANNEL-FWD -s {NET6} {FC} -j ACCEPT",
+    f"-A FLANNEL-FWD -d {NET6} {FC} -j ACCEPT",
+]
+
+
+def test_ipv6_rules_are_flanneld_s_with_the_ipv6_network_and_ff00_multicast() -> None:
+    rs = RuleSet(NET6, SUB6, masq=True, forward=True, random_fully=True)
+    assert rs.version == 6
+    assert rs.nat_rules() == expected_nat6()
+    assert rs.filter_rules() == EXPECTED_FWD6
+    assert (rs.nat_jump(), rs.filter_jump()) == (NAT_JUMP, FWD_JUMP)
+    assert RuleSet(NET6, SUB6, random_fully=False).nat_rules() == expected_nat6(rf="")
+
+
+def test_a_ruleset_never_mixes_address_families() -> None:
+    with pytest.raises(ValueError, match="different address families"):
+        RuleSet(NET, SUB6)
+    with pytest.raises(ValueError):
+        RuleSet("fc00:10:1::1/48", SUB6)  # host bits
+    with pytest.raises(ValueError, match="IPv6 rules given to iptables"):
+        Iptables(prefix=["/nonexistent/x"]).ensure(RuleSet(NET6, SUB6))
+
+
+def test_ipv6_tools_are_the_ip6tables_ones() -> None:
+    ipt = Iptables(prefix=["/nonexistent/pyflannel-no-such-tool"], family=6)
+    with pytest.raises(IptablesError, match="ip6tables-save"):
+        ipt.snapshot()
+    with pytest.raises(ValueError):
+        Iptables(family=5)
+
+
+def _lab6_reason() -> str | None:
+    reason = _lab_reason()
+    if reason is None:
+        for tool in ("ip6tables", "ip6tables-save", "ip6tables-restore"):
+            if shutil.which(tool) is None:
+                return f"needs the {tool!r} binary on PATH"
+    return reason
+
+
+@pytest.fixture
+def ipt6(netns: tuple[Lab, str]) -> Iterator[Iptables]:
+    reason = _lab6_reason()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run this test, but: {reason}")
+        pytest.skip(reason)
+    _, ns = netns
+    v4, v6 = Iptables(prefix=["ip", "netns", "exec", ns]), Iptables(
+        prefix=["ip", "netns", "exec", ns], family=6)
+    v4.remove()
+    v6.remove()
+    yield v6
+    v6.remove()
+    v4.remove()
+
+
+def saved6(netns: tuple[Lab, str], table: str) -> list[str]:
+    lab, ns = netns
+    out = lab.run(ns, ["ip6tables-save", "-t", table], text=True).stdout
+    return [ln for ln in out.splitlines() if ln.startswith(("-A ", ":"))]
+
+
+def chain6(netns: tuple[Lab, str], table: str, name: str) -> list[str]:
+    return [ln for ln in saved6(netns, table) if ln.startswith(f"-A {name} ")]
+
+
+def rules6(ipt6: Iptables, subnet: str = SUB6, **kw: bool) -> RuleSet:
+    opts = {"masq": True, "forward": True, **kw}
+    return RuleSet(NET6, subnet, random_fully=ipt6.supports_random_fully(), **opts)
+
+
+@pytest.mark.lab
+def test_ip6tables_get_exactly_flanneld_s_rules_and_iptables_are_untouched(
+    netns: tuple[Lab, str], ipt6: Iptables
+) -> None:
+    v4_before = (saved(netns, "nat"), saved(netns, "filter"))
+    assert ipt6.ensure(rules6(ipt6)) is True
+    rf = rf_suffix(ipt6)
+    assert chain6(netns, "nat", "POSTROUTING") == [NAT_JUMP]
+    assert chain6(netns, "nat", NAT_CHAIN) == expected_nat6(rf=rf)
+    assert chain6(netns, "filter", "FORWARD") == [FWD_JUMP]
+    assert chain6(netns, "filter", FWD_CHAIN) == EXPECTED_FWD6
+    assert (saved(netns, "nat"), saved(netns, "filter")) == v4_before
+    # Our rendering is exactly what ip6tables-save prints back: nothing to repair.
+    assert ipt6.ensure(rules6(ipt6)) is False
+
+
+@pytest.mark.lab
+def test_ip6tables_rules_are_repaired_moved_and_removed(
+    netns: tuple[Lab, str], ipt6: Iptables
+) -> None:
+    before = (saved6(netns, "nat"), saved6(netns, "filter"))
+    lab, ns = netns
+    ipt6.ensure(rules6(ipt6))
+    lab.run(ns, ["ip6tables", "-t", "nat", "-D", NAT_CHAIN, "2"], text=True)
+    assert ipt6.ensure(rules6(ipt6)) is True
+    assert chain6(netns, "nat", NAT_CHAIN) == expected_nat6(rf=rf_suffix(ipt6))
+    assert ipt6.ensure(rules6(ipt6, SUB6B)) is True  # a new IPv6 subnet
+    assert chain6(netns, "nat", NAT_CHAIN) == expected_nat6(SUB6B, rf=rf_suffix(ipt6))
+    assert not any(SUB6 in ln for ln in saved6(netns, "nat"))
+    ipt6.remove()
+    assert (saved6(netns, "nat"), saved6(netns, "filter")) == before

@@ -41,12 +41,18 @@ class ConfigWatcher:
         except ConfigError as e:
             if self._seen != ("invalid", raw):
                 log.error("network config changed to an invalid one (%s); keeping %s", e,
-                          self.running.network)
+                          networks(self.running))
             self._seen = ("invalid", raw)
             return
         if cfg.raw != self.running.raw and self._seen != cfg.raw:
             log.warning("network config changed (network %s -> %s, backend %s -> %s); "
                         "keeping the running one until pyflanneld restarts",
-                        self.running.network, cfg.network, self.running.backend_type,
+                        networks(self.running), networks(cfg), self.running.backend_type,
                         cfg.backend_type)
         self._seen = cfg.raw
+
+
+def networks(cfg: NetworkConfig) -> str:
+    """The config's networks for a log line: ``10.1.0.0/16 + fc00:10:1::/48`` (IPv6-only:
+    just the IPv6 one)."""
+    return " + ".join(str(pool.network) for pool in cfg.pools)

@@ -1,9 +1,10 @@
 """pyflanneld: the start-up sequence, and the wiring between leases, backend and host.
 
-Order matters and is flanneld's, with one check first: the subnet file's path is checked
-before anything is touched; then find the interface, read and validate the network config
-(before any device is touched), prepare the backend, take a lease, program the data path,
-write the subnet file, and tell systemd we are ready.
+Order matters and is flanneld's (v0.15 on), with one check first: the subnet file's path
+is checked before anything is touched; then read and validate the network config (before
+any device is touched: it says which address families the node needs), find the interface
+and its addresses for those families, prepare the backend, take a lease, program the data
+path, write the subnet file, and tell systemd we are ready.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from ipaddress import IPv4Interface
 from pathlib import Path
 
 from pyflannel.backend import Backend, BackendError, make_backend
@@ -27,12 +27,13 @@ from pyflannel.host.subnetfile import (
     SubnetEnv,
     SubnetFileError,
     check_writable,
-    previous_subnet,
+    first_host,
+    previous_subnets,
     write_subnet_file,
 )
 from pyflannel.host.tun import TunError
 from pyflannel.lease.etcd import EtcdAuthError, EtcdUnavailable, registry_for
-from pyflannel.lease.manager import LeaseManager
+from pyflannel.lease.manager import LeaseManager, describe
 from pyflannel.lease.model import Lease, config_key
 from pyflannel.lease.policy import LEASE_TTL_S, PeerDiff, SubnetPoolExhausted
 from pyflannel.logutil import RateLimitedLog, WarnOnce
@@ -73,7 +74,8 @@ class Daemon:
         lease = m.lease if m is not None else None
         return NodeSnapshot(
             backend=b.type if b is not None else "",
-            subnet=str(lease.subnet) if lease is not None else "",
+            subnet=str(lease.subnet) if lease is not None and lease.has_ipv4 else "",
+            ipv6_subnet=str(lease.ipv6_subnet or "") if lease is not None else "",
             peers=len(m.peers) if m is not None else 0,
             lease_expiry=m.expires_at if lease is not None and m is not None else 0.0,
             renewals=m.renewals if m is not None else 0,
@@ -119,11 +121,11 @@ class Daemon:
 
     async def acquire(self) -> Lease:
         assert self.manager is not None
-        previous = previous_subnet(self.opts.subnet_file)
+        previous, previous_ipv6 = previous_subnets(self.opts.subnet_file)
         backoff = Backoff(0.5, 5.0)
         while True:
             try:
-                lease = await self.manager.acquire(previous)
+                lease = await self.manager.acquire(previous, previous_ipv6)
                 self.errors.clear("acquire", "etcd reachable again")
                 return lease
             except SubnetPoolExhausted as e:
@@ -148,19 +150,21 @@ class Daemon:
             except OSError as e:
                 raise Fatal(f"cannot listen on {opts.healthz_ip}:{opts.healthz_port} for "
                             f"-healthz-port: {e.strerror}") from None
+        self.cfg = cfg = await self.wait_for_config()
+        for pool in cfg.pools:
+            log.info("IPv%d network %s, subnets /%d from %s to %s, backend %s", pool.version,
+                     pool.network, pool.subnet_len, pool.subnet_min, pool.subnet_max,
+                     cfg.backend_type)
         try:
             ext = await asyncio.to_thread(
                 netlink.find_external_interface, opts.iface, opts.iface_regex,
-                opts.iface_can_reach, opts.public_ip,
+                opts.iface_can_reach, opts.public_ip, public_ipv6=opts.public_ipv6,
+                want_ipv6=cfg.enable_ipv6, want_ipv4=cfg.enable_ipv4,
             )
         except netlink.InterfaceError as e:
             raise Fatal(str(e)) from None
-        log.info("using interface %s (address %s, public address %s, mtu %d)",
-                 ext.name, ext.address, ext.public_ip, ext.mtu)
-        self.cfg = cfg = await self.wait_for_config()
-        log.info("network %s, subnets /%d from %s to %s, backend %s", cfg.network,
-                 cfg.subnet_len, cfg.subnet_min, cfg.subnet_max, cfg.backend_type)
-        self.iptables = IptablesKeeper(opts, cfg.network)
+        log.info("using interface %s (%s, mtu %d)", ext.name, _addresses(ext, cfg), ext.mtu)
+        self.iptables = IptablesKeeper(opts, cfg)
         try:
             self.backend = make_backend(cfg, ext, opts)
             attrs = await self.backend.prepare()
@@ -181,12 +185,12 @@ class Daemon:
         try:
             await self.on_lease(lease, first=True)
         except (BackendError, TunError, OSError) as e:
-            raise Fatal(f"cannot program subnet {lease.subnet}: {e}") from None
+            raise Fatal(f"cannot program subnet {describe(lease)}: {e}") from None
         self.manager.activated(lease)
         await self.initial_peers()
         self.ready.set()
         systemd.notify("READY=1")
-        log.info("ready: subnet %s, mtu %d", lease.subnet, self.backend.mtu)
+        log.info("ready: subnet %s, mtu %d", describe(lease), self.backend.mtu)
 
     async def initial_peers(self) -> None:
         """Program the peers we know before claiming readiness (best effort)."""
@@ -202,23 +206,20 @@ class Daemon:
         """Program the data path for a subnet we now hold, then hand it to Docker."""
         assert self.backend is not None and self.cfg is not None and self.iptables
         await self.backend.activate(lease)
-        await self.iptables.ensure(lease.subnet, fatal=first)
-        env = SubnetEnv(
-            network=self.cfg.network,
-            subnet=IPv4Interface(f"{lease.subnet.network_address + 1}/{lease.subnet.prefixlen}"),
-            mtu=self.backend.mtu,
-            ipmasq=self.opts.ip_masq,
-        )
+        await self.iptables.ensure(lease, fatal=first)
+        env = subnet_env(self.cfg, lease, self.backend.mtu, self.opts.ip_masq)
         await asyncio.to_thread(write_subnet_file, self.opts.subnet_file, env)
-        log.info("wrote %s (FLANNEL_SUBNET=%s)", self.opts.subnet_file, env.subnet)
+        said = [f"FLANNEL_SUBNET={env.subnet}"] if env.subnet else []
+        said += [f"FLANNEL_IPV6_SUBNET={env.ipv6_subnet}"] if env.ipv6_subnet else []
+        log.info("wrote %s (%s)", self.opts.subnet_file, ", ".join(said))
 
     async def on_lease_lost(self, old: Lease) -> None:
         """The subnet is no longer ours: stop routing for it. The subnet file stays, so a
         later acquisition prefers the same subnet and Docker keeps its bridge meanwhile."""
         assert self.backend is not None and self.iptables is not None
-        self.iptables.subnet = None
+        self.iptables.forget()
         await self.backend.deactivate()
-        log.warning("subnet %s is no longer ours; its routes are removed", old.subnet)
+        log.warning("subnet %s is no longer ours; its routes are removed", describe(old))
 
     async def on_peers(self, diff: PeerDiff) -> None:
         assert self.backend is not None
@@ -226,11 +227,11 @@ class Daemon:
         for lease in diff.removed:
             if self._compatible(lease):
                 await self.backend.remove_peer(lease)
-                log.info("peer removed: %s (%s)", lease.subnet, lease.attrs.public_ip)
+                log.info("peer removed: %s (%s)", describe(lease), _peer_address(lease))
         for lease in diff.added:
             if self._compatible(lease):
                 await self.backend.add_peer(lease)
-                log.info("peer added: %s via %s", lease.subnet, lease.attrs.public_ip)
+                log.info("peer added: %s via %s", describe(lease), _peer_address(lease))
         await self.backend.commit()
         self.metrics.programming.observe(time.monotonic() - started)
 
@@ -239,8 +240,8 @@ class Daemon:
         kind = lease.attrs.effective_backend
         if kind == self.backend.type:
             return True
-        self._warn.warn(("backend", lease.subnet, kind), "peer %s uses backend %s, not %s; "
-                        "ignored", lease.subnet, kind, self.backend.type)
+        self._warn.warn(("backend", lease.key_name, kind), "peer %s uses backend %s, not "
+                        "%s; ignored", describe(lease), kind, self.backend.type)
         return False
 
     async def poll_peer_counters(self) -> None:
@@ -300,3 +301,34 @@ class Daemon:
         if self.http is not None:
             await self.http.close()
         await self.registry.close()
+
+
+def subnet_env(cfg: NetworkConfig, lease: Lease, mtu: int, ipmasq: bool) -> SubnetEnv:
+    """subnet.env for ``lease``: each enabled family's network and the first address of its
+    subnet (flanneld's lines and order; IPv6-only has no IPv4 lines)."""
+    v4 = cfg.enable_ipv4 and lease.has_ipv4
+    v6 = cfg.enable_ipv6 and lease.ipv6_subnet is not None
+    return SubnetEnv(
+        network=cfg.network if v4 else None,
+        subnet=first_host(lease.subnet) if v4 else None,  # type: ignore[arg-type]
+        mtu=mtu,
+        ipmasq=ipmasq,
+        ipv6_network=cfg.ipv6_network if v6 else None,
+        ipv6_subnet=first_host(lease.ipv6_subnet) if v6 else None,  # type: ignore[arg-type]
+    )
+
+
+def _addresses(ext: netlink.ExternalInterface, cfg: NetworkConfig) -> str:
+    parts = []
+    if cfg.enable_ipv4:
+        parts.append(f"address {ext.address}, public address {ext.public_ip}")
+    if cfg.enable_ipv6:
+        parts.append(f"IPv6 address {ext.address6}, public IPv6 address {ext.public_ipv6}")
+    return "; ".join(parts)
+
+
+def _peer_address(lease: Lease) -> str:
+    """Where a peer's traffic goes: its PublicIP, or PublicIPv6 for an IPv6-only peer."""
+    if lease.has_ipv4 or lease.attrs.public_ipv6 is None:
+        return str(lease.attrs.public_ip)
+    return str(lease.attrs.public_ipv6)

@@ -21,8 +21,8 @@ STATE_EVERY_S = 2.0
 @dataclass(frozen=True)
 class NodeSnapshot:
     backend: str = ""
-    subnet: str = ""  # "" while no lease is held
-    ipv6_subnet: str = ""
+    subnet: str = ""  # "" while no lease is held (and in IPv6-only mode)
+    ipv6_subnet: str = ""  # "" while no lease is held, or without IPv6
     peers: int = 0
     lease_expiry: float = 0.0  # 0: no lease, +inf: reserved
     renewals: int = 0
@@ -40,7 +40,7 @@ class NodeSnapshot:
         return {
             "pid": os.getpid(), "time": time.time(), "backend": self.backend or None,
             "subnet": self.subnet or None, "ipv6_subnet": self.ipv6_subnet or None,
-            "lease_expiry": self.lease_expiry if self.subnet else None,
+            "lease_expiry": self.lease_expiry if self.subnet or self.ipv6_subnet else None,
             "ready": self.ready, "counters": self.counters, "peers": self.peer_counters,
         }
 

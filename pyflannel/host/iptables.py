@@ -13,14 +13,19 @@ tools work the same on the nft and legacy backends. Why this shape:
 
 Rules are rendered in exactly the spelling ``iptables-save`` prints, so "is it there?" is
 a string comparison.
+
+IPv6 (dual-stack and IPv6-only networks) gets the same chains and rules in ip6tables, for
+the IPv6 network and subnet, with ``ff00::/8`` as the multicast range: what flanneld
+installs (its MasqIP6Rules and ForwardRules for the IPv6 network). One :class:`Iptables`
+per family runs that family's tools.
 """
 
 from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from dataclasses import dataclass, field, replace
+from ipaddress import IPv4Network, IPv6Network, ip_network
 
 __all__ = [
     "FWD_CHAIN",
@@ -40,6 +45,7 @@ FWD_CHAIN = "FLANNEL-FWD"
 MASQ_COMMENT = "flanneld masq"
 FWD_COMMENT = "flanneld forward"
 MULTICAST = "224.0.0.0/4"
+MULTICAST6 = "ff00::/8"
 # Packets carrying this mark are to be masqueraded by someone else (kube-proxy): leave them.
 SKIP_MARK = "0x4000/0x4000"
 
@@ -68,21 +74,32 @@ def _jump(builtin: str, chain: str, comment: str) -> str:
 
 @dataclass(frozen=True)
 class RuleSet:
-    """What the tables should contain for one lease; pure, so it is easy to test.
+    """What the tables should contain for one lease and one address family; pure, so it
+    is easy to test.
 
-    ``network``/``subnet`` also accept strings ("10.1.0.0/16").
+    ``network``/``subnet`` are both IPv4 (iptables) or both IPv6 (ip6tables) and also
+    accept strings ("10.1.0.0/16", "fc00:10:1::/48").
     """
 
-    network: IPv4Network
-    subnet: IPv4Network
+    network: IPv4Network | IPv6Network
+    subnet: IPv4Network | IPv6Network
     masq: bool = True
     forward: bool = True
     random_fully: bool = False
 
     def __post_init__(self) -> None:
         # Accept strings for convenience; keep the dataclass frozen.
-        object.__setattr__(self, "network", IPv4Network(self.network))
-        object.__setattr__(self, "subnet", IPv4Network(self.subnet))
+        network, subnet = ip_network(self.network), ip_network(self.subnet)
+        if network.version != subnet.version:
+            raise ValueError(f"network {network} and subnet {subnet} are of different "
+                             "address families")
+        object.__setattr__(self, "network", network)
+        object.__setattr__(self, "subnet", subnet)
+
+    @property
+    def version(self) -> int:
+        """4 for iptables, 6 for ip6tables."""
+        return self.network.version
 
     def nat_rules(self) -> list[str]:
         """FLANNEL-POSTRTG's rules in order (empty when masquerading is off)."""
@@ -90,13 +107,14 @@ class RuleSet:
             return []
         net, sub, c = self.network, self.subnet, f'-m comment --comment "{MASQ_COMMENT}"'
         masq = "-j MASQUERADE --random-fully" if self.random_fully else "-j MASQUERADE"
+        multicast = MULTICAST if self.version == 4 else MULTICAST6
         a = f"-A {NAT_CHAIN}"
         return [
             f"{a} -m mark --mark {SKIP_MARK} {c} -j RETURN",
             f"{a} -s {sub} -d {net} {c} -j RETURN",
             f"{a} -s {net} -d {sub} {c} -j RETURN",
             f"{a} ! -s {net} -d {sub} {c} -j RETURN",
-            f"{a} -s {net} ! -d {MULTICAST} {c} {masq}",
+            f"{a} -s {net} ! -d {multicast} {c} {masq}",
             f"{a} ! -s {net} -d {net} {c} {masq}",
         ]
 
@@ -225,10 +243,15 @@ def unexpected(expected: RuleSet, snapshot: Snapshot) -> list[str]:
 
 
 class Iptables:
-    """Runs the iptables tools, optionally behind an argv prefix (e.g. ``ip netns exec``)."""
+    """Runs one family's tools (iptables-* for ``family=4``, ip6tables-* for 6), optionally
+    behind an argv prefix (e.g. ``ip netns exec``)."""
 
-    def __init__(self, prefix: Sequence[str] = ()) -> None:
+    def __init__(self, prefix: Sequence[str] = (), family: int = 4) -> None:
+        if family not in (4, 6):
+            raise ValueError(f"address family {family!r} is not 4 or 6")
         self.prefix = list(prefix)
+        self.family = family
+        self._tool = "iptables" if family == 4 else "ip6tables"
         self._random_fully: bool | None = None
 
     def _run(self, tool: str, *args: str, input: str | None = None) -> str:
@@ -250,7 +273,7 @@ class Iptables:
         return proc.stdout
 
     def _restore(self, payload: str) -> None:
-        self._run("iptables-restore", "-w", "5", "--noflush", input=payload)
+        self._run(f"{self._tool}-restore", "-w", "5", "--noflush", input=payload)
 
     def supports_random_fully(self) -> bool:
         """Whether MASQUERADE accepts --random-fully here; probed once, then cached.
@@ -271,11 +294,13 @@ class Iptables:
 
     def snapshot(self, tables: Iterable[str] = ("nat", "filter")) -> Snapshot:
         """Current rules of ``tables``: one ``iptables-save`` per table."""
-        return Snapshot.parse(*(self._run("iptables-save", "-t", t) for t in tables))
+        return Snapshot.parse(*(self._run(f"{self._tool}-save", "-t", t) for t in tables))
 
     def _effective(self, rules: RuleSet) -> RuleSet:
+        if rules.version != self.family:
+            raise ValueError(f"IPv{rules.version} rules given to {self._tool}")
         if rules.masq and rules.random_fully and not self.supports_random_fully():
-            return RuleSet(rules.network, rules.subnet, rules.masq, rules.forward, False)
+            return replace(rules, random_fully=False)
         return rules
 
     def ensure(self, rules: RuleSet) -> bool:
