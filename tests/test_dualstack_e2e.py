@@ -1,0 +1,343 @@
+"""Dual-stack and IPv6-only data planes on the lab, with flanneld v0.20.2's kernel state.
+
+The backend-level tests drive the backend objects directly inside lab namespaces (prepare,
+activate, add_peer, commit with hand-made leases), so they pin down the data plane on its
+own: device names, MTUs, addresses, routes, neighbour and FDB entries, lease attributes, and
+pings between the nodes' docker0 bridges over IPv4 and IPv6. The daemon-level tests at the
+end run whole pyflanneld nodes against etcd.
+
+Leases used below: n1 holds 10.1.92.0/24 and fc00:10:1:5c::/64, n2 holds 10.1.79.0/24 and
+fc00:10:1:4f::/64 (the issue's examples).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from pyflannel.lab import Lab, LabNode
+from tests.labtools import CONFIG_KEY, require_lab, wait_until
+
+pytestmark = pytest.mark.lab
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+DUAL = {"vxlan": '{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fc00:10:1::/48",'
+                 '"Backend":{"Type":"vxlan"}}',
+        "host-gw": '{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fc00:10:1::/48",'
+                   '"Backend":{"Type":"host-gw"}}'}
+V6ONLY = {kind: cfg.replace('{"Network":"10.1.0.0/16",', '{"EnableIPv4":false,')
+          for kind, cfg in DUAL.items()}
+
+KEYS = {"n1": "10.1.92.0-24&fc00:10:1:5c::-64", "n2": "10.1.79.0-24&fc00:10:1:4f::-64"}
+KEYS6 = {"n1": "0.0.0.0-0&fc00:10:1:5c::-64", "n2": "0.0.0.0-0&fc00:10:1:4f::-64"}
+DOCKER4 = {"n1": "10.1.92.1/24", "n2": "10.1.79.1/24"}
+DOCKER6 = {"n1": "fc00:10:1:5c::1/64", "n2": "fc00:10:1:4f::1/64"}
+MAC_RE = r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}"
+
+# Run inside a lab namespace: find eth0 as the daemon does, make the backend the config asks
+# for, prepare it, and (given our lease key) activate it with hand-made peer leases. Optional
+# steps: remove peers, delete devices under it and let one reconcile pass repair them.
+# Prints the lease attributes it would publish, and any it republished, as JSON.
+DRIVE_BACKEND = r"""
+import asyncio, json, logging, subprocess, sys
+from pyflannel.backend import make_backend
+from pyflannel.config import parse_config
+from pyflannel.host.netlink import find_external_interface
+from pyflannel.lease.model import Lease
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                    format="%(levelname)s %(name)s %(message)s")
+job = json.loads(sys.argv[1])
+cfg = parse_config(job["config"])
+
+
+async def main():
+    # pyroute2's synchronous calls run in a thread, as in the daemon
+    ext = await asyncio.to_thread(find_external_interface, ["eth0"],
+                                  want_ipv6=cfg.enable_ipv6, want_ipv4=cfg.enable_ipv4)
+    backend = make_backend(cfg, ext)
+    out = {"address": str(ext.address), "address6": str(ext.address6), "mtu": backend.mtu}
+    attrs = await backend.prepare()
+    out["attrs"] = attrs.to_json()
+    published = []
+
+    async def publish(a):
+        published.append(a.to_json())
+
+    backend.publish = publish
+    if job.get("own"):
+        await backend.activate(Lease.from_kv(job["own"], attrs.to_json()))
+        for key, value in job.get("peers", {}).items():
+            await backend.add_peer(Lease.from_kv(key, value))
+        await backend.commit()
+        for key, value in job.get("remove", {}).items():
+            await backend.remove_peer(Lease.from_kv(key, value))
+        if job.get("remove"):
+            await backend.commit()
+        for dev in job.get("delete", []):
+            subprocess.run(["ip", "link", "del", dev], check=True)
+        if job.get("delete"):
+            await backend.reconcile_all()
+    out["published"] = published
+    await backend.teardown()
+    print(json.dumps(out))
+
+
+asyncio.run(main())
+"""
+
+
+def drive(lab: Lab, node: LabNode, config: str, **job) -> dict:
+    proc = lab.run(node.ns, [sys.executable, "-c", DRIVE_BACKEND,
+                             json.dumps({"config": config, **job})],
+                   env={"PYTHONPATH": str(REPO_ROOT)}, text=True, check=False, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    out["log"] = proc.stderr
+    return out
+
+
+def sh(lab: Lab, node: LabNode, *argv: str) -> str:
+    return lab.run(node.ns, list(argv), text=True).stdout
+
+
+def lines(lab: Lab, node: LabNode, *argv: str) -> list[str]:
+    return [" ".join(line.split()) for line in sh(lab, node, *argv).splitlines()]
+
+
+def two_nodes(lab: Lab, config: str, keys: dict[str, str]) -> dict[str, dict]:
+    """Prepare both nodes, then activate each with the other as its peer."""
+    n1, n2 = lab.nodes
+    first = {n.name: drive(lab, n, config) for n in (n1, n2)}
+    second = {}
+    for me, other in ((n1, n2), (n2, n1)):
+        second[me.name] = drive(lab, me, config, own=keys[me.name],
+                                peers={keys[other.name]: first[other.name]["attrs"]})
+        # the device left by the first run is reused: same MACs, same lease attributes
+        assert second[me.name]["attrs"] == first[me.name]["attrs"]
+    return second
+
+
+def docker0_pings(lab: Lab, ipv4: bool = True) -> None:
+    n1, n2 = lab.nodes
+    for n in (n1, n2):
+        lab.add_docker0(n, DOCKER4[n.name] if ipv4 else None, DOCKER6[n.name])
+    for a, b in ((n1, n2), (n2, n1)):
+        src6, dst6 = DOCKER6[a.name].split("/")[0], DOCKER6[b.name].split("/")[0]
+        wait_until(lambda a=a, s=src6, d=dst6: lab.ping(a, d, src_ip=s), 5,
+                   f"{a.name} -> {b.name} over IPv6")
+        if ipv4:
+            src4, dst4 = DOCKER4[a.name].split("/")[0], DOCKER4[b.name].split("/")[0]
+            assert lab.ping(a, dst4, src_ip=src4), f"{a.name} -> {b.name} over IPv4"
+
+
+@pytest.fixture
+def lab():
+    require_lab()
+    with Lab(2, with_etcd=False) as lab:
+        yield lab
+
+
+# ------------------------------------------------------------------------------ vxlan
+
+
+def test_vxlan_dual_stack_devices_routes_and_lease(lab):
+    n1, n2 = lab.nodes
+    out = two_nodes(lab, DUAL["vxlan"], KEYS)
+    assert out["n1"]["mtu"] == 1450  # FLANNEL_MTU: flanneld writes external MTU - 50
+    attrs = out["n1"]["attrs"]
+    m = re.fullmatch(
+        r'\{"PublicIP":"198\.18\.0\.1","PublicIPv6":"fd00:198::1","BackendType":"vxlan",'
+        rf'"BackendData":\{{"VNI":1,"VtepMAC":"({MAC_RE})"\}},'
+        rf'"BackendV6Data":\{{"VNI":1,"VtepMAC":"({MAC_RE})"\}}\}}', attrs)
+    assert m, attrs
+    mac4, mac6 = m.groups()
+    assert mac4 != mac6
+
+    dev = json.loads(sh(lab, n1, "ip", "-d", "-j", "link", "show", "flannel-v6.1"))[0]
+    data = dev["linkinfo"]["info_data"]
+    assert (dev["mtu"], dev["address"]) == (1430, mac6)
+    assert (data["id"], data["local6"], data["link"], data["port"], data["learning"]) == (
+        1, "fd00:198::1", "eth0", 8472, False)
+    dev4 = json.loads(sh(lab, n1, "ip", "-d", "-j", "link", "show", "flannel.1"))[0]
+    assert (dev4["mtu"], dev4["address"], dev4["linkinfo"]["info_data"]["local"]) == (
+        1450, mac4, "198.18.0.1")
+    assert lines(lab, n1, "ip", "-6", "-o", "addr", "show", "dev", "flannel-v6.1",
+                 "scope", "global")[0].split()[3] == "fc00:10:1:5c::/128"
+    assert lines(lab, n1, "ip", "-4", "-o", "addr", "show", "dev", "flannel.1")[0].split()[3] \
+        == "10.1.92.0/32"
+
+    peer = json.loads(out["n2"]["attrs"])
+    peer_mac4, peer_mac6 = peer["BackendData"]["VtepMAC"], peer["BackendV6Data"]["VtepMAC"]
+    assert lines(lab, n1, "ip", "-6", "route", "show", "proto", "120") == [
+        "fc00:10:1:4f::/64 via fc00:10:1:4f:: dev flannel-v6.1 metric 1024 onlink pref medium"]
+    assert lines(lab, n1, "ip", "-4", "route", "show", "proto", "120") == [
+        "10.1.79.0/24 via 10.1.79.0 dev flannel.1 onlink"]
+    assert lines(lab, n1, "ip", "-6", "neigh", "show", "dev", "flannel-v6.1", "nud",
+                 "permanent") == [f"fc00:10:1:4f:: lladdr {peer_mac6} PERMANENT"]
+    assert lines(lab, n1, "ip", "-4", "neigh", "show", "dev", "flannel.1") == [
+        f"10.1.79.0 lladdr {peer_mac4} PERMANENT"]
+    assert lines(lab, n1, "bridge", "fdb", "show", "dev", "flannel-v6.1") == [
+        f"{peer_mac6} dst fd00:198::2 self permanent"]
+    assert lines(lab, n1, "bridge", "fdb", "show", "dev", "flannel.1") == [
+        f"{peer_mac4} dst 198.18.0.2 self permanent"]
+    docker0_pings(lab)
+
+
+def test_vxlan_ipv6_only_has_only_the_v6_device(lab):
+    n1, _n2 = lab.nodes
+    out = two_nodes(lab, V6ONLY["vxlan"], KEYS6)
+    attrs = out["n1"]["attrs"]
+    assert re.fullmatch(r'\{"PublicIP":"0\.0\.0\.0","PublicIPv6":"fd00:198::1",'
+                        r'"BackendType":"vxlan",'
+                        rf'"BackendV6Data":\{{"VNI":1,"VtepMAC":"{MAC_RE}"\}}\}}', attrs), attrs
+    links = [link["ifname"] for link in json.loads(sh(lab, n1, "ip", "-j", "link"))]
+    assert "flannel-v6.1" in links and "flannel.1" not in links
+    assert lines(lab, n1, "ip", "-6", "route", "show", "proto", "120") == [
+        "fc00:10:1:4f::/64 via fc00:10:1:4f:: dev flannel-v6.1 metric 1024 onlink pref medium"]
+    assert lines(lab, n1, "ip", "-4", "route", "show", "proto", "120") == []
+    docker0_pings(lab, ipv4=False)
+
+
+def test_vxlan_peer_removal_and_a_deleted_v6_device(lab):
+    """A departed peer takes its IPv6 route, neighbour and FDB entry along; a deleted
+    flannel-v6.1 comes back with a new MAC that is republished, and its peers reprogrammed."""
+    n1, n2 = lab.nodes
+    out = two_nodes(lab, DUAL["vxlan"], KEYS)
+    peers = {KEYS["n2"]: drive(lab, n2, DUAL["vxlan"])["attrs"]}
+    removed = drive(lab, n1, DUAL["vxlan"], own=KEYS["n1"], peers=peers, remove=peers)
+    assert removed["published"] == []
+    assert lines(lab, n1, "ip", "route", "show", "proto", "120") == []
+    assert lines(lab, n1, "ip", "-6", "route", "show", "proto", "120") == []
+    assert lines(lab, n1, "ip", "-6", "neigh", "show", "dev", "flannel-v6.1", "nud",
+                 "permanent") == []
+    assert lines(lab, n1, "bridge", "fdb", "show", "dev", "flannel-v6.1") == []
+
+    repaired = drive(lab, n1, DUAL["vxlan"], own=KEYS["n1"], peers=peers,
+                     delete=["flannel-v6.1"])
+    assert len(repaired["published"]) == 1
+    new = json.loads(repaired["published"][0])
+    old = json.loads(out["n1"]["attrs"])
+    assert new["BackendData"] == old["BackendData"]  # flannel.1 untouched
+    assert new["BackendV6Data"]["VtepMAC"] != old["BackendV6Data"]["VtepMAC"]
+    mac = json.loads(sh(lab, n1, "ip", "-j", "link", "show", "flannel-v6.1"))[0]["address"]
+    assert new["BackendV6Data"]["VtepMAC"] == mac
+    assert lines(lab, n1, "ip", "-6", "route", "show", "proto", "120") == [
+        "fc00:10:1:4f::/64 via fc00:10:1:4f:: dev flannel-v6.1 metric 1024 onlink pref medium"]
+    assert lines(lab, n1, "ip", "-6", "-o", "addr", "show", "dev", "flannel-v6.1",
+                 "scope", "global")[0].split()[3] == "fc00:10:1:5c::/128"
+
+
+def test_vxlan_ipv6_needs_an_ipv6_address_on_the_interface(lab):
+    n1 = lab.nodes[0]
+    lab.run(n1.ns, ["ip", "-6", "addr", "flush", "dev", "eth0", "scope", "global"])
+    proc = lab.run(n1.ns, [sys.executable, "-c", DRIVE_BACKEND,
+                           json.dumps({"config": DUAL["vxlan"]})],
+                   env={"PYTHONPATH": str(REPO_ROOT)}, text=True, check=False)
+    assert proc.returncode != 0
+    assert "interface eth0 has no global IPv6 address" in proc.stderr
+
+
+# ------------------------------------------------------------------------------ host-gw
+
+
+def test_hostgw_dual_stack_routes_and_lease(lab):
+    n1, _n2 = lab.nodes
+    out = two_nodes(lab, DUAL["host-gw"], KEYS)
+    assert out["n1"]["attrs"] == (
+        '{"PublicIP":"198.18.0.1","PublicIPv6":"fd00:198::1","BackendType":"host-gw"}')
+    assert out["n1"]["mtu"] == 1500
+    assert lines(lab, n1, "ip", "-6", "route", "show", "proto", "120") == [
+        "fc00:10:1:4f::/64 via fd00:198::2 dev eth0 metric 1024 pref medium"]
+    assert lines(lab, n1, "ip", "-4", "route", "show", "proto", "120") == [
+        "10.1.79.0/24 via 198.18.0.2 dev eth0"]
+    docker0_pings(lab)
+
+
+def test_hostgw_ipv6_only(lab):
+    n1, _n2 = lab.nodes
+    out = two_nodes(lab, V6ONLY["host-gw"], KEYS6)
+    assert out["n1"]["attrs"] == (
+        '{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198::1","BackendType":"host-gw"}')
+    assert lines(lab, n1, "ip", "-6", "route", "show", "proto", "120") == [
+        "fc00:10:1:4f::/64 via fd00:198::2 dev eth0 metric 1024 pref medium"]
+    assert lines(lab, n1, "ip", "-4", "route", "show", "proto", "120") == []
+    docker0_pings(lab, ipv4=False)
+
+
+# ------------------------------------------------------------------------------ udp
+
+
+def test_udp_dual_stack_carries_ipv4_and_warns_once_about_ipv6(lab):
+    n1 = lab.nodes[0]
+    cfg = DUAL["vxlan"].replace('"vxlan"', '"udp"')
+    out = drive(lab, n1, cfg, own="10.1.92.0-24&fc00:10:1:5c::-64")
+    assert out["attrs"].startswith('{"PublicIP":"198.18.0.1","PublicIPv6":null,'
+                                   '"BackendType":"udp"')
+    warnings = [x for x in out["log"].splitlines() if "not yet supported" in x]
+    assert len(warnings) == 1 and warnings[0].startswith("WARNING")
+    assert "IPv6 over the udp backend" in warnings[0]
+    assert lines(lab, n1, "ip", "-6", "route", "show", "proto", "120") == []
+
+
+def test_udp_ipv6_only_is_refused_in_one_line(lab):
+    n1 = lab.nodes[0]
+    cfg = V6ONLY["vxlan"].replace('"vxlan"', '"udp"')
+    proc = lab.run(n1.ns, [sys.executable, "-c", DRIVE_BACKEND, json.dumps({"config": cfg})],
+                   env={"PYTHONPATH": str(REPO_ROOT)}, text=True, check=False)
+    assert proc.returncode != 0
+    assert ("BackendError: udp backend carries IPv4 only; an IPv6-only network "
+            "(EnableIPv4 false) needs vxlan or host-gw") in proc.stderr
+    assert "flannel0" not in sh(lab, n1, "ip", "link")
+
+
+# ------------------------------------------------------------------------------ daemons
+
+
+def start_dual(lab: Lab, node: LabNode, *extra: str) -> dict[str, str]:
+    """Start pyflanneld and wait for a subnet file with the IPv6 lines."""
+    if node.subnet_file.exists():
+        node.subnet_file.unlink()
+    lab.start_daemon(node, *extra)
+    env = lab.wait_subnet_file(node, timeout=20)
+    assert "FLANNEL_IPV6_SUBNET" in env, (env, lab.tail_log(node))
+    lab.add_docker0(node, env.get("FLANNEL_SUBNET"), env["FLANNEL_IPV6_SUBNET"])
+    return env
+
+
+@pytest.mark.parametrize("kind,config", [
+    ("vxlan", DUAL["vxlan"]), ("host-gw", DUAL["host-gw"]),
+    ("vxlan-v6only", V6ONLY["vxlan"]), ("host-gw-v6only", V6ONLY["host-gw"]),
+])
+def test_daemons_ping_over_ipv4_and_ipv6(kind, config):
+    require_lab()
+    with Lab(2) as lab:
+        lab.etcdctl("put", CONFIG_KEY, config)
+        envs = {n.name: start_dual(lab, n) for n in lab.nodes}
+        n1, n2 = lab.nodes
+        e1, e2 = envs["n1"], envs["n2"]
+        assert e1["FLANNEL_IPV6_NETWORK"] == "fc00:10:1::/48"
+        assert ("FLANNEL_NETWORK" in e1) == (not kind.endswith("v6only"))
+        want_mtu = "1500" if kind.startswith("host-gw") else "1450"
+        assert e1["FLANNEL_MTU"] == want_mtu
+        sub6 = e2["FLANNEL_IPV6_SUBNET"].replace("::1/", "::/")
+        gw = "fd00:198::2" if kind.startswith("host-gw") else sub6.split("/")[0]
+        dev = "eth0" if kind.startswith("host-gw") else "flannel-v6.1"
+        onlink = "" if kind.startswith("host-gw") else " onlink"
+        want = f"{sub6} via {gw} dev {dev} metric 1024{onlink} pref medium"
+        wait_until(lambda: want in lines(lab, n1, "ip", "-6", "route", "show", "proto", "120"),
+                   10, f"{want} on n1")
+        for a, b in ((n1, n2), (n2, n1)):
+            ea, eb = envs[a.name], envs[b.name]
+            s6 = ea["FLANNEL_IPV6_SUBNET"].split("/")[0]
+            d6 = eb["FLANNEL_IPV6_SUBNET"].split("/")[0]
+            wait_until(lambda a=a, s=s6, d=d6: lab.ping(a, d, src_ip=s), 5,
+                       f"{a.name} -> {b.name} over IPv6")
+            if "FLANNEL_SUBNET" in ea:
+                s4, d4 = ea["FLANNEL_SUBNET"].split("/")[0], eb["FLANNEL_SUBNET"].split("/")[0]
+                assert lab.ping(a, d4, src_ip=s4), f"{a.name} -> {b.name} over IPv4"
