@@ -65,11 +65,22 @@ except urllib.error.HTTPError as e:
 @dataclass
 class Node:
     lab_node: LabNode
-    subnet: str  # FLANNEL_SUBNET, e.g. 10.1.15.1/24
+    subnet: str  # FLANNEL_SUBNET, e.g. 10.1.15.1/24 ("" on an IPv6-only node)
+    subnet6: str = ""  # FLANNEL_IPV6_SUBNET, e.g. fc00:10:1:5c::1/64 (IPv6 networks)
 
     @property
     def gw(self) -> str:
         return self.subnet.split("/")[0]
+
+    @property
+    def gw6(self) -> str:
+        """docker0's IPv6 address, fc00:10:1:5c::1 for FLANNEL_IPV6_SUBNET=fc00:10:1:5c::1/64."""
+        return self.subnet6.split("/")[0]
+
+    @property
+    def network6(self) -> str:
+        """The leased IPv6 subnet, fc00:10:1:5c::/64 for fc00:10:1:5c::1/64."""
+        return self.subnet6.replace("::1/", "::/")
 
     @property
     def network(self) -> str:
@@ -88,14 +99,20 @@ def require_lab() -> None:
         (pytest.fail if os.environ.get("CI") else pytest.skip)(reason)
 
 
+def _docker0(lab: Lab, node: LabNode, env: dict[str, str]) -> Node:
+    """docker0 from the subnet file, as Docker would set it up (both families when the
+    network has IPv6)."""
+    lab.add_docker0(node, env.get("FLANNEL_SUBNET"), env.get("FLANNEL_IPV6_SUBNET"))
+    return Node(node, env.get("FLANNEL_SUBNET", ""), env.get("FLANNEL_IPV6_SUBNET", ""))
+
+
 def start_node(lab: Lab, node: LabNode, *extra: str, timeout: float = 20) -> Node:
     """Start pyflanneld on ``node``, wait for its subnet file, give it a docker0."""
     if node.subnet_file.exists():
         node.subnet_file.unlink()
     lab.start_daemon(node, f"-healthz-port={HEALTHZ_PORT}", *extra)
     env = lab.wait_subnet_file(node, timeout=timeout)
-    lab.add_docker0(node, env["FLANNEL_SUBNET"])
-    return Node(node, env["FLANNEL_SUBNET"])
+    return _docker0(lab, node, env)
 
 
 def restart_node(lab: Lab, node: LabNode, *extra: str) -> Node:
@@ -106,8 +123,7 @@ def restart_node(lab: Lab, node: LabNode, *extra: str) -> Node:
         assert time.monotonic() < deadline, lab.tail_log(node)
         time.sleep(0.1)
     env = lab.wait_subnet_file(node)
-    lab.add_docker0(node, env["FLANNEL_SUBNET"])
-    return Node(node, env["FLANNEL_SUBNET"])
+    return _docker0(lab, node, env)
 
 
 def http_get(lab: Lab, node: LabNode, path: str) -> tuple[int, str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pyflannel.lab import Lab, LabNode
-from tests.labtools import CONFIG_KEY, require_lab, wait_until
+from tests.labtools import CONFIG_KEY, Node, require_lab, start_node, wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -233,6 +233,22 @@ def test_vxlan_peer_removal_and_a_deleted_v6_device(lab):
                  "scope", "global")[0].split()[3] == "fc00:10:1:5c::/128"
 
 
+def test_vxlan_direct_routing_in_both_families(lab):
+    """Peers on our own underlay segment get plain routes via their PublicIP and PublicIPv6
+    (host-gw for neighbours), and no neighbour or FDB entries."""
+    n1, _n2 = lab.nodes
+    config = DUAL["vxlan"].replace('"Type":"vxlan"', '"Type":"vxlan","DirectRouting":true')
+    two_nodes(lab, config, KEYS)
+    assert lines(lab, n1, "ip", "-6", "route", "show", "proto", "120") == [
+        "fc00:10:1:4f::/64 via fd00:198::2 dev eth0 metric 1024 pref medium"]
+    assert lines(lab, n1, "ip", "-4", "route", "show", "proto", "120") == [
+        "10.1.79.0/24 via 198.18.0.2 dev eth0"]
+    assert lines(lab, n1, "bridge", "fdb", "show", "dev", "flannel-v6.1") == []
+    assert lines(lab, n1, "ip", "-6", "neigh", "show", "dev", "flannel-v6.1", "nud",
+                 "permanent") == []
+    docker0_pings(lab)
+
+
 def test_vxlan_ipv6_needs_an_ipv6_address_on_the_interface(lab):
     n1 = lab.nodes[0]
     lab.run(n1.ns, ["ip", "-6", "addr", "flush", "dev", "eth0", "scope", "global"])
@@ -299,15 +315,8 @@ def test_udp_ipv6_only_is_refused_in_one_line(lab):
 # ------------------------------------------------------------------------------ daemons
 
 
-def start_dual(lab: Lab, node: LabNode, *extra: str) -> dict[str, str]:
-    """Start pyflanneld and wait for a subnet file with the IPv6 lines."""
-    if node.subnet_file.exists():
-        node.subnet_file.unlink()
-    lab.start_daemon(node, *extra)
-    env = lab.wait_subnet_file(node, timeout=20)
-    assert "FLANNEL_IPV6_SUBNET" in env, (env, lab.tail_log(node))
-    lab.add_docker0(node, env.get("FLANNEL_SUBNET"), env["FLANNEL_IPV6_SUBNET"])
-    return env
+def wait_ping(lab: Lab, a: Node, dst: str, src: str, what: str) -> None:
+    wait_until(lambda: lab.ping(a.lab_node, dst, src_ip=src), 5, what)
 
 
 @pytest.mark.parametrize("kind,config", [
@@ -318,26 +327,48 @@ def test_daemons_ping_over_ipv4_and_ipv6(kind, config):
     require_lab()
     with Lab(2) as lab:
         lab.etcdctl("put", CONFIG_KEY, config)
-        envs = {n.name: start_dual(lab, n) for n in lab.nodes}
-        n1, n2 = lab.nodes
-        e1, e2 = envs["n1"], envs["n2"]
-        assert e1["FLANNEL_IPV6_NETWORK"] == "fc00:10:1::/48"
-        assert ("FLANNEL_NETWORK" in e1) == (not kind.endswith("v6only"))
-        want_mtu = "1500" if kind.startswith("host-gw") else "1450"
-        assert e1["FLANNEL_MTU"] == want_mtu
-        sub6 = e2["FLANNEL_IPV6_SUBNET"].replace("::1/", "::/")
-        gw = "fd00:198::2" if kind.startswith("host-gw") else sub6.split("/")[0]
-        dev = "eth0" if kind.startswith("host-gw") else "flannel-v6.1"
-        onlink = "" if kind.startswith("host-gw") else " onlink"
-        want = f"{sub6} via {gw} dev {dev} metric 1024{onlink} pref medium"
-        wait_until(lambda: want in lines(lab, n1, "ip", "-6", "route", "show", "proto", "120"),
-                   10, f"{want} on n1")
+        n1, n2 = (start_node(lab, n) for n in lab.nodes)
+        env = lab.wait_subnet_file(n1.lab_node)
+        assert env["FLANNEL_IPV6_NETWORK"] == "fc00:10:1::/48"
+        assert bool(n1.subnet) == ("FLANNEL_NETWORK" in env) == (not kind.endswith("v6only"))
+        hostgw = kind.startswith("host-gw")
+        assert env["FLANNEL_MTU"] == ("1500" if hostgw else "1450")
+        want = (f"{n2.network6} via fd00:198::2 dev eth0 metric 1024 pref medium" if hostgw
+                else f"{n2.network6} via {n2.network6.split('/')[0]} dev flannel-v6.1 "
+                     "metric 1024 onlink pref medium")
+        wait_until(lambda: lines(lab, n1.lab_node, "ip", "-6", "route", "show", "proto", "120")
+                   == [want], 10, f"{want} on n1")
         for a, b in ((n1, n2), (n2, n1)):
-            ea, eb = envs[a.name], envs[b.name]
-            s6 = ea["FLANNEL_IPV6_SUBNET"].split("/")[0]
-            d6 = eb["FLANNEL_IPV6_SUBNET"].split("/")[0]
-            wait_until(lambda a=a, s=s6, d=d6: lab.ping(a, d, src_ip=s), 5,
-                       f"{a.name} -> {b.name} over IPv6")
-            if "FLANNEL_SUBNET" in ea:
-                s4, d4 = ea["FLANNEL_SUBNET"].split("/")[0], eb["FLANNEL_SUBNET"].split("/")[0]
-                assert lab.ping(a, d4, src_ip=s4), f"{a.name} -> {b.name} over IPv4"
+            wait_ping(lab, a, b.gw6, a.gw6, f"{a.lab_node.name} -> {b.lab_node.name} over IPv6")
+            if a.subnet:
+                assert lab.ping(a.lab_node, b.gw, src_ip=a.gw), "over IPv4"
+
+
+def test_daemon_recreates_a_deleted_v6_device_and_republishes_its_mac():
+    require_lab()
+    with Lab(2) as lab:
+        lab.etcdctl("put", CONFIG_KEY, DUAL["vxlan"])
+        n1, n2 = (start_node(lab, n) for n in lab.nodes)
+        wait_ping(lab, n2, n1.gw6, n2.gw6, "n2 -> n1 over IPv6")
+        key = f"/coreos.com/network/subnets/{n1.network.replace('/', '-')}&" \
+              f"{n1.network6.replace('/', '-')}"
+
+        def v6_mac_in_etcd() -> str:
+            value = lab.etcdctl("get", key, "--print-value-only").strip()
+            return json.loads(value)["BackendV6Data"]["VtepMAC"] if value else ""
+
+        old = v6_mac_in_etcd()
+        lab.run(n1.lab_node.ns, ["ip", "link", "del", "flannel-v6.1"])
+
+        def device_mac() -> str:
+            out = lab.run(n1.lab_node.ns, ["ip", "-j", "link", "show", "flannel-v6.1"],
+                          check=False, text=True).stdout
+            return json.loads(out)[0]["address"] if out.strip() else ""
+
+        wait_until(lambda: device_mac() not in ("", old) and v6_mac_in_etcd() == device_mac(),
+                   5, "flannel-v6.1 recreated and its new MAC published")
+        wait_until(lambda: f"{device_mac()} dst fd00:198::1 self permanent" in lines(
+            lab, n2.lab_node, "bridge", "fdb", "show", "dev", "flannel-v6.1"), 5,
+            "n2's FDB entry follows the new MAC")
+        wait_ping(lab, n2, n1.gw6, n2.gw6, "n2 -> n1 over IPv6 after the repair")
+        assert lab.ping(n2.lab_node, n1.gw, src_ip=n2.gw)
