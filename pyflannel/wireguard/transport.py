@@ -12,6 +12,8 @@ are the allocating forms.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
@@ -227,6 +229,10 @@ class Keypair:
         if not replay.accept(counter):
             return None
         return plain
+
+    def opener(self) -> tuple[Callable[..., bytes], Callable[[int], bool]]:
+        """(decrypt, accept) for a caller that inlines :meth:`open` in its own loop."""
+        return self._recv.decrypt, self.replay.accept
 
     def open_into(self, msg: memoryview, out: memoryview) -> int:
         """Like :meth:`open`, writing the payload into ``out``; -1 for a replay.
