@@ -7,6 +7,8 @@ Modules, from the bottom up:
 * ``keys``: base64 keys, ``PrivateKey`` (its repr shows no secret), the 0600 key file.
 * ``noise``: the handshake as pure functions, mac1/mac2, cookie replies.
 * ``transport``: ``Keypair`` (seal/open of type-4 messages) and ``ReplayWindow``.
+* ``peer``: ``PeerConfig`` (a row of the peer table), ``Peer`` (sessions, timers, counters),
+  the inner-packet checks and the per-source handshake limiter.
 * ``device``: ``Device``, the whole protocol without I/O, driven by a clock.
 
 What a fast path calls, per datagram or per batch::

@@ -27,9 +27,8 @@ import logging
 import os
 import random
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 
 from .constants import (
     COOKIE_REPLY_LEN,
@@ -62,7 +61,6 @@ from .noise import (
     ZERO_PSK,
     CookieChecker,
     HandshakeError,
-    InitiatorState,
     LocalIdentity,
     PeerIdentity,
     TransportKeys,
@@ -77,28 +75,32 @@ from .noise import (
     open_cookie_reply,
     seal_macs,
 )
+from .peer import (
+    IP_VERSION,
+    IPV4_HEADER,
+    IPV4_VERSION_IHL5,
+    IPV6_ADDR_LEN,
+    IPV6_HEADER,
+    IPV6_LIMIT_PREFIX,
+    PORT_LEN,
+    V4_DST,
+    V4_SRC,
+    V4_TOTAL_LEN,
+    V6_DST,
+    Endpoint,
+    Peer,
+    PeerConfig,
+    Prefixes,
+    SourceLimiter,
+    inner_length,
+)
 from .transport import InvalidTag, Keypair
 
 log = logging.getLogger(__name__)
 
-Endpoint = tuple  # (host, port) or the 4-tuple of an IPv6 socket address
-_TAI64N_ZERO = bytes(12)
 _RESERVED_ZERO = b"\0\0\0"
 _NONCE_PAD = b"\0\0\0\0"  # the transport nonce: four zero bytes, then the LE64 counter
-_IPV4_HEADER = 20
-_IP_VERSION = 0  # the byte whose high nibble is the IP version
-_PORT_LEN = 2
-_IPV6_ADDR_LEN = 16
-_IPV6_LIMIT_PREFIX = 8  # handshake rate limits apply per IPv6 /64
-_IPV4_VERSION_IHL5 = 0x45  # version 4, 20-byte header: almost every packet
-_IPV6_HEADER = 40
-# IP header fields used to route and check inner packets.
-_V4_TOTAL_LEN = slice(2, 4)
-_V4_SRC = slice(12, 16)
-_V4_DST = slice(16, 20)
-_V6_PAYLOAD_LEN = slice(4, 6)
-_V6_SRC = slice(8, 24)
-_V6_DST = slice(24, 40)
+
 
 DROP_REASONS = (
     "malformed", "bad_mac1", "bad_mac2", "unknown_peer", "unknown_index", "bad_auth",
@@ -106,132 +108,6 @@ DROP_REASONS = (
     "inner_src", "inner_malformed", "no_route", "no_endpoint", "staged_overflow",
     "rate_limited", "internal_error",
 )
-
-
-@dataclass(frozen=True, slots=True)
-class PeerConfig:
-    """One row of the peer table, as flannel derives it from a lease."""
-
-    allowed: tuple[str, ...]  # subnets, e.g. ("10.1.2.0/24",)
-    endpoint: Endpoint | None = None  # (PublicIP, ListenPort)
-    persistent_keepalive: float = 0.0  # seconds; 0 is off
-    psk: bytes | None = None  # overrides the device's pre-shared key
-
-
-class _Prefixes:
-    """Subnets of one address family as (network int, mask int) pairs, for per-packet tests."""
-
-    __slots__ = ("v4", "v6")
-
-    def __init__(self, subnets: Iterable[str]) -> None:
-        self.v4: list[tuple[int, int]] = []
-        self.v6: list[tuple[int, int]] = []
-        for text in subnets:
-            net = ipaddress.ip_network(text, strict=False)
-            pair = (int(net.network_address), int(net.netmask))
-            (self.v4 if net.version == 4 else self.v6).append(pair)
-
-
-@dataclass(slots=True, repr=False, eq=False)
-class Peer:
-    """A remote WireGuard peer: its sessions, handshake state, timers and counters."""
-
-    identity: PeerIdentity
-    config: PeerConfig
-    prefixes: _Prefixes
-    endpoint: Endpoint | None
-    current: Keypair | None = None
-    previous: Keypair | None = None
-    next: Keypair | None = None
-    pending: InitiatorState | None = None  # our initiation awaiting a response
-    last_initiation_sent: float = float("-inf")
-    handshake_attempts: int = 0
-    last_timestamp: bytes = _TAI64N_ZERO  # greatest TAI64N seen in an initiation from them
-    last_initiation_consumed: float = float("-inf")
-    last_mac1: bytes | None = None  # mac1 of the last handshake message we sent them
-    cookie: bytes | None = None
-    cookie_time: float = float("-inf")
-    sent_lastminute_handshake: bool = False
-    need_another_keepalive: bool = False
-    # timer deadlines on the device clock, None when not armed
-    t_retransmit: float | None = None
-    t_keepalive: float | None = None
-    t_new_handshake: float | None = None
-    t_persistent: float | None = None
-    t_zero_keys: float | None = None
-    staged: deque = field(default_factory=deque)
-    rx_bytes: int = 0
-    tx_bytes: int = 0
-    last_handshake: float | None = None  # wall-clock time of the last completed handshake
-    keepalive_interval: float = 0.0  # the config's persistent keepalive, read per packet
-
-    @property
-    def public_key(self) -> bytes:
-        """The peer's static public key (32 bytes)."""
-        return self.identity.public
-
-    def allows_source(self, packet: bytes | memoryview) -> bool:
-        """Is the inner packet's source address inside this peer's allowed subnets?"""
-        version = packet[_IP_VERSION] >> 4
-        if version == 4:
-            src = int.from_bytes(packet[_V4_SRC], "big")
-            prefixes = self.prefixes.v4
-        elif version == 6:
-            src = int.from_bytes(packet[_V6_SRC], "big")
-            prefixes = self.prefixes.v6
-        else:
-            return False
-        for net, mask in prefixes:  # noqa: SIM110 - a generator costs more per packet
-            if src & mask == net:
-                return True
-        return False
-
-    def __repr__(self) -> str:
-        return f"Peer({short_key(self.identity.public)}, endpoint={self.endpoint})"
-
-
-def inner_length(packet: bytes | memoryview) -> int:
-    """The length an IP packet claims (padding excluded); -1 if the header is not sane."""
-    n = len(packet)
-    if n == 0:
-        return -1
-    version = packet[_IP_VERSION] >> 4
-    if version == 4 and n >= _IPV4_HEADER:
-        total = int.from_bytes(packet[_V4_TOTAL_LEN], "big")
-        return total if _IPV4_HEADER <= total <= n else -1
-    if version == 6 and n >= _IPV6_HEADER:
-        total = _IPV6_HEADER + int.from_bytes(packet[_V6_PAYLOAD_LEN], "big")
-        return total if total <= n else -1
-    return -1
-
-
-class _SourceLimiter:
-    """Handshakes per source address under load: 20 a second, bursts of 5 (wireguard-go's).
-
-    Only consulted for messages whose mac2 proved the source address, so spoofed
-    addresses cannot fill it; idle entries are dropped once a second.
-    """
-
-    __slots__ = ("_buckets", "_swept", "rate", "burst")
-
-    def __init__(self, rate: float = 20.0, burst: float = 5.0) -> None:
-        self._buckets: dict[bytes, tuple[float, float]] = {}
-        self._swept = float("-inf")
-        self.rate = rate
-        self.burst = burst
-
-    def allow(self, address: bytes, now: float) -> bool:
-        """Take a token for this address if it has one."""
-        if now - self._swept >= 1.0:
-            self._swept = now
-            self._buckets = {a: b for a, b in self._buckets.items() if now - b[1] < 1.0}
-        tokens, last = self._buckets.get(address, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if tokens < 1.0:
-            self._buckets[address] = (tokens, now)
-            return False
-        self._buckets[address] = (tokens - 1.0, now)
-        return True
 
 
 class Device:
@@ -277,7 +153,7 @@ class Device:
         self._load_window = float("-inf")
         self._load_count = 0
         self._load_until = float("-inf")
-        self._limiter = _SourceLimiter()
+        self._limiter = SourceLimiter()
 
     def __repr__(self) -> str:
         return f"Device({short_key(self.local.public)}, peers={len(self.peers)})"
@@ -297,14 +173,14 @@ class Device:
         is checked whole first (key sizes, low-order keys, subnets), so a bad row raises
         ValueError and leaves the old table in force.
         """
-        prepared: dict[bytes, tuple[PeerConfig, _Prefixes, PeerIdentity | None]] = {}
+        prepared: dict[bytes, tuple[PeerConfig, Prefixes, PeerIdentity | None]] = {}
         for key, config in table.items():
             psk = config.psk or self.psk
             peer = self.peers.get(key)
             identity = None
             if peer is None or peer.identity.psk != (psk or ZERO_PSK):
                 identity = PeerIdentity.derive(self.local, key, psk)
-            prepared[key] = (config, _Prefixes(config.allowed), identity)
+            prepared[key] = (config, Prefixes(config.allowed), identity)
         now = self.clock()
         for key in list(self.peers):
             if key not in table:
@@ -358,12 +234,12 @@ class Device:
         """The peer whose allowed subnets hold the packet's destination (longest prefix)."""
         if not packet:
             return None
-        version = packet[_IP_VERSION] >> 4
-        if version == 4 and len(packet) >= _IPV4_HEADER:
-            dst = int.from_bytes(packet[_V4_DST], "big")
+        version = packet[IP_VERSION] >> 4
+        if version == 4 and len(packet) >= IPV4_HEADER:
+            dst = int.from_bytes(packet[V4_DST], "big")
             routes = self._routes4
-        elif version == 6 and len(packet) >= _IPV6_HEADER:
-            dst = int.from_bytes(packet[_V6_DST], "big")
+        elif version == 6 and len(packet) >= IPV6_HEADER:
+            dst = int.from_bytes(packet[V6_DST], "big")
             routes = self._routes6
         else:
             return None
@@ -484,12 +360,12 @@ class Device:
                 continue
             size = len(plain)
             # the common case, inline: IPv4 without options
-            if plain[_IP_VERSION] == _IPV4_VERSION_IHL5 and size >= _IPV4_HEADER:
-                length = int.from_bytes(plain[_V4_TOTAL_LEN], "big")
-                if not _IPV4_HEADER <= length <= size:
+            if plain[IP_VERSION] == IPV4_VERSION_IHL5 and size >= IPV4_HEADER:
+                length = int.from_bytes(plain[V4_TOTAL_LEN], "big")
+                if not IPV4_HEADER <= length <= size:
                     drops["inner_malformed"] += 1
                     continue
-                src4 = int.from_bytes(plain[_V4_SRC], "big")
+                src4 = int.from_bytes(plain[V4_SRC], "big")
                 for net, mask in run_prefixes4:  # noqa: B007 - for/else
                     if src4 & mask == net:
                         break
@@ -612,9 +488,9 @@ class Device:
         source = address_bytes(host, int(src[1]))
         if check_mac2(msg, self._cookies.cookie_for(source, now)):
             # a proven address may still flood: a token bucket per address (IPv6 per /64)
-            address = source[:-_PORT_LEN]
-            if len(address) == _IPV6_ADDR_LEN:
-                address = address[:_IPV6_LIMIT_PREFIX]
+            address = source[:-PORT_LEN]
+            if len(address) == IPV6_ADDR_LEN:
+                address = address[:IPV6_LIMIT_PREFIX]
             if self._limiter.allow(address, now):
                 return True
             self.drops["rate_limited"] += 1
