@@ -249,6 +249,21 @@ def test_vxlan_direct_routing_in_both_families(lab):
     docker0_pings(lab)
 
 
+def test_switching_back_to_ipv4_only_removes_the_v6_device(lab):
+    n1, _n2 = lab.nodes
+    two_nodes(lab, DUAL["vxlan"], KEYS)
+    out = drive(lab, n1, '{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}',
+                own="10.1.92.0-24", peers={"10.1.79.0-24": '{"PublicIP":"198.18.0.2",'
+                '"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0a:00:00:00:00:02"}}'})
+    assert '"PublicIPv6":null' in out["attrs"] and "BackendV6Data" not in out["attrs"]
+    assert "removed devices of an earlier backend: flannel-v6.1" in out["log"]
+    links = [link["ifname"] for link in json.loads(sh(lab, n1, "ip", "-j", "link"))]
+    assert "flannel.1" in links and "flannel-v6.1" not in links
+    assert lines(lab, n1, "ip", "-6", "route", "show", "proto", "120") == []
+    assert lines(lab, n1, "ip", "-4", "route", "show", "proto", "120") == [
+        "10.1.79.0/24 via 10.1.79.0 dev flannel.1 onlink"]
+
+
 def test_vxlan_ipv6_needs_an_ipv6_address_on_the_interface(lab):
     n1 = lab.nodes[0]
     lab.run(n1.ns, ["ip", "-6", "addr", "flush", "dev", "eth0", "scope", "global"])
@@ -356,6 +371,14 @@ def test_daemon_recreates_a_deleted_v6_device_and_republishes_its_mac():
         def v6_mac_in_etcd() -> str:
             value = lab.etcdctl("get", key, "--print-value-only").strip()
             return json.loads(value)["BackendV6Data"]["VtepMAC"] if value else ""
+
+        # an IPv6 route deleted by hand is back at once (netlink events, not the 10 s check)
+        route = ["ip", "-6", "route", "show", "proto", "120"]
+        before = lines(lab, n1.lab_node, *route)
+        assert before == [f"{n2.network6} via {n2.network6.split('/')[0]} dev flannel-v6.1 "
+                          "metric 1024 onlink pref medium"]
+        lab.run(n1.lab_node.ns, ["ip", "-6", "route", "del", n2.network6])
+        wait_until(lambda: lines(lab, n1.lab_node, *route) == before, 2, "IPv6 route restored")
 
         old = v6_mac_in_etcd()
         lab.run(n1.lab_node.ns, ["ip", "link", "del", "flannel-v6.1"])

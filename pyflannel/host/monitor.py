@@ -18,7 +18,7 @@ import socket
 import threading
 from collections.abc import Callable
 
-from pyroute2.netlink.rtnl import RTMGRP_IPV4_ROUTE, RTMGRP_LINK
+from pyroute2.netlink.rtnl import RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 log = logging.getLogger("pyflannel.monitor")
@@ -28,7 +28,8 @@ OVERFLOW = "overflow"  # events were lost (ENOBUFS): the listener must check eve
 
 
 class NetlinkMonitor:
-    """Calls ``on_event(kind, name_or_dst)`` in the loop for every link or IPv4 route event."""
+    """Calls ``on_event(kind, name_or_dst)`` in the loop for every link or route event (both
+    families: dual-stack backends keep IPv6 routes too)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
                  on_event: Callable[[str, str], None]) -> None:
@@ -49,7 +50,7 @@ class NetlinkMonitor:
             try:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-                sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_ROUTE))
+                sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
             except OSError:
                 sock.close()
                 raise
