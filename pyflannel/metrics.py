@@ -29,9 +29,11 @@ class DaemonCollector(Collector):
 
     def collect(self) -> Iterator:
         s = self.state()
-        info = InfoMetricFamily("pyflannel", "pyflannel build and lease")
+        info = InfoMetricFamily("pyflannel", "pyflannel build and lease (subnet: IPv4, "
+                                "empty in IPv6-only mode; ipv6_subnet: empty without IPv6)")
         info.add_metric([], {"version": __version__, "backend": s.get("backend", ""),
-                             "subnet": s.get("subnet", "")})
+                             "subnet": s.get("subnet", ""),
+                             "ipv6_subnet": s.get("ipv6_subnet", "")})
         yield info
         yield GaugeMetricFamily("pyflannel_peers", "peers in the routing table",
                                 value=s.get("peers", 0))

@@ -1,4 +1,8 @@
-"""``pyflannel status``: the cluster's subnet table, read straight from etcd."""
+"""``pyflannel status``: the cluster's subnet table, read straight from etcd.
+
+Dual-stack leases show both subnets (and both public addresses); the IPv6 columns appear
+only when some lease has an IPv6 subnet, so an IPv4 cluster's table is as it always was.
+"""
 
 from __future__ import annotations
 
@@ -7,30 +11,52 @@ import json
 import sys
 import time
 from collections.abc import Iterable
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyflannel.flags import Options
-from pyflannel.host.subnetfile import previous_subnet
+from pyflannel.host.subnetfile import previous_subnets
 from pyflannel.lease.etcd import EtcdAuthError, EtcdUnavailable, registry_for
+from pyflannel.lease.model import NO_IPV4_SUBNET, lease_key_name
 
 if TYPE_CHECKING:
     from pyflannel.lease.model import Lease
 
 
-def _local_addresses() -> set[IPv4Address]:
-    """This host's IPv4 addresses (empty where netlink is not allowed).
+def _local_addresses() -> set[IPv4Address | IPv6Address]:
+    """This host's IPv4 and IPv6 addresses (each family empty where it cannot be read).
 
     pyroute2's synchronous API runs an event loop of its own, so it must never be called
     from inside a running one: call this before ``asyncio.run`` or in a worker thread.
     """
+    found: set[IPv4Address | IPv6Address] = set()
     try:
         from pyflannel.host import netlink
 
-        return netlink.local_ipv4_addresses()
+        found.update(netlink.local_ipv4_addresses())
     except Exception:  # noqa: BLE001 - status must work even where netlink is not allowed
-        return set()
+        pass
+    found.update(local_ipv6_addresses())
+    return found
+
+
+def local_ipv6_addresses(path: str = "/proc/net/if_inet6") -> set[IPv6Address]:
+    """This host's (network namespace's) IPv6 addresses, from the kernel's table: an
+    IPv6-only node is recognised by its PublicIPv6."""
+    found: set[IPv6Address] = set()
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return found
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and len(fields[0]) == 32:
+            try:
+                found.add(IPv6Address(int(fields[0], 16)))
+            except ValueError:
+                continue
+    return found
 
 
 STATE_FRESH_S = 10.0
@@ -50,51 +76,85 @@ def local_view(opts: Options) -> dict[str, dict] | None:
     return peers if isinstance(peers, dict) else None
 
 
-def this_host(leases: Iterable[Lease], local: set[IPv4Address],
-              own: IPv4Network | None) -> set[IPv4Network]:
-    """The subnets to mark as this host's.
+def this_host(leases: Iterable[Lease], local: set[IPv4Address | IPv6Address],
+              own: str | None) -> set[str]:
+    """The lease keys (key names) to mark as this host's.
 
-    The leases naming one of our addresses decide; the subnet file (which may be stale,
-    or not where we look) only picks among them when several do, and is used alone only
-    when none does (say a -public-ip behind NAT).
+    The leases naming one of our addresses (PublicIP, or PublicIPv6) decide; the subnet
+    file's key (``own``, which may be stale or not where we look) only picks among them
+    when several do, and is used alone only when none does (say a -public-ip behind NAT).
     """
-    ours = {lease.subnet for lease in leases if lease.attrs.public_ip in local}
+    ours = {lease.key_name for lease in leases
+            if lease.attrs.public_ip in local or lease.attrs.public_ipv6 in local}
     if own is not None and (own in ours or not ours):
         return {own}
     return ours
 
 
-async def gather(opts: Options, local: set[IPv4Address] | None = None) -> list[dict[str, Any]]:
+def subnet_file_key(path: str) -> str | None:
+    """The key name the subnet file's subnets make (``10.1.5.0-24&fc00:..-64``), if any."""
+    v4, v6 = previous_subnets(path)
+    if v4 is None and v6 is None:
+        return None
+    return lease_key_name(v4 or NO_IPV4_SUBNET, v6)
+
+
+def _sort_key(lease: Lease) -> tuple[int, int]:
+    v6 = lease.ipv6_subnet
+    return int(lease.subnet.network_address), int(v6.network_address) if v6 else -1
+
+
+async def gather(opts: Options, local: set[IPv4Address | IPv6Address] | None = None,
+                 ) -> list[dict[str, Any]]:
     """One row per lease, sorted by subnet; ``expires_in_s`` is None for reservations.
 
-    ``local``: this host's addresses, when the caller already has them.
+    ``subnet`` is None for an IPv6-only lease, ``ipv6_subnet``/``public_ipv6`` None
+    without IPv6; ``key`` is the lease's key name. ``local``: this host's addresses, when
+    the caller already has them.
     """
     if local is None:
         local = await asyncio.to_thread(_local_addresses)
     reg = registry_for(opts)
     try:
         listing = await reg.list_leases()
-        mine = this_host(listing.leases, local, previous_subnet(opts.subnet_file))
+        mine = this_host(listing.leases, local, subnet_file_key(opts.subnet_file))
         view = local_view(opts)
         rows = []
-        for lease in sorted(listing.leases, key=lambda x: int(x.subnet.network_address)):
+        for lease in sorted(listing.leases, key=_sort_key):
             ttl = None if lease.reserved else await reg.lease_ttl(lease.lease_id)
+            v6, pub6 = lease.ipv6_subnet, lease.attrs.public_ipv6
             rows.append({
-                "subnet": str(lease.subnet),
+                "key": lease.key_name,
+                "subnet": str(lease.subnet) if lease.has_ipv4 else None,
+                "ipv6_subnet": str(v6) if v6 is not None else None,
                 "public_ip": str(lease.attrs.public_ip),
+                "public_ipv6": str(pub6) if pub6 is not None else None,
                 "backend": lease.attrs.effective_backend,
                 "backend_data": lease.attrs.backend_data,
+                "backend_v6_data": lease.attrs.backend_v6_data,
                 "expires_in_s": ttl if ttl is None else max(ttl, 0),
-                "this_node": lease.subnet in mine,
-                "counters": view.get(str(lease.subnet)) if view is not None else None,
+                "this_node": lease.key_name in mine,
+                "counters": _counters(view, lease),
             })
         for key, reason in listing.malformed:
-            rows.append({"subnet": key.rsplit("/", 1)[-1], "public_ip": None,
-                         "backend": None, "backend_data": None, "expires_in_s": None,
-                         "this_node": False, "error": reason})
+            name = key.rsplit("/", 1)[-1]
+            rows.append({"key": name, "subnet": name, "ipv6_subnet": None, "public_ip": None,
+                         "public_ipv6": None, "backend": None, "backend_data": None,
+                         "backend_v6_data": None, "expires_in_s": None, "this_node": False,
+                         "error": reason})
         return rows
     finally:
         await reg.close()
+
+
+def _counters(view: dict[str, dict] | None, lease: Lease) -> dict | None:
+    """The local daemon's counters for a peer: by key name, or (IPv4) by subnet."""
+    if view is None:
+        return None
+    got = view.get(lease.key_name)
+    if got is None and lease.has_ipv4:
+        got = view.get(str(lease.subnet))
+    return got
 
 
 def format_duration(seconds: int | None) -> str:
@@ -113,17 +173,25 @@ def _human(n: float) -> str:
     return f"{n:.1f}P"
 
 
+def _mac(data: Any) -> str:
+    return str(data["VtepMAC"]) if isinstance(data, dict) and "VtepMAC" in data else "-"
+
+
 def render_table(rows: list[dict[str, Any]]) -> str:
-    header = ("SUBNET", "PUBLIC IP", "BACKEND", "VTEP MAC", "LEASE LEFT", "TX PKTS", "TX BYTES",
+    """The status table; IPv6 columns only when some lease has an IPv6 subnet."""
+    v6 = any(r.get("ipv6_subnet") for r in rows)
+    header = ("SUBNET", *(("IPV6 SUBNET",) if v6 else ()), "PUBLIC IP",
+              *(("PUBLIC IPV6",) if v6 else ()), "BACKEND", "VTEP MAC",
+              *(("VTEP MAC V6",) if v6 else ()), "LEASE LEFT", "TX PKTS", "TX BYTES",
               "RX PKTS", "RX BYTES", "DROPS", "LAST RX", "")
     lines = [header]
     for r in rows:
         if "error" in r:
-            lines.append((r["subnet"], "-", "-", "-", "-", "", "", "", "", "", "",
-                          f"malformed: {r['error']}"))
+            lines.append((r["subnet"], *(("-",) if v6 else ()), "-",
+                          *(("-",) if v6 else ()), "-", "-", *(("-",) if v6 else ()),
+                          "-", "", "", "", "", "", "", f"malformed: {r['error']}"))
             continue
-        data = r.get("backend_data")
-        mac = data.get("VtepMAC", "-") if isinstance(data, dict) and "VtepMAC" in data else "-"
+        mac = _mac(r.get("backend_data"))
         c = r.get("counters")
         if c:
             age = c.get("last_rx_age_s")
@@ -132,8 +200,11 @@ def render_table(rows: list[dict[str, Any]]) -> str:
                        _human(c["rx_dropped"]), "never" if age is None else f"{age:.1f}s ago")
         else:
             traffic = ("-",) * 6
-        lines.append((r["subnet"], r["public_ip"], r["backend"], mac,
-                      format_duration(r["expires_in_s"]), *traffic,
+        ipv6 = (r.get("ipv6_subnet") or "-",) if v6 else ()
+        pub6 = (r.get("public_ipv6") or "-",) if v6 else ()
+        mac6 = (_mac(r.get("backend_v6_data")),) if v6 else ()
+        lines.append((r["subnet"] or "-", *ipv6, r["public_ip"], *pub6, r["backend"], mac,
+                      *mac6, format_duration(r["expires_in_s"]), *traffic,
                       "<- this host" if r["this_node"] else ""))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()

@@ -92,3 +92,104 @@ def test_a_subnet_held_by_another_host_is_not_reserved_over(etcd_server, etcd_pr
     cli(etcd_server, etcd_prefix, "lease", "reserve", "10.1.42.0/24", "198.18.0.9")
     out = cli(etcd_server, etcd_prefix, "lease", "reserve", "10.1.42.0/24", "198.18.0.10")
     assert out.returncode == 1 and "held by 198.18.0.9" in out.stderr
+
+
+# -- dual-stack and IPv6-only --------------------------------------------------------------
+
+DUAL = ('{"Network": "10.1.0.0/16", "EnableIPv6": true, "IPv6Network": "fc00:10:1::/48",'
+        ' "Backend": {"Type": "vxlan"}}')
+V6ONLY = '{"EnableIPv4": false, "EnableIPv6": true, "IPv6Network": "fc00:10:1::/48"}'
+
+
+def get_json(etcd, key: str):
+    value = etcd.etcdctl("get", key, "--print-value-only").stdout
+    return json.loads(value) if value.strip() else None
+
+
+def test_validate_applies_the_ipv6_rules_and_describes_both_networks():
+    def validate(config: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "pyflannel", "config", "validate", config,
+                               "-etcd-endpoints=http://127.0.0.1:1"], capture_output=True,
+                              text=True, timeout=30, cwd=ROOT)
+
+    ok = validate(DUAL)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == ("valid: network 10.1.0.0/16, /24, IPv6 network "
+                                 "fc00:10:1::/48, /64, backend vxlan")
+    ok = validate(V6ONLY)
+    assert ok.stdout.strip() == "valid: IPv6 network fc00:10:1::/48, /64, backend udp"
+    for config, message in [
+        ('{"Network": "10.1.0.0/16", "EnableIPv6": true}', "IPv6Network is required"),
+        ('{"EnableIPv6": true, "Network": "10.1.0.0/16", "IPv6Network": "fc00::/126"}',
+         "IPv6Network is too small"),
+        ('{"EnableIPv6": true, "Network": "10.1.0.0/16", "IPv6Network": "fc00::/48",'
+         ' "IPv6SubnetLen": 127}', "IPv6SubnetLen"),
+        ('{"EnableIPv6": true, "Network": "10.1.0.0/16", "IPv6Network": "fc00::/48",'
+         ' "IPv6SubnetMin": "fc00:0:0:1::1"}', "IPv6SubnetMin"),
+    ]:
+        bad = validate(config)
+        assert bad.returncode == 1 and message in bad.stderr, (config, bad.stderr)
+
+
+def test_set_stores_an_ipv6_only_config(etcd_server, etcd_prefix):
+    out = cli(etcd_server, etcd_prefix, "config", "set", V6ONLY)
+    assert out.returncode == 0, out.stderr
+    assert "IPv6 network fc00:10:1::/48, /64" in out.stdout and "None" not in out.stdout
+
+
+def test_a_dual_stack_reservation_is_one_key_naming_both_subnets(etcd_server, etcd_prefix):
+    cli(etcd_server, etcd_prefix, "config", "set", DUAL)
+    out = cli(etcd_server, etcd_prefix, "lease", "reserve", "10.1.42.0/24",
+              "fc00:10:1:2a::/64", "198.18.0.9", "fd00:198::9")
+    assert out.returncode == 0, out.stderr
+    key = f"{etcd_prefix}/subnets/10.1.42.0-24&fc00:10:1:2a::-64"
+    assert key in out.stdout
+    assert get_json(etcd_server, key) == {"PublicIP": "198.18.0.9", "PublicIPv6": "fd00:198::9"}
+    (row,) = json.loads(cli(etcd_server, etcd_prefix, "lease", "list", "--json").stdout)
+    assert (row["subnet"], row["ipv6_subnet"]) == ("10.1.42.0/24", "fc00:10:1:2a::/64")
+    assert row["expires_in_s"] is None
+    # Either subnet names the key to release.
+    out = cli(etcd_server, etcd_prefix, "lease", "release", "fc00:10:1:2a::/64")
+    assert out.returncode == 0, out.stderr
+    assert get_json(etcd_server, key) is None
+
+
+def test_an_ipv6_only_reservation_is_flanneld_s_layout(etcd_server, etcd_prefix):
+    cli(etcd_server, etcd_prefix, "config", "set", V6ONLY)
+    out = cli(etcd_server, etcd_prefix, "lease", "reserve", "fd00:198::9", "fc00:10:1:2a::/64")
+    assert out.returncode == 0, out.stderr
+    key = f"{etcd_prefix}/subnets/0.0.0.0-0&fc00:10:1:2a::-64"
+    assert get_json(etcd_server, key) == {"PublicIP": "0.0.0.0", "PublicIPv6": "fd00:198::9"}
+    assert cli(etcd_server, etcd_prefix, "lease", "release", "fc00:10:1:2a::/64").returncode == 0
+    assert get_json(etcd_server, key) is None
+
+
+@pytest.mark.parametrize(("config", "args", "message"), [
+    (DUAL, ["10.1.42.0/24", "198.18.0.9"], "enables IPv6: give an IPv6 subnet"),
+    (DUAL, ["10.1.42.0/24", "fc00:10:1::/64", "198.18.0.9"], "not a leasable /64"),
+    (DUAL, ["10.1.42.0/24", "fc00:10:2:1::/64", "198.18.0.9"], "not a leasable /64"),
+    (DUAL, ["10.1.42.0/24", "fc00:10:1:1::5/64", "198.18.0.9"], "host bits"),
+    (DUAL, ["10.1.42.0/24", "fc00:10:1:1::/64", "fd00:198::9"], "IPv4 address (its PublicIP)"),
+    (V6ONLY, ["fc00:10:1:2a::/64", "198.18.0.9"], "give the host's IPv6 address"),
+    (V6ONLY, ["10.1.42.0/24", "fc00:10:1:2a::/64", "fd00:198::9"], "does not enable IPv4"),
+    ('{"Network": "10.1.0.0/16"}', ["10.1.42.0/24", "fc00:10:1:2a::/64", "198.18.0.9"],
+     "does not enable IPv6"),
+])
+def test_bad_dual_stack_reservations_are_refused(etcd_server, etcd_prefix, config, args,
+                                                  message):
+    cli(etcd_server, etcd_prefix, "config", "set", config)
+    out = cli(etcd_server, etcd_prefix, "lease", "reserve", *args)
+    assert out.returncode == 1 and message in out.stderr, out.stderr
+    assert etcd_server.etcdctl("get", f"{etcd_prefix}/subnets/", "--prefix").stdout == ""
+
+
+def test_a_subnet_held_under_another_key_is_not_reserved_over(etcd_server, etcd_prefix):
+    """Dual-stack keys name two subnets: a subnet is taken when any key holds it."""
+    cli(etcd_server, etcd_prefix, "config", "set", DUAL)
+    etcd_server.etcdctl("put", f"{etcd_prefix}/subnets/10.1.42.0-24&fc00:10:1:99::-64",
+                        '{"PublicIP":"198.18.0.10","PublicIPv6":"fd00:198::10"}')
+    out = cli(etcd_server, etcd_prefix, "lease", "reserve", "10.1.42.0/24",
+              "fc00:10:1:2a::/64", "198.18.0.9")
+    assert out.returncode == 1
+    assert "10.1.42.0/24 is held by 198.18.0.10 (key 10.1.42.0-24&fc00:10:1:99::-64)" \
+        in out.stderr

@@ -73,3 +73,26 @@ def test_the_subnet_file_settles_which_of_two_leases_for_our_address_is_ours(lab
         assert _marked(out.stdout) == ["10.1.5.0/24"], out.stdout
     finally:
         lab.etcdctl("del", key)
+
+
+def test_an_ipv6_only_lease_is_shown_whole_and_found_by_the_subnet_file(lab):
+    key = f"{PREFIX}/subnets/0.0.0.0-0&fc00:10:1:4f::-64"
+    n2 = lab.node("n2")
+    lab.etcdctl("put", key, json.dumps({"PublicIP": "0.0.0.0", "PublicIPv6": n2.underlay_ip6,
+                                        "BackendType": "vxlan"}))
+    try:
+        own = n2.workdir / "own6.env"
+        own.write_text("FLANNEL_IPV6_NETWORK=fc00:10:1::/48\n"
+                       "FLANNEL_IPV6_SUBNET=fc00:10:1:4f::1/64\n")
+        out = lab.run(n2.ns, [sys.executable, "-m", "pyflannel", "status", "--json",
+                              f"-etcd-endpoints={lab.etcd_endpoint}", f"-subnet-file={own}"],
+                      text=True, timeout=60)
+        rows = {r["key"]: r for r in json.loads(out.stdout)}
+        row = rows["0.0.0.0-0&fc00:10:1:4f::-64"]
+        assert row["subnet"] is None and row["ipv6_subnet"] == "fc00:10:1:4f::/64"
+        assert row["public_ipv6"] == n2.underlay_ip6 and row["this_node"]
+        assert [k for k, r in rows.items() if r["this_node"]] == [row["key"]]
+        table = _status(lab, str(own)).stdout
+        assert "IPV6 SUBNET" in table and "fc00:10:1:4f::/64" in table
+    finally:
+        lab.etcdctl("del", key)
