@@ -517,3 +517,11 @@ async def test_a_dual_stack_takeover_is_noticed_by_key_name(reg):
     await until(lambda: node.m.holds_subnet() and node.m.lease.key_name != first.key_name)
     assert node.torn_down == [first.subnet]
     await node.stop()
+
+
+async def test_an_ipv6_only_node_without_a_public_ipv6_is_told_it_cannot_find_its_lease(
+        reg, caplog):
+    node = Node(reg, V6ONLY, ip="0.0.0.0")  # attrs without PublicIPv6
+    await node.m.acquire()
+    await node.m.acquire()
+    assert len(warnings_about(caplog, "publishes no PublicIPv6")) == 1

@@ -112,6 +112,9 @@ class LeaseManager:
         """Take a subnet (one per enabled family, in one key), retrying lost races;
         ``previous``/``previous_ipv6`` are preferred each on its own; raises
         SubnetPoolExhausted when a family's pool is full."""
+        if not self.cfg.enable_ipv4 and self.public_ipv6 is None:
+            self._warn.warn(("no-public-ipv6",), "IPv6-only network, but this node publishes "
+                            "no PublicIPv6: after a restart it cannot recognise its lease")
         lost_races: set[IPv4Network | IPv6Network] = set()
         for _attempt in range(ACQUIRE_ATTEMPTS):
             listing = await self.registry.list_leases()
