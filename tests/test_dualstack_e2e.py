@@ -335,8 +335,9 @@ def wait_ping(lab: Lab, a: Node, dst: str, src: str, what: str) -> None:
 
 
 @pytest.mark.parametrize("kind,config", [
-    ("vxlan", DUAL["vxlan"]), ("host-gw", DUAL["host-gw"]),
-    ("vxlan-v6only", V6ONLY["vxlan"]), ("host-gw-v6only", V6ONLY["host-gw"]),
+    pytest.param(kind, cfg, id=kind) for kind, cfg in (
+        ("vxlan", DUAL["vxlan"]), ("host-gw", DUAL["host-gw"]),
+        ("vxlan-v6only", V6ONLY["vxlan"]), ("host-gw-v6only", V6ONLY["host-gw"]))
 ])
 def test_daemons_ping_over_ipv4_and_ipv6(kind, config):
     require_lab()
@@ -395,3 +396,22 @@ def test_daemon_recreates_a_deleted_v6_device_and_republishes_its_mac():
             "n2's FDB entry follows the new MAC")
         wait_ping(lab, n2, n1.gw6, n2.gw6, "n2 -> n1 over IPv6 after the repair")
         assert lab.ping(n2.lab_node, n1.gw, src_ip=n2.gw)
+
+
+def test_daemon_with_udp_refuses_ipv6_only_and_warns_once_in_dual_stack():
+    require_lab()
+    with Lab(1) as lab:
+        node = lab.nodes[0]
+        lab.etcdctl("put", CONFIG_KEY, V6ONLY["vxlan"].replace('"vxlan"', '"udp"'))
+        proc = lab.start_daemon(node)
+        assert proc.wait(20) == 1
+        log = lab.tail_log(node).split("=== lab:")[-1]
+        errors = [x for x in log.splitlines() if "udp backend carries IPv4 only" in x]
+        assert len(errors) == 1 and "Traceback" not in log, log
+        assert "flannel0" not in sh(lab, node, "ip", "link")
+
+        lab.etcdctl("put", CONFIG_KEY, DUAL["vxlan"].replace('"vxlan"', '"udp"'))
+        n = start_node(lab, node)
+        assert n.subnet.startswith("10.1.")
+        log = lab.tail_log(node, 200).split("=== lab:")[-1]
+        assert log.count("IPv6 over the udp backend is not yet supported") == 1, log
