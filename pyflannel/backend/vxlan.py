@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from pyflannel.backend.base import Backend, BackendError
 from pyflannel.config import NetworkConfig
@@ -65,7 +65,7 @@ class VxlanBackend(Backend):
         # The devices this network uses: IPv4 first, as flanneld creates them.
         self.vteps = [vt for vt, on in ((self.v4, cfg.enable_ipv4), (self.v6, cfg.enable_ipv6))
                       if on]
-        self.l2_networks: list = []
+        self.l2_networks: list[IPv4Network | IPv6Network] = []
         self._l2_lock = asyncio.Lock()
 
     # The IPv4 device's state under its historical names (status, tests and tools use them).
@@ -161,6 +161,8 @@ class VxlanBackend(Backend):
     def _peer_vtep(self, peer: Lease, vt: Vtep) -> L2Entry | None:
         """(the peer's VTEP address, MAC, host) for device ``vt``; None when the peer has no
         subnet of that family, or (with one warning) no usable VTEP for it."""
+        host: IPAddress | None
+        gw: IPAddress
         if vt.version == 4:
             if not peer.has_ipv4:
                 return None
@@ -171,7 +173,7 @@ class VxlanBackend(Backend):
             if peer.ipv6_subnet is None:
                 return None
             data, gw = peer.attrs.backend_v6_data, peer.ipv6_subnet.network_address
-            host = peer.attrs.public_ipv6  # type: ignore[assignment]
+            host = peer.attrs.public_ipv6
             what = "BackendV6Data"
             if host is None:
                 self._warn.warn(("pub6", peer.key_name), "peer %s has an IPv6 subnet but no "
