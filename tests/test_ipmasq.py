@@ -86,4 +86,6 @@ def test_a_rule_deleted_by_hand_is_restored_within_the_resync_period(masq_lab):
     lab.run(ns, ["iptables", "-t", "nat", "-D", "FLANNEL-POSTRTG", "3"])
     assert len(nat_rules(lab, ns)) == 5
     wait_until(lambda: nat_rules(lab, ns) == before, 3, "rules restored")
-    assert "iptables rules restored" in lab.tail_log(n1.lab_node, 100)
+    # (the line is logged just after the restore: the rules may be back a moment before)
+    wait_until(lambda: "iptables rules restored" in lab.tail_log(n1.lab_node, 100), 3,
+               "restore logged")
