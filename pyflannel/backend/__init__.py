@@ -25,8 +25,13 @@ def make_backend(cfg: NetworkConfig, ext: ExternalInterface,
         from pyflannel.backend.hostgw import HostGwBackend
 
         return HostGwBackend(cfg, ext)
+    if cfg.backend_type == "wireguard":
+        from pyflannel.backend.wireguard import WireguardBackend
+
+        return WireguardBackend(cfg, ext, mode=opts.fastpath_mode, gso=opts.udp_gso,
+                                gro=opts.udp_gro)
     raise BackendError(f"backend {cfg.backend_type!r} is not supported by pyflannel "
-                       "(supported: udp, vxlan, host-gw)")
+                       "(supported: udp, vxlan, host-gw, wireguard)")
 
 
 __all__ = ["Backend", "BackendError", "make_backend"]

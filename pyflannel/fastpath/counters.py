@@ -30,6 +30,38 @@ NAMES = (
     "drop_train_incomplete",
     "icmp_unreachable_sent",
     "segmented",  # super-packets cut up (or checksums finished) for flannel-framing peers
+    # WireGuard (the wireguard backend): refusals by reason, as Device.drops names them
+    # (its "no_route" is drop_no_route and its "inner_src" drop_spoofed_source above) ...
+    "drop_malformed",
+    "drop_bad_mac1",
+    "drop_bad_mac2",
+    "drop_unknown_peer",  # a handshake from a key that holds no lease
+    "drop_unknown_index",
+    "drop_bad_auth",  # failed decryption: forged, corrupted or for a forgotten session
+    "drop_replay",
+    "drop_handshake_replay",
+    "drop_handshake_flood",
+    "drop_stale_key",
+    "drop_bad_cookie",
+    "drop_inner_malformed",
+    "drop_no_endpoint",
+    "drop_staged_overflow",
+    "drop_rate_limited",
+    "drop_internal_error",
+    # ... and protocol events, as Device.stats names them.
+    "wg_handshakes_completed",
+    "wg_initiations_sent",
+    "wg_initiations_received",
+    "wg_responses_sent",
+    "wg_responses_received",
+    "wg_initiation_retransmits",
+    "wg_handshakes_abandoned",
+    "wg_handshakes_for_silence",
+    "wg_cookie_replies_sent",
+    "wg_cookie_replies_received",
+    "wg_keepalives_sent",
+    "wg_keepalives_received",
+    "wg_coalesced",  # TCP segments joined into super-packets before the TUN write
 )
 INDEX = {name: i for i, name in enumerate(NAMES)}
 FORMAT = f"={len(NAMES)}Q"

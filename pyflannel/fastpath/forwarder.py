@@ -1,23 +1,25 @@
-"""The udp backend's forwarding loop.
+"""The udp backend's forwarding loop: flannel's framing and vnet1 over the shared transport.
 
 Runs alone in its own process so that nothing in the control plane (gRPC, JSON, logging) can
 take the interpreter from it. The cost that matters is system calls per packet, so:
 
-* out: datagrams to one peer are gathered into UDP GSO batches (one ``sendmsg`` for up to 64
-  equal-sized datagrams); with the TUN in vnet mode the kernel hands us TCP super-packets of
-  up to 64 KiB, each sent to a vnet1 peer as one train of chunks in one ``sendmsg``;
-* in: UDP GRO hands us runs of datagrams (a whole train, usually) in one ``recvmsg``; a
-  vnet1 super-packet goes into the TUN in one write, with its offload header.
+* out (:class:`UdpSend`): datagrams to one peer are gathered into UDP GSO batches (one
+  ``sendmsg`` for up to 64 equal-sized datagrams); with the TUN in vnet mode the kernel
+  hands us TCP super-packets of up to 64 KiB, each sent to a vnet1 peer as one train of
+  chunks in one ``sendmsg``;
+* in (:class:`UdpReceive`): UDP GRO hands us runs of datagrams (a whole train, usually) in
+  one ``recvmsg``; a vnet1 super-packet goes into the TUN in one write, with its offload
+  header.
+
+TUN and UDP I/O, batching, the control socket and the loop are :mod:`.transport`'s; the
+WireGuard framing over the same transport is :mod:`.wg`.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import errno
-import json
 import os
-import select
 import signal
 import socket
 import struct
@@ -27,12 +29,20 @@ import time
 from pyflannel.fastpath import counters
 from pyflannel.fastpath.frames import (
     CHUNK,
+    CHUNK_COUNT,
     CHUNK_HDR_LEN,
+    CHUNK_INDEX,
+    CHUNK_MAGIC,
+    CHUNK_TRAIN_HI,
+    CHUNK_TRAIN_LO,
+    CHUNK_VERSION,
     FAST_MAGIC,
     FAST_VERSION,
     INNER_OFFSET,
     MAX_CHUNKS,
     MAX_DATAGRAM,
+    VNET_FLAGS,
+    VNET_GSO_TYPE,
     VNET_LEN,
     ZERO_VNET,
     FrameError,
@@ -41,145 +51,61 @@ from pyflannel.fastpath.frames import (
     to_plain,
 )
 from pyflannel.fastpath.packet import (
+    IP_CSUM,
+    IP_DST,
+    IP_SRC,
+    IP_TOTAL_LEN,
+    IP_TTL,
+    IPV4_MIN_HEADER,
     check_ipv4,
     decrement_ttl,
-    icmp_net_unreachable,
-    wants_icmp_error,
+)
+from pyflannel.fastpath.transport import (  # noqa: F401 - tune_socket: the backends' import
+    ANC_SIZE,
+    BATCH,
+    GSO_MAX_SEGMENTS,
+    SOCKET_BUFFER,
+    SOL_UDP,
+    UDP_GRO,
+    UDP_SEGMENT,
+    Transport,
+    die_with_parent,
+    enable_gro,
+    gro_size,
+    tune_socket,
 )
 
-BATCH = 256  # reads per readiness event before looking at the other fds
 BUF_SIZE = 65536 + INNER_OFFSET
-SOCKET_BUFFER = 8 << 20
-SOL_UDP = 17
-UDP_SEGMENT = 103
-UDP_GRO = 104
-GSO_MAX_SEGMENTS = 64
-ANC_SIZE = socket.CMSG_SPACE(4)
 
 _u32 = struct.Struct("!I").unpack_from
 _INDICES = bytes(range(256))
 _seg = struct.Struct("=H").pack
-_int = struct.Struct("=i").unpack_from
 C = counters.INDEX
 TX_P, TX_B, RX_P, RX_B = C["tx_packets"], C["tx_bytes"], C["rx_packets"], C["rx_bytes"]
+# Where the inner packet's fields sit in the send buffer (the packet starts at INNER_OFFSET).
+TTL_AT = INNER_OFFSET + IP_TTL
+CSUM_AT = INNER_OFFSET + IP_CSUM
+DST_AT = INNER_OFFSET + IP_DST
 
 
-class Forwarder:
-    """Moves packets between ``tun_fd`` and ``sock`` by the peer table it is given.
+class UdpSend(Transport):
+    """TUN -> UDP for the udp backend: flannel's framing, or vnet1 trains."""
 
-    ``vnet``: the TUN was opened with IFF_VNET_HDR and offloads (reads and writes carry a
-    virtio-net header). ``gso``/``gro``: use UDP segmentation/receive offload.
-    """
+    peers: dict[int, tuple[tuple[str, int], bool]]
+    shift: int
 
     def __init__(self, tun_fd: int, sock: socket.socket, ctl: socket.socket,
-                 mem: counters.mmap.mmap | None, *, vnet: bool = False, gso: bool = True,
-                 gro: bool = True, datagram_size: int = 1472) -> None:
-        self.tun_fd = tun_fd
-        self.sock = sock
-        self.ctl = ctl
-        self.mem = mem
-        self.vnet = vnet
-        self.gso = gso
-        self.gro = gro and _enable_gro(sock)
-        self.c = [0] * len(counters.NAMES)
-        self.peers: dict[int, tuple[tuple[str, int], bool]] = {}  # key -> (addr, vnet1?)
-        # ip -> (keys of every subnet routed to it, vnet1 from any of its routes?, stats)
-        self.sources: dict[str, tuple[frozenset[int], bool, list]] = {}
-        self.peer_stats: dict[str, list] = {}
-        self.rx_dropped = 0
-        self.shift = 8
-        self.local_key = -1
-        self.icmp_src = b"\0\0\0\0"
-        self.running = True
-        self.generation = 0  # tables installed so far
-        self._ctl_buf = b""
-        # The largest datagram the underlay carries unfragmented (its MTU - 28).
-        self.datagram_size = datagram_size
+                 mem: counters.mmap.mmap | None, **options) -> None:
+        super().__init__(tun_fd, sock, ctl, mem, **options)
         self._train_id = 0
         self._train_headers: dict[int, bytearray] = {}  # chunk count -> header template
         self._train_iovs: dict[int, list] = {}  # chunk count -> gather list template
-        self._rx_iovs: dict[tuple[int, int], list] = {}  # (seg, count) -> receive views
-        self._reasm = Reassembler()
         # Reads land after a chunk header (vnet) or after chunk + virtio headers (plain):
         # either way the inner packet starts at INNER_OFFSET and a one-chunk vnet1
         # datagram is buf[:end] in place.
         self._buf = bytearray(BUF_SIZE)
         self._mv = memoryview(self._buf)
-        self._rd = [self._mv[CHUNK_HDR_LEN:]] if vnet else [self._mv[INNER_OFFSET:]]
-        self._rbuf = bytearray(BUF_SIZE)
-        self._rmv = memoryview(self._rbuf)
-        # The pending GSO batch towards one flannel-framing peer.
-        self._bbuf = bytearray(MAX_DATAGRAM + 65536)
-        self._bmv = memoryview(self._bbuf)
-        self._b_addr: tuple[str, int] | None = None
-        self._b_off = self._b_seg = self._b_count = self._packets_in_batch = 0
-        self._b_overhead = 0  # framing bytes in the batch (not traffic)
-        self._b_closed = False
-
-    # -- control -----------------------------------------------------------------------
-
-    def apply(self, msg: dict) -> None:
-        """Install a new table atomically (whole dicts are swapped, never edited).
-
-        Several subnets may name one address (a stale lease, a typo in a reservation): each
-        subnet is sent by its own route, but what an address may send us is the union of
-        its routes, so a second route can never downgrade the first (its vnet1 framing,
-        the subnets its inner sources may lie in, its counters).
-        """
-        if msg.get("op") == "stop":
-            self.running = False
-            return
-        if msg.get("op") == "stats":
-            now = time.monotonic()
-            reply = {ip: [st[0], st[1], st[2], st[3], now - st[4] if st[4] else None, st[5]]
-                     for ip, st in self.peer_stats.items()}
-            # The id lets the control plane tell this reply from a late one.
-            self.ctl.sendall(json.dumps({"id": msg.get("id"), "stats": reply}).encode()
-                             + b"\n")
-            return
-        shift = 32 - int(msg["subnet_len"])
-        peers: dict[int, tuple[tuple[str, int], bool]] = {}
-        keys: dict[str, set[int]] = {}
-        fast_any: dict[str, bool] = {}
-        for net, ip, port, *rest in msg["peers"]:
-            key = int(net) >> shift
-            fast = bool(rest and rest[0]) and self.vnet
-            peers[key] = ((str(ip), int(port)), fast)
-        for key, ((ip, _port), fast) in peers.items():
-            keys.setdefault(ip, set()).add(key)
-            fast_any[ip] = fast_any.get(ip, False) or fast
-        local_key = int(msg["local_net"]) >> shift
-        # ICMP errors come from the overlay network's own address (10.1.0.0): never a
-        # local address, which the kernel would drop as a martian source.
-        icmp_src = struct.pack("!I", int(msg["icmp_src"]))
-        # Per-peer counters survive table changes: [tx_p, tx_b, rx_p, rx_b, last_rx, drops];
-        # a departed address loses them, and its half-joined train.
-        stats = {ip: self.peer_stats.get(ip) or [0, 0, 0, 0, 0.0, 0] for ip in keys}
-        for gone in self.sources.keys() - keys.keys():
-            self._reasm.forget(gone)
-        self.shift, self.local_key, self.icmp_src = shift, local_key, icmp_src
-        self.peer_stats = stats
-        self.sources = {ip: (frozenset(k), fast_any[ip], stats[ip]) for ip, k in keys.items()}
-        self.peers = peers
-        self.generation += 1
-
-    def on_control(self) -> None:
-        data = self.ctl.recv(1 << 20)
-        if not data:  # the control plane is gone: so are we
-            self.running = False
-            return
-        self._ctl_buf += data
-        *lines, self._ctl_buf = self._ctl_buf.split(b"\n")
-        for line in lines:
-            if not line.strip():
-                continue
-            try:
-                self.apply(json.loads(line))
-            except (ValueError, KeyError, TypeError, IndexError) as e:
-                # A request cut short by a send timeout on the other side: skip it, keep
-                # forwarding by the table we have.
-                print(f"pyflannel-fastpath: ignored a bad control message: {e}",
-                      file=sys.stderr, flush=True)
+        self._rd = [self._mv[CHUNK_HDR_LEN:]] if self.vnet else [self._mv[INNER_OFFSET:]]
 
     # -- TUN -> UDP --------------------------------------------------------------------
 
@@ -195,23 +121,23 @@ class Forwarder:
             except BlockingIOError:
                 break
             end = base + n
-            if end - INNER_OFFSET < 20 or buf[INNER_OFFSET] >> 4 != 4:
+            if end - INNER_OFFSET < IPV4_MIN_HEADER or buf[INNER_OFFSET] >> 4 != 4:
                 c[C["drop_not_ipv4"]] += 1
                 continue
-            peer = peers.get(_u32(buf, INNER_OFFSET + 16)[0] >> shift)
+            peer = peers.get(_u32(buf, DST_AT)[0] >> shift)
             if peer is None:
                 self.unreachable(mv[INNER_OFFSET:end])
                 continue
             # packet.decrement_ttl, inlined: this loop runs once per packet.
-            ttl = buf[24]
+            ttl = buf[TTL_AT]
             if ttl <= 1:
                 c[C["drop_ttl_exceeded"]] += 1
                 continue
-            buf[24] = ttl - 1
-            csum = ((buf[26] << 8) | buf[27]) + 0x0100
+            buf[TTL_AT] = ttl - 1
+            csum = ((buf[CSUM_AT] << 8) | buf[CSUM_AT + 1]) + 0x0100
             csum = (csum & 0xFFFF) + (csum >> 16)
-            buf[26] = csum >> 8
-            buf[27] = csum & 0xFF
+            buf[CSUM_AT] = csum >> 8
+            buf[CSUM_AT + 1] = csum & 0xFF
             addr, fast = peer
             if fast:
                 self._train_id = tid = (self._train_id + 1) & 0xFFFF
@@ -220,7 +146,8 @@ class Forwarder:
                     self.batch(addr, mv[:end], INNER_OFFSET)
                 else:
                     self.send_train(addr, end, tid)
-            elif vnet and (buf[CHUNK_HDR_LEN] & 1 or buf[CHUNK_HDR_LEN + 1]):
+            elif vnet and (buf[CHUNK_HDR_LEN + VNET_FLAGS] & 1
+                          or buf[CHUNK_HDR_LEN + VNET_GSO_TYPE]):
                 # A partial checksum or a super-packet for a flannel-framing peer.
                 try:
                     pkts = to_plain(mv[CHUNK_HDR_LEN:INNER_OFFSET], mv[INNER_OFFSET:end])
@@ -249,8 +176,8 @@ class Forwarder:
         iov = self._train_iov(count, room)
         iov[-1] = payload[(count - 1) * room:]
         hdr = self._train_headers[count]
-        hdr[4::CHUNK_HDR_LEN] = bytes((tid >> 8,)) * count
-        hdr[5::CHUNK_HDR_LEN] = bytes((tid & 0xFF,)) * count
+        hdr[CHUNK_TRAIN_HI::CHUNK_HDR_LEN] = bytes((tid >> 8,)) * count
+        hdr[CHUNK_TRAIN_LO::CHUNK_HDR_LEN] = bytes((tid & 0xFF,)) * count
         try:
             self.sock.sendmsg(iov, [(SOL_UDP, UDP_SEGMENT, _seg(self.datagram_size))], 0, addr)
         except OSError:
@@ -303,81 +230,21 @@ class Forwarder:
         self._b_overhead += count * CHUNK_HDR_LEN + VNET_LEN
         self.flush()
 
-    def batch(self, addr: tuple[str, int], pkt, overhead: int = 0) -> None:
-        """Queue one datagram; a GSO batch holds equal-sized datagrams to one peer, the
-        last of which may be shorter. ``overhead``: its framing bytes (not counted as
-        traffic)."""
-        n = len(pkt)
-        if (addr != self._b_addr or n > self._b_seg or self._b_closed
-                or self._b_off + n > MAX_DATAGRAM or self._b_count >= GSO_MAX_SEGMENTS
-                or not self.gso):
-            self.flush()
-            self._b_addr, self._b_seg = addr, n
-        off = self._b_off
-        self._bbuf[off:off + n] = pkt
-        self._b_off = off + n
-        self._b_count += 1
-        self._packets_in_batch += 1
-        self._b_overhead += overhead
-        if n < self._b_seg:
-            self._b_closed = True
 
-    def flush(self) -> None:
-        count = self._b_count
-        if not count:
-            return
-        size, seg, addr = self._b_off, self._b_seg, self._b_addr
-        packets, inner = self._packets_in_batch, size - self._b_overhead
-        self._b_off = self._b_count = self._packets_in_batch = self._b_overhead = 0
-        self._b_closed = False
-        data = self._bmv[:size]
-        if count > 1 and not self.gso:
-            for off in range(0, size, seg):
-                self._send_one(data[off:off + seg], addr)
-            self._count_tx(addr, packets, inner)
-            return
-        try:
-            if count == 1:
-                self.sock.sendto(data, addr)
-            else:
-                self.sock.sendmsg([data], [(SOL_UDP, UDP_SEGMENT, _seg(seg))], 0, addr)
-        except OSError as e:
-            if count > 1 and e.errno in (errno.EINVAL, errno.EIO, errno.EOPNOTSUPP):
-                self.gso = False  # no UDP GSO here: one datagram per packet from now on
-                for off in range(0, size, seg):
-                    self._send_one(data[off:off + seg], addr)
-                self._count_tx(addr, packets, inner)
-                return
-            self.c[C["drop_send_error"]] += packets
-            return
-        self._count_tx(addr, packets, inner)
+class UdpReceive(Transport):
+    """UDP -> TUN for the udp backend: only from leased peers, only for our subnet."""
 
-    def _count_tx(self, addr: tuple[str, int], packets: int, inner_bytes: int) -> None:
-        """Traffic counts inner packets and their bytes, whatever the framing."""
-        self.c[TX_P] += packets
-        self.c[TX_B] += inner_bytes
-        st = self.peer_stats.get(addr[0])
-        if st is not None:
-            st[0] += packets
-            st[1] += inner_bytes
+    sources: dict[str, tuple[frozenset[int], bool, list]]
+    shift: int
+    local_key: int
 
-    def _send_one(self, data, addr) -> None:
-        try:
-            self.sock.sendto(data, addr)
-        except OSError:
-            self.c[C["drop_send_error"]] += 1
-
-    def unreachable(self, pkt) -> None:
-        """No node leases the destination: tell the sender, as a router would."""
-        self.c[C["drop_no_route"]] += 1
-        n = len(pkt)
-        if wants_icmp_error(pkt, n):
-            reply = icmp_net_unreachable(pkt, n, self.icmp_src)
-            try:
-                os.write(self.tun_fd, ZERO_VNET + reply if self.vnet else reply)
-                self.c[C["icmp_unreachable_sent"]] += 1
-            except OSError:
-                pass
+    def __init__(self, tun_fd: int, sock: socket.socket, ctl: socket.socket,
+                 mem: counters.mmap.mmap | None, **options) -> None:
+        super().__init__(tun_fd, sock, ctl, mem, **options)
+        self._rx_iovs: dict[tuple[int, int], list] = {}  # (seg, count) -> receive views
+        self._reasm = Reassembler()
+        self._rbuf = bytearray(BUF_SIZE)
+        self._rmv = memoryview(self._rbuf)
 
     # -- UDP -> TUN --------------------------------------------------------------------
 
@@ -400,7 +267,7 @@ class Forwarder:
                 if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                     continue
                 raise
-            seg = _int(anc[0][2])[0] if anc else n  # UDP_GRO is our only control message
+            seg = gro_size(anc, n)
             src = sources.get(addr[0])
             if src is None:
                 # Not self.drop: these belong to no peer.
@@ -426,29 +293,30 @@ class Forwarder:
             for off in range(0, n, seg):
                 # The flannel framing, inline: the common case must cost little.
                 end = min(off + seg, n)
-                if (rbuf[off] & 0xF0 != 0x40 or end - off < 20 or rbuf[off] & 0x0F < 5
-                        or vnet):
+                if (rbuf[off] & 0xF0 != 0x40 or end - off < IPV4_MIN_HEADER
+                        or rbuf[off] & 0x0F < 5 or vnet):
                     self.deliver(rmv[off:end], src, addr[0])
                     continue
-                total = (rbuf[off + 2] << 8) | rbuf[off + 3]
+                total = (rbuf[off + IP_TOTAL_LEN] << 8) | rbuf[off + IP_TOTAL_LEN + 1]
                 if total > end - off or total < (rbuf[off] & 0x0F) * 4:
                     self.deliver(rmv[off:end], src, addr[0])  # counts the reason
                     continue
-                if _u32(rbuf, off + 16)[0] >> shift != local_key:
+                if _u32(rbuf, off + IP_DST)[0] >> shift != local_key:
                     self.drop("drop_wrong_subnet", 1)
                     continue
-                if _u32(rbuf, off + 12)[0] >> shift not in src_keys:
+                if _u32(rbuf, off + IP_SRC)[0] >> shift not in src_keys:
                     self.drop("drop_spoofed_source", 1)
                     continue
-                ttl = rbuf[off + 8]
+                ttl = rbuf[off + IP_TTL]
                 if ttl <= 1:
                     self.drop("drop_ttl_exceeded", 1)
                     continue
-                rbuf[off + 8] = ttl - 1
-                csum = ((rbuf[off + 10] << 8) | rbuf[off + 11]) + 0x0100
+                rbuf[off + IP_TTL] = ttl - 1
+                ck = off + IP_CSUM
+                csum = ((rbuf[ck] << 8) | rbuf[ck + 1]) + 0x0100
                 csum = (csum & 0xFFFF) + (csum >> 16)
-                rbuf[off + 10] = csum >> 8
-                rbuf[off + 11] = csum & 0xFF
+                rbuf[ck] = csum >> 8
+                rbuf[ck + 1] = csum & 0xFF
                 try:
                     write(fd, rmv[off:off + total])
                 except OSError:
@@ -461,11 +329,6 @@ class Forwarder:
         c[RX_P] += rx_p
         c[RX_B] += rx_b
 
-    def drop(self, reason: str, k: int = 1) -> None:
-        """Count a packet from a leased peer that did not make it into the TUN."""
-        self.c[C[reason]] += k
-        self.rx_dropped += k
-
     def deliver(self, dgram: memoryview, src: tuple, peer_ip: str) -> None:
         """One datagram from a leased peer into the TUN, if it carries a packet for us."""
         n = len(dgram)
@@ -473,14 +336,14 @@ class Forwarder:
         if first >> 4 == 4:
             self.to_tun(dgram, ZERO_VNET, src[0])
             return
-        if first != FAST_MAGIC or n <= CHUNK_HDR_LEN or dgram[1] != FAST_VERSION \
-                or not dgram[2] < dgram[3] <= MAX_CHUNKS:
+        if first != FAST_MAGIC or n <= CHUNK_HDR_LEN or dgram[CHUNK_VERSION] != FAST_VERSION \
+                or not dgram[CHUNK_INDEX] < dgram[CHUNK_COUNT] <= MAX_CHUNKS:
             self.drop("drop_not_ipv4", 1)
             return
         if not src[1]:
             self.drop("drop_unexpected_framing", 1)
             return
-        if dgram[2] == 0 and dgram[3] == 1:  # one-chunk train: no joining needed
+        if dgram[CHUNK_INDEX] == 0 and dgram[CHUNK_COUNT] == 1:  # one chunk: nothing to join
             payload = dgram[CHUNK_HDR_LEN:]
         else:
             dropped = self._reasm.dropped
@@ -493,7 +356,7 @@ class Forwarder:
             self.drop("drop_truncated", 1)
             return
         vnet_hdr = payload[:VNET_LEN]
-        if vnet_hdr[0] or vnet_hdr[1]:  # an all-zero header needs no checking
+        if vnet_hdr[VNET_FLAGS] or vnet_hdr[VNET_GSO_TYPE]:  # an all-zero header needs no checking
             try:
                 check_vnet(vnet_hdr, len(payload) - VNET_LEN)
             except FrameError:
@@ -506,14 +369,16 @@ class Forwarder:
         slice comparisons, then write the payload to the TUN with one gathering write."""
         rbuf = self._rbuf
         count = -(-n // seg)
-        if rbuf[3] != count or rbuf[2] != 0 or rbuf[1] != FAST_VERSION or count > MAX_CHUNKS:
+        if (rbuf[CHUNK_COUNT] != count or rbuf[CHUNK_INDEX] != 0
+                or rbuf[CHUNK_VERSION] != FAST_VERSION or count > MAX_CHUNKS):
             return False
-        if (rbuf[0:n:seg] != bytes((FAST_MAGIC,)) * count
-                or rbuf[1:n:seg] != bytes((FAST_VERSION,)) * count
-                or rbuf[2:n:seg] != _INDICES[:count]
-                or rbuf[3:n:seg] != bytes((count,)) * count
-                or rbuf[4:n:seg] != bytes((rbuf[4],)) * count
-                or rbuf[5:n:seg] != bytes((rbuf[5],)) * count):
+        hi, lo = rbuf[CHUNK_TRAIN_HI], rbuf[CHUNK_TRAIN_LO]
+        if (rbuf[CHUNK_MAGIC:n:seg] != bytes((FAST_MAGIC,)) * count
+                or rbuf[CHUNK_VERSION:n:seg] != bytes((FAST_VERSION,)) * count
+                or rbuf[CHUNK_INDEX:n:seg] != _INDICES[:count]
+                or rbuf[CHUNK_COUNT:n:seg] != bytes((count,)) * count
+                or rbuf[CHUNK_TRAIN_HI:n:seg] != bytes((hi,)) * count
+                or rbuf[CHUNK_TRAIN_LO:n:seg] != bytes((lo,)) * count):
             return False
         key = (seg, count)
         template = self._rx_iovs.get(key)
@@ -526,7 +391,7 @@ class Forwarder:
         size = n - count * CHUNK_HDR_LEN - VNET_LEN
         c = self.c
         first = iov[0]
-        if len(first) < VNET_LEN + 20:
+        if len(first) < VNET_LEN + IPV4_MIN_HEADER:
             self.drop("drop_truncated", 1)
             return True
         vnet_hdr, pkt = first[:VNET_LEN], first[VNET_LEN:]
@@ -535,13 +400,14 @@ class Forwarder:
         except FrameError:
             self.drop("drop_bad_offload", 1)
             return True
-        if pkt[0] >> 4 != 4 or ((pkt[2] << 8) | pkt[3]) != size or (pkt[0] & 0x0F) < 5:
+        if (pkt[0] >> 4 != 4 or ((pkt[IP_TOTAL_LEN] << 8) | pkt[IP_TOTAL_LEN + 1]) != size
+                or (pkt[0] & 0x0F) < 5):
             self.drop("drop_bad_header_length", 1)
             return True
-        if _u32(pkt, 16)[0] >> self.shift != self.local_key:
+        if _u32(pkt, IP_DST)[0] >> self.shift != self.local_key:
             self.drop("drop_wrong_subnet", 1)
             return True
-        if _u32(pkt, 12)[0] >> self.shift not in src_keys:
+        if _u32(pkt, IP_SRC)[0] >> self.shift not in src_keys:
             self.drop("drop_spoofed_source", 1)
             return True
         if not decrement_ttl(pkt):
@@ -563,16 +429,16 @@ class Forwarder:
         if bad is not None:
             self.drop("drop_" + bad)
             return
-        if _u32(pkt, 16)[0] >> self.shift != self.local_key:
+        if _u32(pkt, IP_DST)[0] >> self.shift != self.local_key:
             self.drop("drop_wrong_subnet", 1)
             return
-        if _u32(pkt, 12)[0] >> self.shift not in src_keys:
+        if _u32(pkt, IP_SRC)[0] >> self.shift not in src_keys:
             self.drop("drop_spoofed_source", 1)
             return
         if not decrement_ttl(pkt):
             self.drop("drop_ttl_exceeded", 1)
             return
-        total = (pkt[2] << 8) | pkt[3]
+        total = (pkt[IP_TOTAL_LEN] << 8) | pkt[IP_TOTAL_LEN + 1]
         try:
             if self.vnet:
                 os.writev(self.tun_fd, [vnet_hdr, pkt[:total]])
@@ -584,30 +450,6 @@ class Forwarder:
         c[RX_P] += 1
         c[RX_B] += total
 
-    # -- loop --------------------------------------------------------------------------
-
-    def run(self) -> None:
-        ep = select.epoll()
-        tun, udp, ctl = self.tun_fd, self.sock.fileno(), self.ctl.fileno()
-        for fd in (tun, udp, ctl):
-            ep.register(fd, select.EPOLLIN)
-        mem = self.mem
-        try:
-            while self.running:
-                events = ep.poll(0.5)
-                # A new table is installed before the packets that woke us are handled.
-                if any(fd == ctl for fd, _ev in events):
-                    self.on_control()
-                for fd, _ev in events:
-                    if fd == tun:
-                        self.from_tun()
-                    elif fd == udp:
-                        self.from_udp()
-                if mem is not None:
-                    counters.write(mem, self.c)
-        finally:
-            ep.close()
-
 
 def _settle(st: list, before: tuple[int, int, int], after: tuple[int, int, int]) -> None:
     st[2] += after[0] - before[0]
@@ -615,29 +457,62 @@ def _settle(st: list, before: tuple[int, int, int], after: tuple[int, int, int])
     st[5] += after[2] - before[2]
 
 
-def _enable_gro(sock: socket.socket) -> bool:
-    try:
-        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
-        return True
-    except OSError:
-        return False
+class Forwarder(UdpSend, UdpReceive):
+    """Moves packets between ``tun_fd`` and ``sock`` by the peer table it is given.
 
+    ``vnet``: the TUN was opened with IFF_VNET_HDR and offloads (reads and writes carry a
+    virtio-net header). ``gso``/``gro``: use UDP segmentation/receive offload.
+    """
 
-def tune_socket(sock: socket.socket) -> None:
-    """Buffers sized for the rate: the kernel's 208 KiB default drops bursts (flanneld)."""
-    for force, plain in ((33, socket.SO_RCVBUF), (32, socket.SO_SNDBUF)):  # SO_*BUFFORCE
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, force, SOCKET_BUFFER)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
+    def __init__(self, tun_fd: int, sock: socket.socket, ctl: socket.socket,
+                 mem: counters.mmap.mmap | None, *, vnet: bool = False, gso: bool = True,
+                 gro: bool = True, datagram_size: int = 1472) -> None:
+        super().__init__(tun_fd, sock, ctl, mem, vnet=vnet, gso=gso, gro=gro,
+                         datagram_size=datagram_size)
+        self.peers = {}  # key -> (addr, vnet1?)
+        # ip -> (keys of every subnet routed to it, vnet1 from any of its routes?, stats)
+        self.sources = {}
+        self.shift = 8
+        self.local_key = -1
 
+    # -- control -----------------------------------------------------------------------
 
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    def apply(self, msg: dict) -> None:
+        """Install a new table atomically (whole dicts are swapped, never edited).
+
+        Several subnets may name one address (a stale lease, a typo in a reservation): each
+        subnet is sent by its own route, but what an address may send us is the union of
+        its routes, so a second route can never downgrade the first (its vnet1 framing,
+        the subnets its inner sources may lie in, its counters).
+        """
+        if msg.get("op") in ("stop", "stats"):
+            super().apply(msg)
+            return
+        shift = 32 - int(msg["subnet_len"])
+        peers: dict[int, tuple[tuple[str, int], bool]] = {}
+        keys: dict[str, set[int]] = {}
+        fast_any: dict[str, bool] = {}
+        for net, ip, port, *rest in msg["peers"]:
+            key = int(net) >> shift
+            fast = bool(rest and rest[0]) and self.vnet
+            peers[key] = ((str(ip), int(port)), fast)
+        for key, ((ip, _port), fast) in peers.items():
+            keys.setdefault(ip, set()).add(key)
+            fast_any[ip] = fast_any.get(ip, False) or fast
+        local_key = int(msg["local_net"]) >> shift
+        # ICMP errors come from the overlay network's own address (10.1.0.0): never a
+        # local address, which the kernel would drop as a martian source.
+        icmp_src = struct.pack("!I", int(msg["icmp_src"]))
+        # Per-peer counters survive table changes: [tx_p, tx_b, rx_p, rx_b, last_rx, drops];
+        # a departed address loses them, and its half-joined train.
+        stats = {ip: self.peer_stats.get(ip) or [0, 0, 0, 0, 0.0, 0] for ip in keys}
+        for gone in self.sources.keys() - keys.keys():
+            self._reasm.forget(gone)
+        self.shift, self.local_key, self.icmp_src = shift, local_key, icmp_src
+        self.peer_stats = stats
+        self.sources = {ip: (frozenset(k), fast_any[ip], stats[ip]) for ip, k in keys.items()}
+        self.peers = peers
+        self.generation += 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -649,15 +524,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datagram-size", type=int, default=1472)
     ap.add_argument("--no-gso", action="store_true")
     ap.add_argument("--no-gro", action="store_true")
+    ap.add_argument("--framing", choices=("udp", "wireguard"), default="udp")
+    ap.add_argument("--wg-key-file", help="the node's WireGuard private key (read here, "
+                    "so the secret never crosses the command line or the control socket)")
+    ap.add_argument("--wg-mtu", type=int, default=1420)
     args = ap.parse_args(argv)
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     sock = socket.socket(fileno=args.udp_fd)
     ctl = socket.socket(fileno=args.ctl_fd)
-    fwd = Forwarder(args.tun_fd, sock, ctl, counters.attach(args.counters_fd),
-                    vnet=args.vnet, gso=not args.no_gso, gro=not args.no_gro,
-                    datagram_size=args.datagram_size)
+    options = {"vnet": args.vnet, "gso": not args.no_gso, "gro": not args.no_gro,
+               "datagram_size": args.datagram_size}
+    fwd: Transport
+    if args.framing == "wireguard":
+        from pyflannel.fastpath.wg import WgForwarder
+        from pyflannel.wireguard.keys import load_or_create_key
+
+        fwd = WgForwarder(args.tun_fd, sock, ctl, counters.attach(args.counters_fd),
+                          private_key=load_or_create_key(args.wg_key_file),
+                          mtu=args.wg_mtu, **options)
+    else:
+        fwd = Forwarder(args.tun_fd, sock, ctl, counters.attach(args.counters_fd), **options)
     fwd.run()
     return 0
 

@@ -27,6 +27,13 @@ FAST_MAGIC = 0xF7
 FAST_VERSION = 1
 CHUNK_HDR_LEN = 6
 CHUNK = struct.Struct("!BBBBH")  # magic, version, index, count, train id
+# Chunk header fields (offsets in a vnet1 datagram).
+CHUNK_MAGIC = 0
+CHUNK_VERSION = 1
+CHUNK_INDEX = 2
+CHUNK_COUNT = 3
+CHUNK_TRAIN_HI = 4  # train id, big-endian
+CHUNK_TRAIN_LO = 5
 MAX_CHUNKS = 64
 INNER_OFFSET = CHUNK_HDR_LEN + VNET_LEN  # where the packet starts in a one-chunk datagram
 MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4 (also a whole GSO send)
@@ -34,6 +41,8 @@ FRAMING_NAME = "vnet1"  # as advertised in the lease's BackendData
 
 # virtio_net_hdr (native byte order: little-endian here, as the TUN device uses it)
 VNET = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+VNET_FLAGS = 0  # virtio-net header fields (offsets)
+VNET_GSO_TYPE = 1
 F_NEEDS_CSUM = 1
 F_DATA_VALID = 2
 GSO_NONE = 0

@@ -28,6 +28,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from pyflannel.fastpath import counters
 from pyflannel.fastpath.forwarder import Forwarder
+from pyflannel.fastpath.transport import Transport
 
 log = logging.getLogger("pyflannel.fastpath")
 
@@ -44,15 +45,36 @@ class Route:
     vnet1: bool = False  # the peer accepts pyflannel's vnet1 framing
 
 
+@dataclass(frozen=True)
+class WgRoute:
+    """A WireGuard peer as the fast path needs it: key, allowed subnets, endpoint."""
+
+    public_key: str  # base64, as in the lease
+    subnets: tuple[str, ...]
+    public_ip: IPv4Address
+    port: int
+
+
 class FastPath:
-    """A forwarder in a child process (default) or, for measurement, a thread."""
+    """A forwarder in a child process (default) or, for measurement, a thread.
+
+    ``framing`` "udp" (flannel's and vnet1) or "wireguard"; the WireGuard forwarder reads
+    the node's private key from ``wg_key_file`` itself, so the secret never crosses a
+    command line or the control socket.
+    """
 
     def __init__(self, tun_fd: int, sock: socket.socket, mode: str = "process", *,
                  vnet: bool = False, gso: bool = True, gro: bool = True,
-                 datagram_size: int = 1472) -> None:
+                 datagram_size: int = 1472, framing: str = "udp",
+                 wg_key_file: str | None = None, wg_mtu: int = 1420) -> None:
         if mode not in ("process", "thread"):
             raise ValueError(f"fast path mode {mode!r} is not process or thread")
+        if framing not in ("udp", "wireguard"):
+            raise ValueError(f"fast path framing {framing!r} is not udp or wireguard")
         self.mode = mode
+        self.framing = framing
+        self.wg_key_file = wg_key_file
+        self.wg_mtu = wg_mtu
         self.options = {"vnet": vnet, "gso": gso, "gro": gro, "datagram_size": datagram_size}
         self.tun_fd = tun_fd
         self.sock = sock
@@ -62,15 +84,25 @@ class FastPath:
         self._ctl.settimeout(SEND_TIMEOUT_S)
         self._replies = b""
         self._thread: threading.Thread | None = None
-        self.forwarder: Forwarder | None = None  # thread mode only: for tests and debugging
+        self.forwarder: Transport | None = None  # thread mode only: for tests and debugging
         self._lock = threading.Lock()  # one request (and its reply) at a time
         self._ids = itertools.count(1)
         self._cut = False  # a send was cut short: the forwarder holds half a line
 
     def start(self) -> None:
         if self.mode == "thread":
-            fwd = self.forwarder = Forwarder(self.tun_fd, self.sock, self._child_ctl,
-                                             self._mem, **self.options)
+            if self.framing == "wireguard":
+                from pyflannel.fastpath.wg import WgForwarder
+                from pyflannel.wireguard.keys import load_or_create_key
+
+                fwd: Transport = WgForwarder(
+                    self.tun_fd, self.sock, self._child_ctl, self._mem,
+                    private_key=load_or_create_key(self.wg_key_file), mtu=self.wg_mtu,
+                    **self.options)
+            else:
+                fwd = Forwarder(self.tun_fd, self.sock, self._child_ctl, self._mem,
+                                **self.options)
+            self.forwarder = fwd
             self._thread = threading.Thread(target=fwd.run, name="fastpath", daemon=True)
             self._thread.start()
             return
@@ -82,7 +114,10 @@ class FastPath:
              "--datagram-size", str(self.options["datagram_size"]),
              *(["--vnet"] if self.options["vnet"] else []),
              *(["--no-gso"] if not self.options["gso"] else []),
-             *(["--no-gro"] if not self.options["gro"] else [])],
+             *(["--no-gro"] if not self.options["gro"] else []),
+             *(["--framing", "wireguard", "--wg-mtu", str(self.wg_mtu)]
+               + (["--wg-key-file", self.wg_key_file] if self.wg_key_file else [])
+               if self.framing == "wireguard" else [])],
             pass_fds=fds,
             stdin=subprocess.DEVNULL,
         )
@@ -117,6 +152,34 @@ class FastPath:
                               routes: Iterable[Route]) -> None:
         """:meth:`configure` in a worker thread, so the loop never waits for the lock."""
         await asyncio.to_thread(self.configure, local, icmp_src, list(routes))
+
+    def configure_wg(self, local: IPv4Network, icmp_src: IPv4Address,
+                     peers: Iterable[WgRoute], psk: str | None = None,
+                     keepalive: float = 0.0) -> None:
+        """Install our subnet and the WireGuard peer table (blocking, like configure).
+
+        ``psk`` travels on the private socketpair only, and is never logged.
+        """
+        msg = {
+            "op": "config",
+            "subnet_len": local.prefixlen,
+            "local_net": int(local.network_address),
+            "icmp_src": int(icmp_src),
+            "psk": psk,
+            "keepalive": keepalive,
+            "peers": [[p.public_key, list(p.subnets), str(p.public_ip), p.port]
+                      for p in peers],
+        }
+        line = json.dumps(msg).encode() + b"\n"
+        with self._lock:
+            self._send(line)
+
+    async def configure_wg_async(self, local: IPv4Network, icmp_src: IPv4Address,
+                                 peers: Iterable[WgRoute], psk: str | None = None,
+                                 keepalive: float = 0.0) -> None:
+        """:meth:`configure_wg` in a worker thread."""
+        await asyncio.to_thread(self.configure_wg, local, icmp_src, list(peers), psk,
+                                keepalive)
 
     def _send(self, line: bytes) -> None:
         """Send one request line; the caller holds the lock."""
@@ -159,7 +222,7 @@ class FastPath:
                 self._ctl.settimeout(SEND_TIMEOUT_S)
         names = ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "last_rx_age_s",
                  "rx_dropped")
-        return {ip: dict(zip(names, values, strict=True))
+        return {ip: values if isinstance(values, dict) else dict(zip(names, values, strict=True))
                 for ip, values in reply.items()}
 
     def _take_reply(self, rid: int) -> dict | None:

@@ -7,6 +7,19 @@ from __future__ import annotations
 
 import struct
 
+# IPv4 header fields (offsets from the start of the header), so loops never carry a bare
+# index such as ``buf[24]``.
+IP_VER_IHL = 0
+IP_TOTAL_LEN = 2  # 2 bytes, big-endian
+IP_ID = 4
+IP_FRAG = 6  # flags and fragment offset, 2 bytes
+IP_TTL = 8
+IP_PROTO = 9
+IP_CSUM = 10  # 2 bytes
+IP_SRC = 12  # 4 bytes
+IP_DST = 16  # 4 bytes
+IPV4_MIN_HEADER = 20
+
 ICMP_PROTO = 1
 ICMP_DEST_UNREACH = 3
 ICMP_NET_UNREACH = 0

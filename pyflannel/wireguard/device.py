@@ -330,7 +330,7 @@ class Device:
                 self.receive(data, src)
                 continue
             kp = keypairs.get(int.from_bytes(data[DATA_RECEIVER:DATA_COUNTER], "little"))
-            if kp is not run_kp:
+            if kp is not run_kp or kp is None:  # an unknown index never joins a run
                 if run_kp is not None:
                     self._finish_run(run_peer, run_kp, run_bytes, run_data, run_src, now)
                     run_kp = None
