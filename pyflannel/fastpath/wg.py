@@ -209,7 +209,13 @@ class WgSend(WgBase):
             self._run_addr = peer.endpoint
         kp = self._run_kp
         if kp is None:
+            # held until the handshake completes (or counted as staged_overflow)
             self.dev.send_to(peer, data)
+            self._count_tx((), 1, len(data))
+            st = self.wg_stats.get(peer)
+            if st is not None:
+                st[0] += 1
+                st[1] += len(data)
             return
         n = len(data)
         m = DATA_MIN_LEN + padded_length(n, self.mtu)

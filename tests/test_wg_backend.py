@@ -1,0 +1,117 @@
+"""The wireguard backend's decisions without a host: options, lease data, the peer table."""
+
+from __future__ import annotations
+
+import dataclasses
+from ipaddress import IPv4Address, IPv4Network
+from types import MappingProxyType
+
+import pytest
+
+from pyflannel.backend import BackendError, make_backend
+from pyflannel.backend.wireguard import WireguardBackend, lease_public_key
+from pyflannel.config import parse_config
+from pyflannel.host.netlink import ExternalInterface
+from pyflannel.lease.model import Lease, LeaseAttrs
+from pyflannel.wireguard.keys import PrivateKey
+
+
+def cfg(**backend):
+    base = parse_config('{"Network": "10.1.0.0/16"}')
+    return dataclasses.replace(base, backend_type="wireguard",
+                               backend=MappingProxyType({"Type": "wireguard", **backend}))
+
+
+def ext(mtu: int = 1500) -> ExternalInterface:
+    fields = {f.name for f in dataclasses.fields(ExternalInterface)}
+    values = {"name": "eth0", "index": 2, "address": IPv4Address("198.18.0.1"),
+              "public_ip": IPv4Address("198.18.0.1"), "mtu": mtu}
+    return ExternalInterface(**{k: v for k, v in values.items() if k in fields})
+
+
+def lease(subnet: str, ip: str, key: str | None) -> Lease:
+    data = {"PublicKey": key} if key is not None else None
+    return Lease(IPv4Network(subnet), LeaseAttrs(IPv4Address(ip), "wireguard", data), 1)
+
+
+KEYS = [PrivateKey.generate().public_base64 for _ in range(4)]
+
+
+def test_defaults_are_flanneld_s():
+    be = make_backend(cfg(), ext())
+    assert isinstance(be, WireguardBackend)
+    assert (be.listen_port, be.listen_port_v6, be.psk, be.keepalive, be.wg_mode) == (
+        51820, 51821, None, 0.0, "separate")
+    assert be.mtu == 1420  # external MTU - 80
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"PSK": "not-a-key"}, "Backend.PSK"),
+    ({"Mode": "both"}, "Backend.Mode"),
+    ({"ListenPort": 0}, "Backend.ListenPort"),
+    ({"ListenPortV6": "51821"}, "Backend.ListenPortV6"),
+    ({"PersistentKeepaliveInterval": -1}, "PersistentKeepaliveInterval"),
+])
+def test_bad_options_are_one_line_errors(options, message):
+    with pytest.raises(BackendError, match=message) as e:
+        WireguardBackend(cfg(**options), ext())
+    assert "not-a-key" not in str(e.value)  # a secret is never echoed
+
+
+def test_options_are_taken():
+    psk = PrivateKey.generate().public_base64  # any 32 bytes of base64
+    be = WireguardBackend(cfg(ListenPort=51999, PSK=psk, PersistentKeepaliveInterval=25,
+                              Mode="auto"), ext())
+    assert (be.listen_port, be.psk, be.keepalive, be.wg_mode) == (51999, psk, 25.0, "auto")
+
+
+def test_lease_public_key_accepts_only_a_valid_key():
+    assert lease_public_key(lease("10.1.2.0/24", "198.18.0.2", KEYS[0])) == KEYS[0]
+    assert lease_public_key(lease("10.1.2.0/24", "198.18.0.2", "abc")) is None
+    assert lease_public_key(lease("10.1.2.0/24", "198.18.0.2", None)) is None
+
+
+async def _table(be: WireguardBackend, *leases: Lease):
+    for item in leases:
+        await be.add_peer(item)
+    return be.peer_table()
+
+
+async def test_each_lease_is_a_peer_with_its_subnet_and_endpoint():
+    be = WireguardBackend(cfg(), ext())
+    table = await _table(be, lease("10.1.2.0/24", "198.18.0.2", KEYS[0]),
+                         lease("10.1.3.0/24", "198.18.0.3", KEYS[1]))
+    rows = {r.public_key: r for r in table}
+    assert rows[KEYS[0]].subnets == ("10.1.2.0/24",)
+    assert (rows[KEYS[0]].public_ip, rows[KEYS[0]].port) == (IPv4Address("198.18.0.2"), 51820)
+    assert rows[KEYS[1]].subnets == ("10.1.3.0/24",)
+
+
+async def test_a_changed_key_replaces_the_peer_and_a_removed_lease_removes_it():
+    be = WireguardBackend(cfg(), ext())
+    await _table(be, lease("10.1.2.0/24", "198.18.0.2", KEYS[0]))
+    table = await _table(be, lease("10.1.2.0/24", "198.18.0.2", KEYS[1]))
+    assert [r.public_key for r in table] == [KEYS[1]]
+    await be.remove_peer(lease("10.1.2.0/24", "198.18.0.2", KEYS[1]))
+    assert be.peer_table() == []
+
+
+async def test_of_two_keys_at_one_address_the_newer_wins():
+    """flanneld removes older peers at the endpoint address of a newly added one."""
+    be = WireguardBackend(cfg(), ext())
+    table = await _table(be, lease("10.1.2.0/24", "198.18.0.2", KEYS[0]),
+                         lease("10.1.9.0/24", "198.18.0.2", KEYS[1]))
+    assert [r.public_key for r in table] == [KEYS[1]]
+
+
+async def test_a_lease_without_a_valid_key_is_skipped():
+    be = WireguardBackend(cfg(), ext())
+    table = await _table(be, lease("10.1.2.0/24", "198.18.0.2", "garbage"),
+                         lease("10.1.3.0/24", "198.18.0.3", KEYS[2]))
+    assert [r.public_key for r in table] == [KEYS[2]]
+
+
+async def test_our_own_key_is_never_a_peer():
+    be = WireguardBackend(cfg(), ext())
+    be.public_key = KEYS[3]
+    assert await _table(be, lease("10.1.7.0/24", "198.18.0.1", KEYS[3])) == []
