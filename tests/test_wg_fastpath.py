@@ -235,9 +235,10 @@ def test_stats_name_each_peer_by_key_without_secrets(nodes):
     assert a.key.to_base64() not in json.dumps(reply)
 
 
-def tcp_super_packet(src: str, dst: str, mss: int, segments: int) -> tuple[bytes, bytes]:
+def tcp_super_packet(src: str, dst: str, mss: int, segments: int,
+                     trim: int = 100) -> tuple[bytes, bytes]:
     """(virtio-net header, IPv4/TCP super-packet with a partial checksum)."""
-    payload = bytes((i * 7) & 0xFF for i in range(mss * segments - 100))
+    payload = bytes((i * 7 + i // 251) & 0xFF for i in range(mss * segments - trim))
     tcp = bytearray(20)
     struct.pack_into("!HHIIBBHHH", tcp, 0, 40000, 5001, 1000, 1, 5 << 4, 0x18, 65535, 0, 0)
     pkt = ipv4(src, dst, proto=6, payload=bytes(tcp) + payload)
@@ -246,6 +247,31 @@ def tcp_super_packet(src: str, dst: str, mss: int, segments: int) -> tuple[bytes
     struct.pack_into("!H", pkt, 36, ones_sum(pseudo))
     hdr = VNET.pack(F_NEEDS_CSUM, GSO_TCPV4, 40, mss, 20, 16)
     return hdr, bytes(pkt)
+
+
+def tcp_checksum_ok(pkt: bytes) -> bool:
+    ihl = (pkt[0] & 0x0F) * 4
+    pseudo = pkt[12:20] + bytes((0, 6)) + struct.pack("!H", len(pkt) - ihl)
+    return ones_sum(pseudo + pkt[ihl:]) == 0xFFFF and ones_sum(pkt[:ihl]) == 0xFFFF
+
+
+@pytest.mark.parametrize("mss, segments, odd", [(1380, 20, 0), (1368, 47, 0), (536, 5, 1)])
+def test_tso_segments_carry_correct_headers_and_checksums(mss, segments, odd):
+    a, b = pair(vnet=True)
+    b.fwd.coalesce = False
+    try:
+        hdr, sp = tcp_super_packet("10.1.1.5", "10.1.2.7", mss, segments, trim=100 + odd)
+        a.app.send(hdr + sp)
+        want = segment_tcp4(bytearray(sp), mss)
+        for i, expected in enumerate(want):
+            data = b.app.recv(70000)
+            assert data[:VNET_LEN] == bytes(VNET_LEN)
+            pkt = data[VNET_LEN:]
+            assert tcp_checksum_ok(pkt), i
+            assert pkt == bytes(expected), i
+    finally:
+        a.stop()
+        b.stop()
 
 
 def test_a_tso_super_packet_is_segmented_sent_and_joined_again():

@@ -10,6 +10,7 @@ import struct
 # IPv4 header fields (offsets from the start of the header), so loops never carry a bare
 # index such as ``buf[24]``.
 IP_VER_IHL = 0
+IP_TOS = 1
 IP_TOTAL_LEN = 2  # 2 bytes, big-endian
 IP_ID = 4
 IP_FRAG = 6  # flags and fragment offset, 2 bytes

@@ -46,17 +46,26 @@ from pyflannel.fastpath.packet import (
     IP_CSUM,
     IP_DST,
     IP_FRAG,
+    IP_ID,
     IP_PROTO,
     IP_SRC,
+    IP_TOS,
     IP_TOTAL_LEN,
+    IP_TTL,
     IPV4_MIN_HEADER,
 )
 from pyflannel.fastpath.transport import ANC_SIZE, BATCH, IDLE_POLL_S, Transport, gro_size
-from pyflannel.wireguard.constants import DATA_MIN_LEN, DATA_PAYLOAD
+from pyflannel.wireguard.constants import (
+    COUNTER_LEN,
+    DATA_COUNTER,
+    DATA_MIN_LEN,
+    DATA_PAYLOAD,
+    PAD_MULTIPLE,
+    TAG_LEN,
+)
 from pyflannel.wireguard.device import Device
 from pyflannel.wireguard.keys import PrivateKey, decode_key, encode_key, short_key
 from pyflannel.wireguard.peer import Peer, PeerConfig
-from pyflannel.wireguard.transport import padded_length
 
 C = counters.INDEX
 TX_P, TX_B, RX_P, RX_B = C["tx_packets"], C["tx_bytes"], C["rx_packets"], C["rx_bytes"]
@@ -67,16 +76,30 @@ READ_AT = DATA_PAYLOAD - VNET_LEN
 # Device drop reasons that have a udp-backend name for the same thing.
 DROP_NAMES = {"no_route": "drop_no_route", "inner_src": "drop_spoofed_source"}
 TCP_PROTO = 6
+TCP_AT = IPV4_MIN_HEADER  # the TCP header, after an IPv4 header without options
 TCP_SEQ = 4  # TCP header fields (offsets from the TCP header)
+TCP_ACK = 8
 TCP_DOFF = 12
 TCP_FLAGS = 13
+TCP_WINDOW = 14
 TCP_CSUM = 16
+TCP_FIN_PSH = 0x09  # only on the last segment of a super-packet
+TCP_CWR = 0x80  # only on the first
 TCP_ACK_ONLY = 0x10
 TCP_ACK_PSH = 0x18
-COALESCE_MAX = 65000  # a joined super-packet stays below 64 KiB with its headers
+COALESCE_MAX = 65000
+COALESCED = counters.INDEX["wg_coalesced"]
+IPV4_VERSION_IHL5 = 0x45  # a joined super-packet stays below 64 KiB with its headers
+
+PAD_ROUND = PAD_MULTIPLE - 1
+PAD_MASK = ~PAD_ROUND
 
 _u16 = struct.Struct("!H")
 _u32 = struct.Struct("!I")
+_IP_FIELDS = struct.Struct("!HH")  # total length, ID
+_TCP_FIELDS = struct.Struct("!I")  # sequence number
+_ZEROS = bytes(64)
+_NONCE_PAD = bytes(4)  # the transport nonce: four zero bytes, then the LE64 counter
 
 
 class WgBase(Transport):
@@ -151,6 +174,7 @@ class WgSend(WgBase):
         self._run_kp = None
         self._run_addr: tuple | None = None
         self._run_bytes = self._run_pkts = self._run_inner = 0
+        self._run_enc = None
 
     def from_tun(self) -> None:
         buf, mv, c = self._buf, self._mv, self.c
@@ -182,10 +206,8 @@ class WgSend(WgBase):
                 kind = gso_type & ~GSO_ECN
                 try:
                     if kind == GSO_TCPV4:
-                        segments = segment_tcp4(pkt, gso_size)
+                        self.seal_super(peer, pkt, gso_size)
                         c[C["segmented"]] += 1
-                        for s in segments:
-                            self.seal(peer, s)
                         continue
                     if kind != GSO_NONE:
                         raise FrameError(f"unsupported GSO type {gso_type}")
@@ -199,33 +221,145 @@ class WgSend(WgBase):
         self.flush()
         self.pump()
 
+    def start_run(self, peer: Peer) -> None:
+        """Packets for another peer: settle the last run, fetch this peer's session."""
+        self.end_run()
+        self._run_peer = peer
+        kp = self._run_kp = self.dev.sender(peer)
+        self._run_addr = peer.endpoint
+        self._run_enc = kp.sealer() if kp is not None else None
+
     def seal(self, peer: Peer, data) -> None:
         """Encrypt one packet for ``peer`` straight into the GSO batch (or hand it to the
         device, which holds it and starts a handshake, when there is no session)."""
         if peer is not self._run_peer:
-            self.end_run()
-            self._run_peer = peer
-            self._run_kp = self.dev.sender(peer)
-            self._run_addr = peer.endpoint
-        kp = self._run_kp
-        if kp is None:
-            # held until the handshake completes (or counted as staged_overflow)
-            self.dev.send_to(peer, data)
-            self._count_tx((), 1, len(data))
-            st = self.wg_stats.get(peer)
-            if st is not None:
-                st[0] += 1
-                st[1] += len(data)
+            self.start_run(peer)
+        if self._run_kp is None:
+            self.stage(peer, data)
             return
         n = len(data)
-        m = DATA_MIN_LEN + padded_length(n, self.mtu)
+        padded = (n + PAD_ROUND) & PAD_MASK
+        if padded > self.mtu >= n:
+            padded = self.mtu
+        m = DATA_MIN_LEN + padded
         off = self.reserve(self._run_addr, m)  # type: ignore[arg-type]
         self._bbuf[off + DATA_PAYLOAD:off + DATA_PAYLOAD + n] = data
-        kp.seal_into(self._bmv[off:off + m], n, self.mtu)
+        self.encrypt(off, n, padded)
         self.commit(m, m - n)
         self._run_bytes += m
         self._run_pkts += 1
         self._run_inner += n
+
+    def stage(self, peer: Peer, data) -> None:
+        """No session yet: the device holds the packet and starts a handshake (or counts
+        it as staged_overflow)."""
+        self.dev.send_to(peer, data)
+        self._count_tx((), 1, len(data))
+        st = self.wg_stats.get(peer)
+        if st is not None:
+            st[0] += 1
+            st[1] += len(data)
+
+    def encrypt(self, off: int, n: int, padded: int) -> None:
+        """``Keypair.seal_into``, inlined: the packet sits at ``off + 16`` in the batch
+        buffer; write the message header and encrypt in place."""
+        kp, enc = self._run_kp, self._run_enc
+        if enc is None:
+            kp.seal_into(self._bmv[off:off + DATA_MIN_LEN + padded], n, self.mtu)
+            return
+        bbuf, bmv = self._bbuf, self._bmv
+        counter = kp.send_counter
+        kp.send_counter = counter + 1
+        ctr = counter.to_bytes(COUNTER_LEN, "little")
+        p = off + DATA_PAYLOAD
+        if padded != n:
+            bbuf[p + n:p + padded] = _ZEROS[:padded - n]
+        bbuf[off:off + DATA_COUNTER] = kp.prefix
+        bbuf[off + DATA_COUNTER:p] = ctr
+        enc(_NONCE_PAD + ctr, bmv[p:p + padded], None, bmv[p:p + padded + TAG_LEN])
+
+    def seal_super(self, peer: Peer, pkt: memoryview, mss: int) -> None:
+        """Cut a TCP/IPv4 super-packet into ``mss``-sized segments as TSO would, each built
+        and encrypted in place in the GSO batch: the headers are copied once per segment
+        and only the fields that change are written (total length, IP ID, IP checksum,
+        sequence number, flags, TCP checksum, both checksums from sums computed once)."""
+        n = len(pkt)
+        if n < 40 or pkt[0] >> 4 != 4 or pkt[IP_PROTO] != TCP_PROTO or mss <= 0:
+            raise FrameError("super-packet is not IPv4/TCP")
+        ihl = (pkt[0] & 0x0F) * 4
+        doff = (pkt[ihl + TCP_DOFF] >> 4) * 4 if n > ihl + TCP_DOFF else 0
+        hl = ihl + doff
+        total = (pkt[IP_TOTAL_LEN] << 8) | pkt[IP_TOTAL_LEN + 1]
+        if ihl < 20 or doff < 20 or total > n or total < hl:
+            raise FrameError("super-packet has inconsistent header lengths")
+        if peer is not self._run_peer:
+            self.start_run(peer)
+        if self._run_kp is None:
+            for seg in segment_tcp4(pkt, mss):
+                self.stage(peer, seg)
+            return
+        head = bytearray(pkt[:hl])
+        seq0 = _u32.unpack_from(head, ihl + TCP_SEQ)[0]
+        id0 = _u16.unpack_from(head, IP_ID)[0]
+        flags = head[ihl + TCP_FLAGS]
+        # sums of the parts that stay put (changing fields zeroed), mod 0xFFFF
+        for at, size in ((IP_TOTAL_LEN, 2), (IP_ID, 2), (IP_CSUM, 2),
+                         (ihl + TCP_SEQ, 4), (ihl + TCP_FLAGS, 1), (ihl + TCP_CSUM, 2)):
+            head[at:at + size] = _ZEROS[:size]
+        ip_base = int.from_bytes(head[:ihl], "big") % 0xFFFF
+        tcp_base = (int.from_bytes(head[ihl:hl], "big") + int.from_bytes(head[IP_SRC:IP_SRC + 8],
+                    "big") + TCP_PROTO) % 0xFFFF
+        bbuf, bmv, mtu, addr = self._bbuf, self._bmv, self.mtu, self._run_addr
+        kp, enc = self._run_kp, self._run_enc
+        prefix = kp.prefix
+        payload = total - hl
+        count = max(1, -(-payload // mss))
+        pack_ip, pack_tcp = _IP_FIELDS.pack_into, _TCP_FIELDS.pack_into
+        inner = 0
+        for i in range(count):
+            start = hl + i * mss
+            chunk = pkt[start:min(start + mss, total)]
+            clen = len(chunk)
+            seg_len = hl + clen
+            padded = (seg_len + PAD_ROUND) & PAD_MASK
+            if padded > mtu >= seg_len:
+                padded = mtu
+            m = DATA_MIN_LEN + padded
+            off = self.reserve(addr, m)  # type: ignore[arg-type]
+            p = off + DATA_PAYLOAD
+            bbuf[p:p + hl] = head
+            bbuf[p + hl:p + seg_len] = chunk
+            ip_id = (id0 + i) & 0xFFFF
+            s = (ip_base + seg_len + ip_id) % 0xFFFF
+            pack_ip(bbuf, p + IP_TOTAL_LEN, seg_len, ip_id)
+            _u16.pack_into(bbuf, p + IP_CSUM, 0xFFFF - s if s else 0)
+            seq = (seq0 + i * mss) & 0xFFFFFFFF
+            fl = flags if i == count - 1 else flags & ~TCP_FIN_PSH
+            if i:
+                fl &= ~TCP_CWR
+            data_sum = int.from_bytes(chunk, "big")
+            if clen & 1:
+                data_sum <<= 8
+            s = (tcp_base + doff + clen + (seq >> 16) + (seq & 0xFFFF) + fl + data_sum) % 0xFFFF
+            pack_tcp(bbuf, p + ihl + TCP_SEQ, seq)
+            bbuf[p + ihl + TCP_FLAGS] = fl
+            _u16.pack_into(bbuf, p + ihl + TCP_CSUM, 0xFFFF - s if s else 0)
+            if enc is None:
+                self.encrypt(off, seg_len, padded)
+            else:  # encrypt(), inlined
+                counter = kp.send_counter
+                kp.send_counter = counter + 1
+                ctr = counter.to_bytes(COUNTER_LEN, "little")
+                if padded != seg_len:
+                    bbuf[p + seg_len:p + padded] = _ZEROS[:padded - seg_len]
+                bbuf[off:off + DATA_COUNTER] = prefix
+                bbuf[off + DATA_COUNTER:p] = ctr
+                enc(_NONCE_PAD + ctr, bmv[p:p + padded], None, bmv[p:p + padded + TAG_LEN])
+            self.commit(m, m - seg_len)
+            self._run_bytes += m
+            inner += seg_len
+        self._run_pkts += count
+        self._run_inner += inner
 
     def end_run(self) -> None:
         """Once per run of packets to one peer: the device's timers and counters."""
@@ -236,7 +370,7 @@ class WgSend(WgBase):
             if st is not None:
                 st[0] += self._run_pkts
                 st[1] += self._run_inner
-        self._run_peer = self._run_kp = self._run_addr = None
+        self._run_peer = self._run_kp = self._run_addr = self._run_enc = None
         self._run_bytes = self._run_pkts = self._run_inner = 0
 
 
@@ -283,17 +417,17 @@ class WgReceive(WgBase):
         now = time.monotonic()
         rx_p = rx_b = 0
         i, total = 0, len(packets)
+        coalesce, vnet = self.coalesce, self.vnet
+        flow_run = self._flow_run
         while i < total:
             pkt, peer = packets[i]
-            j = self._flow_run(packets, i) if self.coalesce else i + 1
+            j, size = flow_run(packets, i) if coalesce else (i + 1, len(pkt))
             st = stats.get(peer)
-            size = sum(len(p) for p, _ in packets[i:j]) if j - i > 1 else len(pkt)
             try:
                 if j - i > 1:
-                    hdr, parts = self._join(packets, i, j)
-                    writev(fd, [hdr, *parts])
-                    c[C["wg_coalesced"]] += j - i
-                elif self.vnet:
+                    writev(fd, self._join(packets, i, j, size))
+                    c[COALESCED] += j - i
+                elif vnet:
                     writev(fd, [ZERO_VNET, pkt])
                 else:
                     writev(fd, [pkt])
@@ -314,70 +448,76 @@ class WgReceive(WgBase):
         c[RX_B] += rx_b
 
     @staticmethod
-    def _flow_run(packets: list, i: int) -> int:
-        """The end of the run of TCP segments from ``i`` that one super-packet can carry:
-        same peer and flow, plain 20-byte IPv4 headers, contiguous sequence numbers, equal
-        sizes (the last may be shorter), only ACK (and PSH on the last), no IP options or
-        fragments."""
+    def _flow_run(packets: list, i: int) -> tuple[int, int]:
+        """(end, bytes) of the run of TCP segments from ``i`` that one super-packet can
+        carry, as the kernel's TCP GRO decides: same peer and flow, 20-byte IPv4 headers
+        with equal TOS and TTL, no fragments, equal TCP options, ack and window,
+        contiguous sequence numbers, equal sizes (the last may be shorter), ACK only (PSH
+        allowed on the last)."""
         first, peer = packets[i]
+        size = len(first)
         n = len(packets)
-        if i + 1 >= n or len(first) < 40 or first[0] != 0x45 or first[IP_PROTO] != TCP_PROTO:
-            return i + 1
-        if first[IP_FRAG] & 0x3F or first[IP_FRAG + 1]:  # a fragment
-            return i + 1
-        doff = (first[IPV4_MIN_HEADER + TCP_DOFF] >> 4) * 4
-        hl = IPV4_MIN_HEADER + doff
-        mss = len(first) - hl
-        if mss <= 0 or first[IPV4_MIN_HEADER + TCP_FLAGS] != TCP_ACK_ONLY or doff < 20:
-            return i + 1
-        flow = first[IP_SRC:IP_DST + 4] + first[IPV4_MIN_HEADER:IPV4_MIN_HEADER + 4]
-        opts = first[IPV4_MIN_HEADER + 20:hl]
-        seq = _u32.unpack_from(first, IPV4_MIN_HEADER + TCP_SEQ)[0] + mss
-        total = len(first)
+        if (i + 1 >= n or size < TCP_AT + 20 or first[0] != IPV4_VERSION_IHL5
+                or first[IP_PROTO] != TCP_PROTO or first[TCP_AT + TCP_FLAGS] != TCP_ACK_ONLY
+                or first[IP_FRAG] & 0x3F or first[IP_FRAG + 1]):
+            return i + 1, size
+        hl = TCP_AT + (first[TCP_AT + TCP_DOFF] >> 4) * 4
+        mss = size - hl
+        if mss <= 0 or hl < TCP_AT + 20:
+            return i + 1, size
+        flow = first[IP_SRC:TCP_AT + TCP_SEQ]  # addresses and ports
+        ack_doff = first[TCP_AT + TCP_ACK:TCP_AT + TCP_FLAGS]
+        window = first[TCP_AT + TCP_WINDOW:TCP_AT + TCP_CSUM]
+        opts = first[TCP_AT + 20:hl]
+        tos_ttl = (first[IP_TOS], first[IP_TTL])
+        seq = int.from_bytes(first[TCP_AT + TCP_SEQ:TCP_AT + TCP_ACK], "big") + mss
+        total = size
         j = i + 1
         while j < n:
             p, q = packets[j]
-            if q is not peer or len(p) < hl or p[0] != 0x45 or p[IP_PROTO] != TCP_PROTO:
-                break
             plen = len(p) - hl
-            if (p[IP_SRC:IP_DST + 4] + p[IPV4_MIN_HEADER:IPV4_MIN_HEADER + 4] != flow
-                    or (p[IPV4_MIN_HEADER + TCP_DOFF] >> 4) * 4 != doff
-                    or p[IPV4_MIN_HEADER + 20:hl] != opts
-                    or _u32.unpack_from(p, IPV4_MIN_HEADER + TCP_SEQ)[0] != seq
-                    or plen <= 0 or plen > mss or p[IP_FRAG] & 0x3F or p[IP_FRAG + 1]
-                    or total + plen > COALESCE_MAX):
+            if (q is not peer or plen <= 0 or plen > mss or p[0] != IPV4_VERSION_IHL5
+                    or total + plen > COALESCE_MAX
+                    or not p.startswith(flow, IP_SRC)
+                    or not p.startswith((seq & 0xFFFFFFFF).to_bytes(4, "big"),
+                                        TCP_AT + TCP_SEQ)
+                    or not p.startswith(ack_doff, TCP_AT + TCP_ACK)
+                    or not p.startswith(window, TCP_AT + TCP_WINDOW)
+                    or (opts and not p.startswith(opts, TCP_AT + 20))
+                    or (p[IP_TOS], p[IP_TTL]) != tos_ttl
+                    or p[IP_FRAG] & 0x3F or p[IP_FRAG + 1]):
                 break
-            flags = p[IPV4_MIN_HEADER + TCP_FLAGS]
-            if flags not in (TCP_ACK_ONLY, TCP_ACK_PSH):
+            flags = p[TCP_AT + TCP_FLAGS]
+            if flags != TCP_ACK_ONLY and flags != TCP_ACK_PSH:
                 break
             total += plen
-            seq = (seq + plen) & 0xFFFFFFFF
+            seq += plen
             j += 1
             if plen < mss or flags == TCP_ACK_PSH:
                 break  # a short or pushed segment ends a super-packet
-        return j
+        return j, total
 
     @staticmethod
-    def _join(packets: list, i: int, j: int) -> tuple[bytes, list]:
-        """virtio-net header + first segment's headers (length, checksums fixed) and the
-        payloads of segments i..j-1 as a gather list."""
+    def _join(packets: list, i: int, j: int, size: int) -> list:
+        """The gather list for one super-packet: virtio-net header and the first segment's
+        headers (length, IP checksum, PSH of the last, partial TCP checksum) in one piece,
+        then every segment's payload."""
         first = packets[i][0]
-        doff = (first[IPV4_MIN_HEADER + TCP_DOFF] >> 4) * 4
-        hl = IPV4_MIN_HEADER + doff
-        mss = len(first) - hl
-        payload_len = sum(len(p) - hl for p, _ in packets[i:j])
-        total = hl + payload_len
-        head = bytearray(first[:hl])
-        _u16.pack_into(head, IP_TOTAL_LEN, total)
-        head[IP_CSUM] = head[IP_CSUM + 1] = 0
-        _u16.pack_into(head, IP_CSUM, ~ones_sum(head[:IPV4_MIN_HEADER]) & 0xFFFF)
-        # the last segment's flags (PSH) go on the super-packet
-        head[IPV4_MIN_HEADER + TCP_FLAGS] = packets[j - 1][0][IPV4_MIN_HEADER + TCP_FLAGS]
-        # partial checksum: the pseudo-header sum, the kernel adds the rest
-        pseudo = bytes(head[IP_SRC:IP_DST + 4]) + bytes((0, TCP_PROTO)) + _u16.pack(total - 20)
-        _u16.pack_into(head, IPV4_MIN_HEADER + TCP_CSUM, ones_sum(pseudo))
-        hdr = VNET.pack(F_NEEDS_CSUM, GSO_TCPV4, hl, mss, IPV4_MIN_HEADER, TCP_CSUM)
-        return hdr + bytes(head), [memoryview(p)[hl:] for p, _ in packets[i:j]]
+        hl = TCP_AT + (first[TCP_AT + TCP_DOFF] >> 4) * 4
+        head = bytearray(VNET_LEN + hl)
+        VNET.pack_into(head, 0, F_NEEDS_CSUM, GSO_TCPV4, hl, len(first) - hl, TCP_AT,
+                       TCP_CSUM)
+        head[VNET_LEN:] = first[:hl]
+        ip = VNET_LEN
+        _u16.pack_into(head, ip + IP_TOTAL_LEN, size)
+        head[ip + IP_CSUM] = head[ip + IP_CSUM + 1] = 0
+        _u16.pack_into(head, ip + IP_CSUM, ~ones_sum(head[ip:ip + TCP_AT]) & 0xFFFF)
+        head[ip + TCP_AT + TCP_FLAGS] = packets[j - 1][0][TCP_AT + TCP_FLAGS]
+        # partial checksum: the pseudo-header sum; the kernel adds the rest
+        pseudo = (int.from_bytes(first[IP_SRC:IP_DST + 4], "big") + TCP_PROTO
+                  + size - TCP_AT) % 0xFFFF
+        _u16.pack_into(head, ip + TCP_AT + TCP_CSUM, pseudo or 0xFFFF)
+        return [head, *[memoryview(p)[hl:] for p, _ in packets[i:j]]]
 
 
 class WgForwarder(WgSend, WgReceive):

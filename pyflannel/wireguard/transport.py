@@ -230,6 +230,12 @@ class Keypair:
             return None
         return plain
 
+    def sealer(self) -> Callable[..., object] | None:
+        """``encrypt_into`` for a caller that inlines :meth:`seal_into` in its own loop
+        (it then keeps ``send_counter`` and writes ``prefix`` itself); None where this
+        ``cryptography`` has no ``encrypt_into``."""
+        return self._send.encrypt_into if _HAVE_INTO else None
+
     def opener(self) -> tuple[Callable[..., bytes], Callable[[int], bool]]:
         """(decrypt, accept) for a caller that inlines :meth:`open` in its own loop."""
         return self._recv.decrypt, self.replay.accept
