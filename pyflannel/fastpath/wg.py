@@ -32,6 +32,7 @@ from pyflannel.fastpath.frames import (
     GSO_ECN,
     GSO_NONE,
     GSO_TCPV4,
+    MAX_DATAGRAM,
     VNET,
     VNET_FLAGS,
     VNET_GSO_TYPE,
@@ -54,7 +55,14 @@ from pyflannel.fastpath.packet import (
     IP_TTL,
     IPV4_MIN_HEADER,
 )
-from pyflannel.fastpath.transport import ANC_SIZE, BATCH, IDLE_POLL_S, Transport, gro_size
+from pyflannel.fastpath.transport import (
+    ANC_SIZE,
+    BATCH,
+    GSO_MAX_SEGMENTS,
+    IDLE_POLL_S,
+    Transport,
+    gro_size,
+)
 from pyflannel.wireguard.constants import (
     COUNTER_LEN,
     DATA_COUNTER,
@@ -309,55 +317,77 @@ class WgSend(WgBase):
         ip_base = int.from_bytes(head[:ihl], "big") % 0xFFFF
         tcp_base = (int.from_bytes(head[ihl:hl], "big") + int.from_bytes(head[IP_SRC:IP_SRC + 8],
                     "big") + TCP_PROTO) % 0xFFFF
-        bbuf, bmv, mtu, addr = self._bbuf, self._bmv, self.mtu, self._run_addr
-        kp, enc = self._run_kp, self._run_enc
+        if self._run_enc is None:  # no encrypt_into in this `cryptography`: one at a time
+            for seg in segment_tcp4(pkt, mss):
+                self.seal(peer, seg)
+            return
+        bbuf, mtu, addr = self._bbuf, self.mtu, self._run_addr
+        kp = self._run_kp
+        enc = kp.encrypt_function()
         prefix = kp.prefix
-        payload = total - hl
-        count = max(1, -(-payload // mss))
-        pack_ip, pack_tcp = _IP_FIELDS.pack_into, _TCP_FIELDS.pack_into
-        inner = 0
-        for i in range(count):
-            start = hl + i * mss
-            chunk = pkt[start:min(start + mss, total)]
-            clen = len(chunk)
+        count = max(1, -(-(total - hl) // mss))
+        last = count - 1
+        pack_ip, pack_tcp, pack16 = _IP_FIELDS.pack_into, _TCP_FIELDS.pack_into, _u16.pack_into
+        fl_mid = flags & ~(TCP_FIN_PSH | TCP_CWR)
+        at_seq, at_flags, at_csum = ihl + TCP_SEQ, ihl + TCP_FLAGS, ihl + TCP_CSUM
+        inner = wire = 0
+        i = 0
+        while i < count:
+            # every segment but the last is full-sized: a group of them fills the batch
+            clen = mss if i < last else total - hl - i * mss
             seg_len = hl + clen
             padded = (seg_len + PAD_ROUND) & PAD_MASK
             if padded > mtu >= seg_len:
                 padded = mtu
             m = DATA_MIN_LEN + padded
             off = self.reserve(addr, m)  # type: ignore[arg-type]
-            p = off + DATA_PAYLOAD
-            bbuf[p:p + hl] = head
-            bbuf[p + hl:p + seg_len] = chunk
-            ip_id = (id0 + i) & 0xFFFF
-            s = (ip_base + seg_len + ip_id) % 0xFFFF
-            pack_ip(bbuf, p + IP_TOTAL_LEN, seg_len, ip_id)
-            _u16.pack_into(bbuf, p + IP_CSUM, 0xFFFF - s if s else 0)
-            seq = (seq0 + i * mss) & 0xFFFFFFFF
-            fl = flags if i == count - 1 else flags & ~TCP_FIN_PSH
-            if i:
-                fl &= ~TCP_CWR
-            data_sum = int.from_bytes(chunk, "big")
-            if clen & 1:
-                data_sum <<= 8
-            s = (tcp_base + doff + clen + (seq >> 16) + (seq & 0xFFFF) + fl + data_sum) % 0xFFFF
-            pack_tcp(bbuf, p + ihl + TCP_SEQ, seq)
-            bbuf[p + ihl + TCP_FLAGS] = fl
-            _u16.pack_into(bbuf, p + ihl + TCP_CSUM, 0xFFFF - s if s else 0)
-            if enc is None:
-                self.encrypt(off, seg_len, padded)
-            else:  # encrypt(), inlined
+            k = 1 if i == last else min(last - i, GSO_MAX_SEGMENTS - self._b_count,
+                                        (MAX_DATAGRAM - off) // m)
+            pad = _ZEROS[:padded - seg_len]
+            for g in range(i, i + k):
+                p = off + DATA_PAYLOAD
+                start = hl + g * mss
+                chunk = pkt[start:start + clen]
+                bbuf[p:p + hl] = head
+                bbuf[p + hl:p + seg_len] = chunk
+                ip_id = (id0 + g) & 0xFFFF
+                c = (ip_base + seg_len + ip_id) % 0xFFFF
+                pack_ip(bbuf, p + IP_TOTAL_LEN, seg_len, ip_id)
+                pack16(bbuf, p + IP_CSUM, 0xFFFF - c if c else 0)
+                seq = (seq0 + g * mss) & 0xFFFFFFFF
+                fl = fl_mid if 0 < g < last else (
+                    flags & ~TCP_CWR if g else flags if g == last else flags & ~TCP_FIN_PSH)
+                data_sum = int.from_bytes(chunk, "big")
+                if clen & 1:
+                    data_sum <<= 8
+                c = (tcp_base + doff + clen + (seq >> 16) + (seq & 0xFFFF) + fl
+                     + data_sum) % 0xFFFF
+                pack_tcp(bbuf, p + at_seq, seq)
+                bbuf[p + at_flags] = fl
+                pack16(bbuf, p + at_csum, 0xFFFF - c if c else 0)
+                # encrypt(), inlined
                 counter = kp.send_counter
                 kp.send_counter = counter + 1
                 ctr = counter.to_bytes(COUNTER_LEN, "little")
-                if padded != seg_len:
-                    bbuf[p + seg_len:p + padded] = _ZEROS[:padded - seg_len]
+                if pad:
+                    bbuf[p + seg_len:p + padded] = pad
                 bbuf[off:off + DATA_COUNTER] = prefix
                 bbuf[off + DATA_COUNTER:p] = ctr
-                enc(_NONCE_PAD + ctr, bmv[p:p + padded], None, bmv[p:p + padded + TAG_LEN])
-            self.commit(m, m - seg_len)
-            self._run_bytes += m
-            inner += seg_len
+                # encrypt (not encrypt_into) from a bytearray slice: faster in
+                # `cryptography` than in place through memoryviews
+                bbuf[p:p + padded + TAG_LEN] = enc(_NONCE_PAD + ctr, bbuf[p:p + padded], None)
+                off += m
+            # commit(), once for the group
+            self._b_off = off
+            self._b_count += k
+            self._packets_in_batch += k
+            self._b_overhead += k * (m - seg_len)
+            if m < self._b_seg:
+                self._b_closed = True
+            wire += k * m
+            inner += k * seg_len
+            i += k
+        self._run_bytes += wire
         self._run_pkts += count
         self._run_inner += inner
 
@@ -386,7 +416,7 @@ class WgReceive(WgBase):
         self._rmv = memoryview(self._rbuf)
 
     def from_udp(self) -> None:
-        rbuf, rmv = self._rbuf, self._rmv
+        rbuf = self._rbuf
         recv = self.sock.recvmsg_into
         receive_many = self.dev.receive_many
         bufs = [rbuf]
@@ -399,11 +429,11 @@ class WgReceive(WgBase):
                 continue
             seg = gro_size(anc, n)
             try:
+                # bytearray slices, not memoryviews: `cryptography` decrypts them faster
                 if seg >= n or seg <= 0:
-                    receive_many(((rmv[:n], addr),))
+                    receive_many(((rbuf[:n], addr),))
                 else:
-                    receive_many([(rmv[off:min(off + seg, n)], addr)
-                                  for off in range(0, n, seg)])
+                    receive_many([(rbuf[off:off + seg], addr) for off in range(0, n, seg)])
             except Exception:  # a bug must not take the data path down: count, go on
                 self.dev.drops["internal_error"] += 1
         self.pump()

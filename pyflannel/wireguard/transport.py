@@ -236,6 +236,11 @@ class Keypair:
         ``cryptography`` has no ``encrypt_into``."""
         return self._send.encrypt_into if _HAVE_INTO else None
 
+    def encrypt_function(self) -> Callable[..., bytes]:
+        """``encrypt(nonce, plaintext, None)`` of the send key, for a caller that builds
+        messages itself (keeping ``send_counter`` and writing ``prefix``)."""
+        return self._send.encrypt
+
     def opener(self) -> tuple[Callable[..., bytes], Callable[[int], bool]]:
         """(decrypt, accept) for a caller that inlines :meth:`open` in its own loop."""
         return self._recv.decrypt, self.replay.accept
