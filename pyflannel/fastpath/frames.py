@@ -22,6 +22,23 @@ from __future__ import annotations
 
 import struct
 
+from pyflannel.fastpath.packet import (
+    IP_CSUM,
+    IP_DST,
+    IP_ID,
+    IP_PROTO,
+    IP_SRC,
+    IP_TOTAL_LEN,
+    IP_VER_IHL,
+    IPV4_MIN_HEADER,
+    TCP_CSUM,
+    TCP_DOFF,
+    TCP_FLAGS,
+    TCP_MIN_HEADER,
+    TCP_PROTO,
+    TCP_SEQ,
+)
+
 VNET_LEN = 10
 FAST_MAGIC = 0xF7
 FAST_VERSION = 1
@@ -86,44 +103,45 @@ def finish_checksum(pkt: bytearray | memoryview, csum_start: int, csum_offset: i
 
 
 def ipv4_header_checksum(pkt: bytearray | memoryview, ihl: int) -> None:
-    pkt[10] = pkt[11] = 0
-    _u16.pack_into(pkt, 10, ~ones_sum(pkt[:ihl]) & 0xFFFF)
+    pkt[IP_CSUM] = pkt[IP_CSUM + 1] = 0
+    _u16.pack_into(pkt, IP_CSUM, ~ones_sum(pkt[:ihl]) & 0xFFFF)
 
 
 def segment_tcp4(pkt: bytes | bytearray | memoryview, gso_size: int) -> list[bytearray]:
     """Cut an IPv4/TCP super-packet into MSS-sized packets with complete checksums (what
     the kernel's TSO would have done), for peers that take one packet per datagram."""
     n = len(pkt)
-    if n < 40 or pkt[0] >> 4 != 4 or pkt[9] != 6:
+    if (n < IPV4_MIN_HEADER + TCP_MIN_HEADER or pkt[IP_VER_IHL] >> 4 != 4
+            or pkt[IP_PROTO] != TCP_PROTO):
         raise FrameError("super-packet is not IPv4/TCP")
-    ihl = (pkt[0] & 0x0F) * 4
-    thl = (pkt[ihl + 12] >> 4) * 4 if n > ihl + 12 else 0
+    ihl = (pkt[IP_VER_IHL] & 0x0F) * 4
+    thl = (pkt[ihl + TCP_DOFF] >> 4) * 4 if n > ihl + TCP_DOFF else 0
     hl = ihl + thl
-    total = _u16.unpack_from(pkt, 2)[0]
+    total = _u16.unpack_from(pkt, IP_TOTAL_LEN)[0]
     if ihl < 20 or thl < 20 or hl > n or total > n or total < hl or gso_size <= 0:
         raise FrameError("super-packet has inconsistent header lengths")
     header = bytes(pkt[:hl])
     payload = memoryview(pkt)[hl:total]
-    seq = _u32.unpack_from(header, ihl + 4)[0]
-    ip_id = _u16.unpack_from(header, 4)[0]
-    flags = header[ihl + 13]
-    pseudo = header[12:20] + b"\x00\x06"
+    seq = _u32.unpack_from(header, ihl + TCP_SEQ)[0]
+    ip_id = _u16.unpack_from(header, IP_ID)[0]
+    flags = header[ihl + TCP_FLAGS]
+    pseudo = header[IP_SRC:IP_DST + 4] + bytes((0, TCP_PROTO))
     out = []
     count = max(1, -(-len(payload) // gso_size))
     for i in range(count):
         chunk = payload[i * gso_size:(i + 1) * gso_size]
         seg = bytearray(header)
         seg += chunk
-        _u16.pack_into(seg, 2, hl + len(chunk))
-        _u16.pack_into(seg, 4, (ip_id + i) & 0xFFFF)
+        _u16.pack_into(seg, IP_TOTAL_LEN, hl + len(chunk))
+        _u16.pack_into(seg, IP_ID, (ip_id + i) & 0xFFFF)
         ipv4_header_checksum(seg, ihl)
-        _u32.pack_into(seg, ihl + 4, (seq + i * gso_size) & 0xFFFFFFFF)
+        _u32.pack_into(seg, ihl + TCP_SEQ, (seq + i * gso_size) & 0xFFFFFFFF)
         if i != count - 1:
-            seg[ihl + 13] = flags & ~0x09  # FIN and PSH only on the last segment
-        seg[ihl + 16] = seg[ihl + 17] = 0
+            seg[ihl + TCP_FLAGS] = flags & ~0x09  # FIN and PSH only on the last segment
+        seg[ihl + TCP_CSUM] = seg[ihl + TCP_CSUM + 1] = 0
         tcp_len = len(seg) - ihl
         s = ones_sum(pseudo + _u16.pack(tcp_len) + bytes(seg[ihl:]))
-        _u16.pack_into(seg, ihl + 16, ~s & 0xFFFF)
+        _u16.pack_into(seg, ihl + TCP_CSUM, ~s & 0xFFFF)
         out.append(seg)
     return out
 
@@ -164,8 +182,9 @@ def classify(datagram: bytes | bytearray | memoryview) -> str:
     first = datagram[0]
     if first >> 4 == 4:
         return "flannel"
-    if (first == FAST_MAGIC and len(datagram) > CHUNK_HDR_LEN and datagram[1] == FAST_VERSION
-            and datagram[2] < datagram[3] <= MAX_CHUNKS):
+    if (first == FAST_MAGIC and len(datagram) > CHUNK_HDR_LEN
+            and datagram[CHUNK_VERSION] == FAST_VERSION
+            and datagram[CHUNK_INDEX] < datagram[CHUNK_COUNT] <= MAX_CHUNKS):
         return "vnet1"
     return "garbage"
 
@@ -183,7 +202,8 @@ class Reassembler:
 
     def feed(self, peer: object, dgram: bytes | bytearray | memoryview) -> memoryview | None:
         """The whole payload when ``dgram`` completes a train, else None."""
-        index, count, train = dgram[2], dgram[3], (dgram[4] << 8) | dgram[5]
+        index, count = dgram[CHUNK_INDEX], dgram[CHUNK_COUNT]
+        train = (dgram[CHUNK_TRAIN_HI] << 8) | dgram[CHUNK_TRAIN_LO]
         chunk = dgram[CHUNK_HDR_LEN:]
         st = self._state.get(peer)
         if index == 0:

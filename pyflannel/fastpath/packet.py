@@ -20,6 +20,15 @@ IP_CSUM = 10  # 2 bytes
 IP_SRC = 12  # 4 bytes
 IP_DST = 16  # 4 bytes
 IPV4_MIN_HEADER = 20
+# TCP header fields (offsets from the start of the TCP header)
+TCP_PROTO = 6
+TCP_SEQ = 4
+TCP_ACK = 8
+TCP_DOFF = 12  # data offset, high nibble
+TCP_FLAGS = 13
+TCP_WINDOW = 14
+TCP_CSUM = 16
+TCP_MIN_HEADER = 20
 
 ICMP_PROTO = 1
 ICMP_DEST_UNREACH = 3
@@ -35,14 +44,14 @@ BAD_HEADER_LENGTH = "bad_header_length"
 
 def check_ipv4(buf: bytes | bytearray | memoryview, n: int) -> str | None:
     """Why the first ``n`` bytes are not a usable IPv4 packet, or None if they are."""
-    if n < 1 or buf[0] >> 4 != 4:
+    if n < 1 or buf[IP_VER_IHL] >> 4 != 4:
         return NOT_IPV4
     if n < 20:
         return TRUNCATED
-    ihl = (buf[0] & 0x0F) * 4
+    ihl = (buf[IP_VER_IHL] & 0x0F) * 4
     if ihl < 20:
         return BAD_HEADER_LENGTH
-    total = (buf[2] << 8) | buf[3]
+    total = (buf[IP_TOTAL_LEN] << 8) | buf[IP_TOTAL_LEN + 1]
     if total < ihl:
         return BAD_HEADER_LENGTH
     if total > n or ihl > n:
@@ -55,16 +64,16 @@ def decrement_ttl(buf: bytearray | memoryview) -> bool:
 
     Returns False, leaving the packet untouched, when the TTL would reach zero.
     """
-    ttl = buf[8]
+    ttl = buf[IP_TTL]
     if ttl <= 1:
         return False
-    buf[8] = ttl - 1
+    buf[IP_TTL] = ttl - 1
     # The TTL is the high byte of header word 4: the word drops by 0x0100, so the
     # one's-complement checksum rises by 0x0100 with end-around carry.
-    csum = ((buf[10] << 8) | buf[11]) + 0x0100
+    csum = ((buf[IP_CSUM] << 8) | buf[IP_CSUM + 1]) + 0x0100
     csum = (csum & 0xFFFF) + (csum >> 16)
-    buf[10] = csum >> 8
-    buf[11] = csum & 0xFF
+    buf[IP_CSUM] = csum >> 8
+    buf[IP_CSUM + 1] = csum & 0xFF
     return True
 
 
@@ -79,7 +88,7 @@ def checksum(data: bytes | bytearray | memoryview) -> int:
 
 
 def header_checksum_ok(buf: bytes | bytearray | memoryview) -> bool:
-    ihl = (buf[0] & 0x0F) * 4
+    ihl = (buf[IP_VER_IHL] & 0x0F) * 4
     return checksum(bytes(buf[:ihl])) == 0
 
 
@@ -88,13 +97,13 @@ def wants_icmp_error(buf: bytes | bytearray | memoryview, n: int) -> bool:
     an ICMP error itself, or addressed from nowhere."""
     if check_ipv4(buf, n) is not None:
         return False
-    if ((buf[6] & 0x1F) << 8 | buf[7]) != 0:  # fragment offset
+    if ((buf[IP_FRAG] & 0x1F) << 8 | buf[IP_FRAG + 1]) != 0:  # fragment offset
         return False
-    src = bytes(buf[12:16])
+    src = bytes(buf[IP_SRC:IP_SRC + 4])
     if src == b"\0\0\0\0" or src[0] >= 224:
         return False
-    if buf[9] == ICMP_PROTO:
-        ihl = (buf[0] & 0x0F) * 4
+    if buf[IP_PROTO] == ICMP_PROTO:
+        ihl = (buf[IP_VER_IHL] & 0x0F) * 4
         if n <= ihl or buf[ihl] in ICMP_ERROR_TYPES:
             return False
     return True
@@ -103,14 +112,14 @@ def wants_icmp_error(buf: bytes | bytearray | memoryview, n: int) -> bool:
 def icmp_net_unreachable(orig: bytes | bytearray | memoryview, n: int, src: bytes) -> bytes:
     """An ICMP destination-unreachable/net-unreachable from ``src`` back to the sender of
     ``orig``, quoting its header and first 8 data bytes as RFC 792 asks."""
-    ihl = (orig[0] & 0x0F) * 4
+    ihl = (orig[IP_VER_IHL] & 0x0F) * 4
     quoted = bytes(orig[: min(n, ihl + 8)])
     icmp = bytearray(struct.pack("!BBHI", ICMP_DEST_UNREACH, ICMP_NET_UNREACH, 0, 0) + quoted)
     struct.pack_into("!H", icmp, 2, checksum(icmp))
     total = 20 + len(icmp)
     hdr = bytearray(
         struct.pack("!BBHHHBBH4s4s", 0x45, 0xC0, total, 0, 0, 64, ICMP_PROTO, 0, src,
-                    bytes(orig[12:16]))
+                    bytes(orig[IP_SRC:IP_SRC + 4]))
     )
     struct.pack_into("!H", hdr, 10, checksum(hdr))
     return bytes(hdr + icmp)

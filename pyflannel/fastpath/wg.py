@@ -53,7 +53,15 @@ from pyflannel.fastpath.packet import (
     IP_TOS,
     IP_TOTAL_LEN,
     IP_TTL,
+    IP_VER_IHL,
     IPV4_MIN_HEADER,
+    TCP_ACK,
+    TCP_CSUM,
+    TCP_DOFF,
+    TCP_FLAGS,
+    TCP_PROTO,
+    TCP_SEQ,
+    TCP_WINDOW,
 )
 from pyflannel.fastpath.transport import (
     ANC_SIZE,
@@ -83,14 +91,7 @@ BUF_SIZE = 65536 + 64
 READ_AT = DATA_PAYLOAD - VNET_LEN
 # Device drop reasons that have a udp-backend name for the same thing.
 DROP_NAMES = {"no_route": "drop_no_route", "inner_src": "drop_spoofed_source"}
-TCP_PROTO = 6
 TCP_AT = IPV4_MIN_HEADER  # the TCP header, after an IPv4 header without options
-TCP_SEQ = 4  # TCP header fields (offsets from the TCP header)
-TCP_ACK = 8
-TCP_DOFF = 12
-TCP_FLAGS = 13
-TCP_WINDOW = 14
-TCP_CSUM = 16
 TCP_FIN_PSH = 0x09  # only on the last segment of a super-packet
 TCP_CWR = 0x80  # only on the first
 TCP_ACK_ONLY = 0x10
@@ -292,9 +293,10 @@ class WgSend(WgBase):
         and only the fields that change are written (total length, IP ID, IP checksum,
         sequence number, flags, TCP checksum, both checksums from sums computed once)."""
         n = len(pkt)
-        if n < 40 or pkt[0] >> 4 != 4 or pkt[IP_PROTO] != TCP_PROTO or mss <= 0:
+        if (n < TCP_AT + 20 or pkt[IP_VER_IHL] >> 4 != 4 or pkt[IP_PROTO] != TCP_PROTO
+                or mss <= 0):
             raise FrameError("super-packet is not IPv4/TCP")
-        ihl = (pkt[0] & 0x0F) * 4
+        ihl = (pkt[IP_VER_IHL] & 0x0F) * 4
         doff = (pkt[ihl + TCP_DOFF] >> 4) * 4 if n > ihl + TCP_DOFF else 0
         hl = ihl + doff
         total = (pkt[IP_TOTAL_LEN] << 8) | pkt[IP_TOTAL_LEN + 1]
@@ -487,7 +489,7 @@ class WgReceive(WgBase):
         first, peer = packets[i]
         size = len(first)
         n = len(packets)
-        if (i + 1 >= n or size < TCP_AT + 20 or first[0] != IPV4_VERSION_IHL5
+        if (i + 1 >= n or size < TCP_AT + 20 or first[IP_VER_IHL] != IPV4_VERSION_IHL5
                 or first[IP_PROTO] != TCP_PROTO or first[TCP_AT + TCP_FLAGS] != TCP_ACK_ONLY
                 or first[IP_FRAG] & 0x3F or first[IP_FRAG + 1]):
             return i + 1, size
@@ -506,7 +508,7 @@ class WgReceive(WgBase):
         while j < n:
             p, q = packets[j]
             plen = len(p) - hl
-            if (q is not peer or plen <= 0 or plen > mss or p[0] != IPV4_VERSION_IHL5
+            if (q is not peer or plen <= 0 or plen > mss or p[IP_VER_IHL] != IPV4_VERSION_IHL5
                     or total + plen > COALESCE_MAX
                     or not p.startswith(flow, IP_SRC)
                     or not p.startswith((seq & 0xFFFFFFFF).to_bytes(4, "big"),
