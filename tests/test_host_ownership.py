@@ -89,8 +89,9 @@ def test_vxlan_programs_l2_from_a_snapshot_while_the_loop_changes_its_peers(monk
     backend.index = 7
 
     def peer(i: int) -> Lease:
-        return Lease(IPv4Network(f"10.1.{i}.0/24"), LeaseAttrs(
-            IPv4Address(f"198.18.1.{i}"), "vxlan", {"VNI": 1, "VtepMAC": f"0a:00:00:00:00:{i:02x}"}))
+        mac = f"0a:00:00:00:00:{i:02x}"
+        return Lease(IPv4Network(f"10.1.{i}.0/24"),
+                     LeaseAttrs(IPv4Address(f"198.18.1.{i}"), "vxlan", {"VNI": 1, "VtepMAC": mac}))
 
     async def churn_while_syncing() -> None:
         sync = asyncio.create_task(backend._sync_l2())

@@ -12,6 +12,7 @@ from typing import ClassVar
 from pyflannel.config import NetworkConfig
 from pyflannel.host.monitor import NetlinkMonitor
 from pyflannel.host.netlink import ExternalInterface
+from pyflannel.host.nlsession import run_netlink
 from pyflannel.host.routes import IPNetwork, RouteSpec, sync_routes
 from pyflannel.lease.model import Lease, LeaseAttrs
 from pyflannel.logutil import RateLimitedLog, WarnOnce
@@ -92,7 +93,7 @@ class Backend(abc.ABC):
 
     async def reconcile(self) -> None:
         desired = self.desired_routes() if self.lease is not None else {}
-        added, removed, errors = await asyncio.to_thread(sync_routes, desired)
+        added, removed, errors = await run_netlink(sync_routes, desired)
         if added or removed:
             log.info("routes reconciled: %d set, %d removed", added, removed)
         if errors:

@@ -10,11 +10,11 @@ the lease carries ``PublicIPv6`` and, as flanneld's, no backend data.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from pyflannel.backend.base import Backend, BackendError
 from pyflannel.host import netlink
+from pyflannel.host.nlsession import run_netlink
 from pyflannel.host.routes import IPNetwork, RouteSpec
 from pyflannel.lease.model import NO_PUBLIC_IP, LeaseAttrs
 
@@ -34,7 +34,7 @@ class HostGwBackend(Backend):
             raise BackendError(
                 f"host-gw: the network has IPv6 (EnableIPv6) but interface {self.ext.name} "
                 "has no IPv6 address to route it; give it one, or pick another with -iface")
-        own = await asyncio.to_thread(netlink.interface_addresses, self.ext.index)
+        own = await run_netlink(netlink.interface_addresses, self.ext.index)
         for on, addr, flag in ((v4, self.ext.public_ip, "-public-ip"),
                                (v6, self.ext.public_ipv6, "-public-ipv6")):
             if on and addr not in own:
@@ -42,7 +42,7 @@ class HostGwBackend(Backend):
                     f"host-gw: the published address {addr} is not an address of "
                     f"{self.ext.name} (host-gw routes to peers directly and cannot work "
                     f"through NAT; drop {flag} or use vxlan)")
-        gone = await asyncio.to_thread(netlink.remove_stale_devices, None)
+        gone = await run_netlink(netlink.remove_stale_devices, None)
         if gone:
             log.info("removed devices of an earlier backend: %s", ", ".join(gone))
         return LeaseAttrs(public_ip=self.ext.public_ip if v4 else NO_PUBLIC_IP,

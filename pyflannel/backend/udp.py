@@ -16,6 +16,7 @@ from pyflannel.fastpath.forwarder import tune_socket
 from pyflannel.fastpath.frames import FRAMING_NAME, MAX_DATAGRAM, VNET_LEN
 from pyflannel.fastpath.handle import FastPath, Route
 from pyflannel.host import netlink
+from pyflannel.host.nlsession import run_netlink
 from pyflannel.host.routes import RouteSpec
 from pyflannel.host.tun import open_tun
 from pyflannel.lease.model import LeaseAttrs
@@ -66,7 +67,7 @@ class UdpBackend(Backend):
         if self.cfg.enable_ipv6:
             log.warning("IPv6 over the udp backend is not yet supported: this node carries "
                         "IPv4 only (IPv6Network %s gets no traffic here)", self.cfg.ipv6_network)
-        gone = await asyncio.to_thread(netlink.remove_stale_devices, DEVICE)
+        gone = await run_netlink(netlink.remove_stale_devices, DEVICE)
         if gone:
             log.info("removed devices of an earlier backend: %s", ", ".join(gone))
         self.tun = await asyncio.to_thread(open_tun, DEVICE, vnet=self.vnet)
@@ -90,7 +91,7 @@ class UdpBackend(Backend):
         return LeaseAttrs(public_ip=self.ext.public_ip, backend_type="udp", backend_data=data)
 
     async def activate(self, lease) -> None:
-        self.tun_index = await asyncio.to_thread(
+        self.tun_index = await run_netlink(
             netlink.set_device_address, DEVICE, lease.subnet.network_address, self.mtu,
             TX_QUEUE_LEN, GSO_MAX_SIZE if self.vnet else None)
         await super().activate(lease)

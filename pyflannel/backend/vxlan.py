@@ -23,6 +23,7 @@ from pyflannel.backend.base import Backend, BackendError
 from pyflannel.config import NetworkConfig
 from pyflannel.host import netlink, routes
 from pyflannel.host.netlink import ExternalInterface
+from pyflannel.host.nlsession import run_netlink
 from pyflannel.host.routes import IPNetwork, RouteSpec
 from pyflannel.lease.model import NO_PUBLIC_IP, Lease, LeaseAttrs
 
@@ -118,12 +119,12 @@ class VxlanBackend(Backend):
                 f"vxlan: the network has IPv6 (EnableIPv6) but interface {self.ext.name} has "
                 "no IPv6 address to carry it; give it one, or pick another with -iface")
         keep = {vt.device for vt in self.vteps}
-        gone = await asyncio.to_thread(netlink.remove_stale_devices, keep)
+        gone = await run_netlink(netlink.remove_stale_devices, keep)
         if gone:
             log.info("removed devices of an earlier backend: %s", ", ".join(gone))
         for vt in self.vteps:
             await self._ensure_device(vt)
-        self.l2_networks = await asyncio.to_thread(netlink.interface_networks, self.ext.index)
+        self.l2_networks = await run_netlink(netlink.interface_networks, self.ext.index)
         return self.attrs()
 
     async def _ensure_device(self, vt: Vtep) -> bool:
@@ -132,7 +133,7 @@ class VxlanBackend(Backend):
         params = netlink.VxlanParams(vt.device, self.vni, local, self.ext.index, self.port,
                                      self.gbp)
         try:
-            vt.index, vt.mac, created = await asyncio.to_thread(netlink.ensure_vxlan, params)
+            vt.index, vt.mac, created = await run_netlink(netlink.ensure_vxlan, params)
         except Exception as e:  # noqa: BLE001 - netlink errors carry errno text only
             raise BackendError(f"cannot create vxlan device {vt.device}: {e}") from None
         if created:
@@ -150,7 +151,7 @@ class VxlanBackend(Backend):
             addr = lease.ipv6_subnet.network_address
         else:
             return
-        await asyncio.to_thread(netlink.set_device_address, vt.device, addr,
+        await run_netlink(netlink.set_device_address, vt.device, addr,
                                 self.device_mtu(vt))
 
     async def activate(self, lease: Lease) -> None:
@@ -236,7 +237,7 @@ class VxlanBackend(Backend):
         async with self._l2_lock:
             for vt in self.vteps:
                 want, have = self._wanted_l2(vt), dict(vt.programmed)
-                programmed, errs = await asyncio.to_thread(apply_l2, vt.index, have, want)
+                programmed, errs = await run_netlink(apply_l2, vt.index, have, want)
                 vt.programmed = programmed
                 errors += [f"{vt.device}: {e}" for e in errs]
         if errors:
@@ -254,7 +255,7 @@ class VxlanBackend(Backend):
         """Recreate a device that went away, republish its new MAC, reprogram everything."""
         recreated = False
         for vt in self.vteps:
-            if await asyncio.to_thread(netlink.link_index, vt.device) is None:
+            if await run_netlink(netlink.link_index, vt.device) is None:
                 try:
                     await self._ensure_device(vt)
                 except BackendError as e:
@@ -272,7 +273,7 @@ class VxlanBackend(Backend):
     async def _check_l2(self, vt: Vtep) -> None:
         """Forget entries someone removed by hand, so the next sync puts them back."""
         async with self._l2_lock:
-            gone = await asyncio.to_thread(missing_l2, vt.index, dict(vt.programmed))
+            gone = await run_netlink(missing_l2, vt.index, dict(vt.programmed))
             for key in gone:
                 vt.programmed.pop(key, None)
 

@@ -23,6 +23,7 @@ from pyflannel.daemon.snapshot import NodeSnapshot, StatePublisher
 from pyflannel.daemon.supervise import Fatal, supervise
 from pyflannel.flags import Options
 from pyflannel.host import netlink, systemd
+from pyflannel.host.nlsession import run_netlink
 from pyflannel.host.subnetfile import (
     SubnetEnv,
     SubnetFileError,
@@ -156,7 +157,7 @@ class Daemon:
                      pool.network, pool.subnet_len, pool.subnet_min, pool.subnet_max,
                      cfg.backend_type)
         try:
-            ext = await asyncio.to_thread(
+            ext = await run_netlink(
                 netlink.find_external_interface, opts.iface, opts.iface_regex,
                 opts.iface_can_reach, opts.public_ip, public_ipv6=opts.public_ipv6,
                 want_ipv6=cfg.enable_ipv6, want_ipv4=cfg.enable_ipv4,

@@ -16,6 +16,8 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from pyflannel.host.nlsession import iproute
+
 ESRCH, EEXIST, ENODEV = 3, 17, 19
 IFA_F_NODAD = 0x02
 NO_IPV4 = IPv4Address("0.0.0.0")  # what an IPv6-only node has instead of an IPv4 address
@@ -97,7 +99,7 @@ def find_external_interface(
     """
     if not (want_ipv4 or want_ipv6):
         raise InterfaceError("neither IPv4 nor IPv6 is enabled")
-    with IPRoute() as ipr:
+    with iproute() as ipr:
         index, addr, addr6 = _select(ipr, iface, iface_regex, iface_can_reach, public_ip,
                                      public_ipv6, want_ipv4, want_ipv6)
         link = _link(ipr, index)
@@ -230,7 +232,7 @@ def _name_of(ipr: IPRoute, index: int) -> str:
 
 
 def link_index(name: str) -> int | None:
-    with IPRoute() as ipr:
+    with iproute() as ipr:
         return _by_name(ipr, name)
 
 
@@ -245,7 +247,7 @@ def set_device_address(name: str, address: IPv4Address | IPv6Address, mtu: int,
     """
     v6 = isinstance(address, IPv6Address)
     family, plen = (socket.AF_INET6, 128) if v6 else (socket.AF_INET, 32)
-    with IPRoute() as ipr:
+    with iproute() as ipr:
         index = _by_name(ipr, name)
         if index is None:
             raise InterfaceError(f"device {name} does not exist")
@@ -285,7 +287,7 @@ def ensure_vxlan(p: VxlanParams) -> tuple[int, str, bool]:
     """The VXLAN device as asked (learning off), reusing an identical one so its MAC, and
     the peers' FDB entries pointing at it, survive our restarts. Returns (index, MAC,
     created)."""
-    with IPRoute() as ipr:
+    with iproute() as ipr:
         index = _by_name(ipr, p.name)
         if index is not None:
             if _vxlan_matches(ipr.get_links(index)[0], p):
@@ -343,7 +345,7 @@ def remove_stale_devices(keep: str | Collection[str] | None) -> list[str]:
     routes, neighbours and FDB entries go with them."""
     kept = {keep} if isinstance(keep, str) else set(keep or ())
     removed = []
-    with IPRoute() as ipr:
+    with iproute() as ipr:
         for link in ipr.get_links():
             name = link.get("ifname")
             ours = name == "flannel0" or (name.startswith(("flannel.", "flannel-v6."))
@@ -361,7 +363,7 @@ def remove_stale_devices(keep: str | Collection[str] | None) -> list[str]:
 def interface_networks(index: int) -> list[IPv4Network | IPv6Network]:
     """The networks (both families; IPv6 link-local left out) directly connected through
     interface ``index``."""
-    with IPRoute() as ipr:
+    with iproute() as ipr:
         nets: list[IPv4Network | IPv6Network] = [
             IPv4Network(f"{a.get('address')}/{a.get('prefixlen')}", strict=False)
             for a in ipr.get_addr(family=socket.AF_INET, index=index)]
@@ -374,10 +376,10 @@ def interface_networks(index: int) -> list[IPv4Network | IPv6Network]:
 
 def interface_addresses(index: int) -> set[IPv4Address | IPv6Address]:
     """The interface's IPv4 and global IPv6 addresses."""
-    with IPRoute() as ipr:
+    with iproute() as ipr:
         return {a for _i, a in _ipv4_addrs(ipr, index)} | {a for _i, a in _ipv6_addrs(ipr, index)}
 
 
 def local_ipv4_addresses() -> set[IPv4Address]:
-    with IPRoute() as ipr:
+    with iproute() as ipr:
         return {a for _i, a in _ipv4_addrs(ipr)}

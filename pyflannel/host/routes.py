@@ -20,6 +20,8 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_add
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from pyflannel.host.nlsession import iproute
+
 log = logging.getLogger("pyflannel.routes")
 
 RTPROT_PYFLANNEL = 120  # our routes, whatever backend: `ip route show proto 120`
@@ -85,7 +87,7 @@ def sync_routes(desired: dict[IPNetwork, RouteSpec]) -> tuple[int, int, list[str
     """
     added = removed = 0
     errors: list[str] = []
-    with IPRoute() as ipr:
+    with iproute() as ipr:
         current = kernel_routes(ipr)
         foreign = foreign_routes(ipr) if any(d not in current for d in desired) else {}
         for dst in current:
@@ -129,13 +131,13 @@ def sync_routes(desired: dict[IPNetwork, RouteSpec]) -> tuple[int, int, list[str
 
 def replace_neighbour(ifindex: int, ip: IPAddress, mac: str) -> None:
     """A permanent neighbour entry (ARP for IPv4, NDP for IPv6) from ``ip`` to ``mac``."""
-    with IPRoute() as ipr:
+    with iproute() as ipr:
         ipr.neigh("replace", dst=str(ip), lladdr=mac, ifindex=ifindex, state=NUD_PERMANENT,
                   family=_family(ip))
 
 
 def delete_neighbour(ifindex: int, ip: IPAddress) -> None:
-    with IPRoute() as ipr:
+    with iproute() as ipr:
         try:
             ipr.neigh("del", dst=str(ip), ifindex=ifindex, family=_family(ip))
         except NetlinkError as e:
@@ -145,13 +147,13 @@ def delete_neighbour(ifindex: int, ip: IPAddress) -> None:
 
 def replace_fdb(ifindex: int, mac: str, dst: IPAddress) -> None:
     """Send frames for ``mac`` to the VTEP at ``dst`` (an IPv4 or IPv6 underlay address)."""
-    with IPRoute() as ipr:
+    with iproute() as ipr:
         ipr.fdb("replace", ifindex=ifindex, lladdr=mac, dst=str(dst), state=NUD_PERMANENT,
                 flags=NTF_SELF)
 
 
 def delete_fdb(ifindex: int, mac: str, dst: IPAddress) -> None:
-    with IPRoute() as ipr:
+    with iproute() as ipr:
         try:
             ipr.fdb("del", ifindex=ifindex, lladdr=mac, dst=str(dst), flags=NTF_SELF)
         except NetlinkError as e:
@@ -161,7 +163,7 @@ def delete_fdb(ifindex: int, mac: str, dst: IPAddress) -> None:
 
 def neighbours(ifindex: int) -> dict[IPAddress, str]:
     """The device's neighbour entries of both families: address -> MAC."""
-    with IPRoute() as ipr:
+    with iproute() as ipr:
         return {ip_address(n.get("dst")): n.get("lladdr")
                 for family in FAMILIES
                 for n in ipr.get_neighbours(ifindex=ifindex, family=family)
@@ -170,6 +172,6 @@ def neighbours(ifindex: int) -> dict[IPAddress, str]:
 
 def fdb_entries(ifindex: int) -> dict[str, IPAddress]:
     """The device's FDB entries that name a remote VTEP: MAC -> its underlay address."""
-    with IPRoute() as ipr:
+    with iproute() as ipr:
         return {n.get("lladdr"): ip_address(n.get("dst"))
                 for n in ipr.fdb("dump", ifindex=ifindex) if n.get("dst")}
