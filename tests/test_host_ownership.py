@@ -149,3 +149,47 @@ def test_an_unusable_subnet_file_stops_the_daemon_before_it_touches_anything(pat
     err = [x for x in lines["stderr"].split("|") if " E " in x or "ERROR" in x]
     assert len(err) == 1 and "-subnet-file" in err[0] and why.lower() in err[0].lower()
     assert "Traceback" not in lines["stderr"]
+
+
+def test_concurrent_reconciles_never_mistake_their_own_route_for_an_operators():
+    """A peer event and a netlink event reconcile at the same moment: both must see the
+    kernel one after the other, or the second 'add' fails as if someone else's route."""
+    out = in_private_netns("""
+        import asyncio, logging, subprocess
+        from ipaddress import IPv4Address, IPv4Network
+        from pyflannel.backend.base import Backend
+        from pyflannel.host.routes import RouteSpec
+        from pyroute2 import IPRoute
+        sh = lambda *a: subprocess.run(a, check=True)
+        sh("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1")
+        for dev in ("lo", "eth0", "eth1"):
+            sh("ip", "link", "set", dev, "up")
+        sh("ip", "addr", "add", "198.18.0.1/24", "dev", "eth0")
+        with IPRoute() as ipr:
+            idx = ipr.link_lookup(ifname="eth0")[0]
+        said = []
+        logging.getLogger("pyflannel.backend").addHandler(
+            type("H", (logging.Handler,), {"emit": lambda self, r: said.append(r.getMessage())})())
+
+        class Routes(Backend):
+            type = "test"
+            mtu = 1500
+            want = {}
+            async def prepare(self):
+                return None
+            def desired_routes(self):
+                return dict(self.want)
+
+        async def main():
+            b = Routes.__new__(Routes)
+            Backend.__init__(b, None, None)
+            b.lease = object()
+            for i in range(30):
+                net = IPv4Network(f"10.1.{i}.0/24")
+                b.want = {net: RouteSpec(net, idx, IPv4Address("198.18.0.77"))}
+                await asyncio.gather(*(b.reconcile() for _ in range(6)))
+            print("errors", sum("not pyflannel's" in m for m in said))
+        asyncio.run(main())
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "errors 0"
