@@ -27,6 +27,7 @@ import sys
 import time
 
 from pyflannel.fastpath import counters
+from pyflannel.fastpath.coalesce import flow_run, join
 from pyflannel.fastpath.frames import (
     CHUNK,
     CHUNK_COUNT,
@@ -86,6 +87,7 @@ TX_P, TX_B, RX_P, RX_B = C["tx_packets"], C["tx_bytes"], C["rx_packets"], C["rx_
 TTL_AT = INNER_OFFSET + IP_TTL
 CSUM_AT = INNER_OFFSET + IP_CSUM
 DST_AT = INNER_OFFSET + IP_DST
+COALESCED = C["coalesced"]
 
 
 class UdpSend(Transport):
@@ -245,6 +247,33 @@ class UdpReceive(Transport):
         self._reasm = Reassembler()
         self._rbuf = bytearray(BUF_SIZE)
         self._rmv = memoryview(self._rbuf)
+        # With virtio-net headers on the TUN, flannel-framed packets (one per datagram)
+        # are merged per TCP flow before the write: GRO in user space.
+        self.coalesce = self.vnet
+        self._pending: list[tuple[bytes, tuple]] = []
+
+    def flush_pending(self) -> None:
+        """Write the held plain packets: each TCP flow's run as one super-packet."""
+        packets = self._pending
+        if not packets:
+            return
+        self._pending = []
+        fd, c = self.tun_fd, self.c
+        writev = os.writev
+        i, total = 0, len(packets)
+        while i < total:
+            j, size = flow_run(packets, i)
+            try:
+                if j - i > 1:
+                    writev(fd, join(packets, i, j, size))
+                    c[COALESCED] += j - i
+                else:
+                    writev(fd, [ZERO_VNET, packets[i][0]])
+            except OSError:
+                c[RX_P] -= j - i
+                c[RX_B] -= size
+                self.drop("drop_tun_write", j - i)
+            i = j
 
     # -- UDP -> TUN --------------------------------------------------------------------
 
@@ -285,6 +314,7 @@ class UdpReceive(Transport):
                 self.drop("drop_not_ipv4", 1)
                 continue
             if rbuf[0] == FAST_MAGIC:
+                self.flush_pending()
                 if seg < n and src[1] and self.whole_train(n, seg, src[0]):
                     continue
                 for off in range(0, n, seg):
@@ -328,13 +358,14 @@ class UdpReceive(Transport):
             _settle(prev_st, prev, (c[RX_P] + rx_p, c[RX_B] + rx_b, self.rx_dropped))
         c[RX_P] += rx_p
         c[RX_B] += rx_b
+        self.flush_pending()
 
     def deliver(self, dgram: memoryview, src: tuple, peer_ip: str) -> None:
         """One datagram from a leased peer into the TUN, if it carries a packet for us."""
         n = len(dgram)
         first = dgram[0] if n else 0
         if first >> 4 == 4:
-            self.to_tun(dgram, ZERO_VNET, src[0])
+            self.to_tun(dgram, ZERO_VNET, src[0], src if self.coalesce else None)
             return
         if first != FAST_MAGIC or n <= CHUNK_HDR_LEN or dgram[CHUNK_VERSION] != FAST_VERSION \
                 or not dgram[CHUNK_INDEX] < dgram[CHUNK_COUNT] <= MAX_CHUNKS:
@@ -422,8 +453,10 @@ class UdpReceive(Transport):
         c[RX_B] += size
         return True
 
-    def to_tun(self, pkt: memoryview, vnet_hdr, src_keys: frozenset[int]) -> None:
-        """Check an inner packet, count down its TTL and write it to the TUN."""
+    def to_tun(self, pkt: memoryview, vnet_hdr, src_keys: frozenset[int],
+               owner: tuple | None = None) -> None:
+        """Check an inner packet, count down its TTL and write it to the TUN (or, given
+        its ``owner``, the sending peer, hold it to be merged: :meth:`flush_pending`)."""
         c = self.c
         bad = check_ipv4(pkt, len(pkt))
         if bad is not None:
@@ -439,6 +472,12 @@ class UdpReceive(Transport):
             self.drop("drop_ttl_exceeded", 1)
             return
         total = (pkt[IP_TOTAL_LEN] << 8) | pkt[IP_TOTAL_LEN + 1]
+        if owner is not None:  # a plain packet: held for merging with its flow's next
+            self._pending.append((bytes(pkt[:total]), owner))
+            c[RX_P] += 1
+            c[RX_B] += total
+            return
+        self.flush_pending()  # keep the order of what came before
         try:
             if self.vnet:
                 os.writev(self.tun_fd, [vnet_hdr, pkt[:total]])
