@@ -1,5 +1,7 @@
 """Encapsulation throughput, side by side in one run: the bare underlay, pyflannel udp with
-flannel's framing, pyflannel udp with the vnet1 fast framing, vxlan and host-gw.
+flannel's framing, pyflannel udp with the vnet1 fast framing, pyflannel's wireguard
+backend, wireguard-go (set up as flanneld sets up its device: the encrypted peer to beat),
+vxlan and host-gw.
 
     python -m bench.run            # the full run (about 6-8 minutes on 2 vCPUs)
     python -m bench.run --quick    # a smoke run (about a minute)
@@ -18,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import png
+from bench import png, wg
 from bench.measure import (
     cpu_percent_during,
     idle_fraction,
@@ -34,17 +36,21 @@ CONFIG_KEY = "/coreos.com/network/config"
 @dataclass
 class Setup:
     name: str
-    backend: str | None  # None: no overlay at all
+    backend: str | None  # None: no overlay at all (or, with ``wireguard_go``, not ours)
     extra: tuple[str, ...] = ()
+    wireguard_go: bool = False  # wireguard-go devices instead of pyflannel daemons
 
 
 SETUPS = [
     Setup("underlay", None),
     Setup("udp-flannel", "udp", ("-udp-framing=flannel",)),
     Setup("udp-fast", "udp"),
+    Setup("wireguard", "wireguard"),
+    Setup("wireguard-go", None, wireguard_go=True),
     Setup("vxlan", "vxlan"),
     Setup("host-gw", "host-gw"),
 ]
+_wggo: wg.WireguardGo | None = None
 
 
 @dataclass
@@ -76,19 +82,29 @@ class Result:
 
 def endpoints(lab: Lab, setup: Setup) -> tuple[LabNode, LabNode, str, str]:
     """(client node, server node, client address, server address) for this setup."""
+    global _wggo
     a, b = lab.nodes
-    if setup.backend is None:
+    if setup.backend is None and not setup.wireguard_go:
         return a, b, a.underlay_ip, b.underlay_ip
     subnets = []
     for node in (a, b):
         if node.process is not None:
             lab.stop_daemon(node)
+    if setup.wireguard_go:
+        _wggo = wg.WireguardGo(lab)
+        a, b, src, dst = _wggo.start()
+        deadline = time.monotonic() + 10
+        while not lab.ping(a, dst, src_ip=src, timeout=1):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{setup.name}: nodes cannot reach each other")
+        return a, b, src, dst
     lab.etcdctl("put", CONFIG_KEY,
                 json.dumps({"Network": "10.1.0.0/16", "Backend": {"Type": setup.backend}}))
     for node in (a, b):
         if node.subnet_file.exists():
             node.subnet_file.unlink()
-        lab.start_daemon(node, *setup.extra)
+        env = wg.daemon_env(node) if setup.backend == "wireguard" else None
+        lab.start_daemon(node, *setup.extra, env=env)
     for node in (a, b):
         env = lab.wait_subnet_file(node, timeout=30)
         lab.add_docker0(node, env["FLANNEL_SUBNET"])
@@ -102,10 +118,25 @@ def endpoints(lab: Lab, setup: Setup) -> tuple[LabNode, LabNode, str, str]:
 
 
 def daemon_pids(lab: Lab) -> list[int]:
-    return [n.process.pid for n in lab.nodes if n.process is not None]
+    pids = [n.process.pid for n in lab.nodes if n.process is not None]
+    return pids + (_wggo.pids() if _wggo is not None else [])
 
 
 def measure(lab: Lab, setup: Setup, plan: Plan) -> Result:
+    global _wggo
+    if setup.wireguard_go and not wg.WireguardGo.available():
+        res = Result(setup.name)
+        res.notes.append("wireguard-go or wg not installed: not measured")
+        return res
+    try:
+        return _measure(lab, setup, plan)
+    finally:
+        if _wggo is not None:
+            _wggo.stop()
+            _wggo = None
+
+
+def _measure(lab: Lab, setup: Setup, plan: Plan) -> Result:
     res = Result(setup.name)
     client, server, src, dst = endpoints(lab, setup)
     idle = idle_fraction(1.0)
@@ -119,7 +150,7 @@ def measure(lab: Lab, setup: Setup, plan: Plan) -> Result:
             daemon_pids(lab), lambda: iperf_tcp(lab, client, server, dst, src,
                                                 plan.tcp_seconds, 1))
         res.add("tcp1_gbps", gbps)
-        if setup.backend is not None:
+        if setup.backend is not None or setup.wireguard_go:
             res.add("daemon_cpu_pct", cpu)
     for _ in range(plan.tcp_runs):
         res.add("tcp4_gbps", iperf_tcp(lab, client, server, dst, src, plan.tcp_seconds, 4))
@@ -128,7 +159,7 @@ def measure(lab: Lab, setup: Setup, plan: Plan) -> Result:
                                     plan.udp_pps)
         res.add(f"udp{size}_pps", delivered)
         res.add(f"udp{size}_loss_pct", loss)
-    spread = res.samples["tcp1_gbps"]
+    spread = res.samples.get("tcp1_gbps", [])
     if len(spread) > 1 and (max(spread) - min(spread)) > 0.25 * statistics.median(spread):
         res.notes.append("TCP runs vary by more than 25%: disturbed or unstable")
     return res
@@ -158,15 +189,18 @@ def fmt(xs: list[float] | None) -> str:
 
 
 def table(results: list[Result]) -> str:
-    head = ["setup", *(label for _k, label in COLUMNS), "x underlay", "x vxlan"]
+    head = ["setup", *(label for _k, label in COLUMNS), "x underlay", "x vxlan",
+            "x wireguard-go"]
     under = next((r.median("tcp1_gbps") for r in results if r.setup == "underlay"), None)
     vxlan = next((r.median("tcp1_gbps") for r in results if r.setup == "vxlan"), None)
+    wggo = next((r.median("tcp1_gbps") for r in results if r.setup == "wireguard-go"), None)
     rows = [head]
     for r in results:
         tcp = r.median("tcp1_gbps") or 0.0
         rows.append([r.setup, *(fmt(r.samples.get(k)) for k, _l in COLUMNS),
                      f"{tcp / under:.2f}" if under else "-",
-                     f"{tcp / vxlan:.2f}" if vxlan else "-"])
+                     f"{tcp / vxlan:.2f}" if vxlan else "-",
+                     f"{tcp / wggo:.2f}" if wggo else "-"])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -199,10 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     setups = [s for s in SETUPS if not args.only or s.name in args.only]
     results = []
     started = time.time()
-    with Lab(2) as lab:
-        for setup in setups:
-            print(f"== {setup.name} ...", flush=True)
-            results.append(measure(lab, setup, plan))
+    try:
+        with Lab(2) as lab:
+            for setup in setups:
+                print(f"== {setup.name} ...", flush=True)
+                results.append(measure(lab, setup, plan))
+    finally:
+        wg.cleanup()
     print(table(results))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
