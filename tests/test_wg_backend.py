@@ -115,3 +115,19 @@ async def test_our_own_key_is_never_a_peer():
     be = WireguardBackend(cfg(), ext())
     be.public_key = KEYS[3]
     assert await _table(be, lease("10.1.7.0/24", "198.18.0.1", KEYS[3])) == []
+
+
+async def test_ipv6_peers_come_from_backend_v6_data_and_listen_port_v6():
+    from ipaddress import IPv6Address, IPv6Network
+
+    be = WireguardBackend(cfg(ListenPortV6=51999), ext())
+    dual = Lease(IPv4Network("10.1.2.0/24"),
+                 LeaseAttrs(IPv4Address("198.18.0.2"), "wireguard", {"PublicKey": KEYS[0]},
+                            IPv6Address("fd00:198::2"), {"PublicKey": KEYS[0]}),
+                 1, ipv6_subnet=IPv6Network("fc00:10:1:4f::/64"))
+    v4_only = lease("10.1.3.0/24", "198.18.0.3", KEYS[1])
+    await _table(be, dual, v4_only)
+    (row,) = be.peer_table(6)
+    assert row.public_key == KEYS[0] and row.subnets == ("fc00:10:1:4f::/64",)
+    assert (row.public_ip, row.port) == (IPv6Address("fd00:198::2"), 51999)
+    assert {r.public_key for r in be.peer_table(4)} == {KEYS[0], KEYS[1]}

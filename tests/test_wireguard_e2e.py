@@ -86,7 +86,7 @@ class WgCluster:
         self.shim = Path(tempfile.mkdtemp(prefix="pfwg-shim-"))
         (self.shim / "sitecustomize.py").write_text(CONFIG_SHIM)
         self.nodes: dict[str, Node] = {}
-        self.go_node = lab.nodes[2]
+        self.go_node = lab.nodes[2] if len(lab.nodes) > 2 else lab.nodes[-1]  # its host
         self.go_dev = f"{lab.prefix[:8]}wg"  # unique: the control socket dir is shared
         self.go_key = PrivateKey.generate()
         self.go_proc: subprocess.Popen | None = None
@@ -109,8 +109,9 @@ class WgCluster:
             assert time.monotonic() < deadline, self.lab.tail_log(node)
             time.sleep(0.1)
         env = self.lab.wait_subnet_file(node)
-        self.lab.add_docker0(node, env["FLANNEL_SUBNET"])
-        self.nodes[node.name] = Node(node, env["FLANNEL_SUBNET"])
+        self.lab.add_docker0(node, env["FLANNEL_SUBNET"], env.get("FLANNEL_IPV6_SUBNET"))
+        self.nodes[node.name] = Node(node, env["FLANNEL_SUBNET"],
+                                     env.get("FLANNEL_IPV6_SUBNET", ""))
         return self.nodes[node.name]
 
     def leases(self) -> dict[str, dict]:
@@ -321,3 +322,36 @@ def test_a_peer_restarted_with_a_new_key_is_replaced(cluster):
     assert pings(c, c.go_node, GO_DOCKER0, n2.gw, count=2)
     rows = {r["subnet"]: r for r in status_json(c.lab, n1.lab_node)}
     assert n2.network in rows
+
+
+DUAL = ('{"Network": "10.1.0.0/16", "EnableIPv6": true, "IPv6Network": "fc00:10:1::/48", '
+        '"Backend": {"Type": "wireguard"}}')
+
+
+def test_dual_stack_carries_both_families_on_two_devices():
+    """flanneld's separate mode: flannel-wg-v6 on 51821 over the IPv6 underlay, the same
+    key in BackendV6Data, the IPv6 subnet's address as /128, the IPv6 network routed."""
+    require_lab()
+    with Lab(2) as lab:
+        lab.etcdctl("put", CONFIG_KEY, DUAL)
+        c = WgCluster(lab)
+        try:
+            n1, n2 = (c.start(node) for node in lab.nodes)
+            lease = c.leases()[n1.network.replace("/", "-") + "&"
+                               + n1.network6.replace("/", "-")]
+            assert lease["BackendV6Data"] == lease["BackendData"]
+            assert lease["PublicIPv6"] == n1.lab_node.underlay_ip6
+            ns = n1.lab_node.ns
+            addr = lab.run(ns, ["ip", "-6", "-o", "addr", "show", "dev", "flannel-wg-v6"],
+                           text=True).stdout
+            assert f"{n1.network6.split('/')[0]}/128" in addr and "fe80" not in addr
+            route = lab.run(ns, ["ip", "-6", "route", "show", "fc00:10:1::/48"],
+                            text=True).stdout
+            assert "dev flannel-wg-v6" in route
+            for a, b in ((n1, n2), (n2, n1)):
+                assert lab.ping(a.lab_node, b.gw, src_ip=a.gw, count=2, timeout=3)
+                assert lab.ping(a.lab_node, b.gw6, src_ip=a.gw6, count=2, timeout=3)
+            listening = lab.run(ns, ["ss", "-uln"], text=True).stdout
+            assert ":51820" in listening and ":51821" in listening
+        finally:
+            c.stop()

@@ -20,24 +20,28 @@ What is flanneld's, on purpose:
   changed replaces the peer (and, as flanneld does, a newer key at the same endpoint address
   replaces an older one); a removed lease removes the peer.
 
-IPv4 only for now: in a dual-stack network the IPv4 side is carried and IPv6 gets a warning.
+Both families in flanneld's ``separate`` mode: ``flannel-wg-v6`` on ``ListenPortV6`` with
+``BackendV6Data``; the single-device modes (``auto``, ``ipv4``, ``ipv6``) carry IPv4 only
+for now.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import itertools
 import logging
 import socket
-from ipaddress import IPv4Network
+from dataclasses import dataclass
+from typing import Any
 
 from pyflannel.backend.base import Backend, BackendError
 from pyflannel.fastpath.handle import FastPath, WgRoute
 from pyflannel.fastpath.transport import tune_socket
 from pyflannel.host import netlink
-from pyflannel.host.routes import RouteSpec
-from pyflannel.host.tun import open_tun
-from pyflannel.lease.model import Lease, LeaseAttrs
+from pyflannel.host.routes import IPNetwork, RouteSpec
+from pyflannel.host.tun import TUNSETOFFLOAD, open_tun
+from pyflannel.lease.model import NO_PUBLIC_IP, Lease, LeaseAttrs
 from pyflannel.wireguard.keys import (
     InvalidKeyError,
     KeyFileError,
@@ -54,15 +58,17 @@ DEVICE = "flannel-wg"
 DEVICE_V6 = "flannel-wg-v6"
 OVERHEAD = 80  # flannel's figure: outer IPv6 (40) + UDP (8) + WireGuard header (16) + tag (16)
 UDP_OVERHEAD = 28  # outer IPv4 + UDP: the largest datagram that is not fragmented
+UDP6_OVERHEAD = 48  # outer IPv6 + UDP
 TX_QUEUE_LEN = 10000
 DEFAULT_PORT = 51820
 DEFAULT_PORT_V6 = 51821
 MODES = ("separate", "auto", "ipv4", "ipv6")
 
 
-def lease_public_key(lease: Lease) -> str | None:
-    """The peer's base64 public key from its lease's BackendData, if it is a valid one."""
-    data = lease.attrs.backend_data
+def lease_public_key(lease: Lease, family: int = 4) -> str | None:
+    """The peer's base64 public key from its lease's BackendData (IPv6: BackendV6Data), if
+    it is a valid one."""
+    data = lease.attrs.backend_data if family == 4 else lease.attrs.backend_v6_data
     key = data.get("PublicKey") if isinstance(data, dict) else None
     if not isinstance(key, str):
         return None
@@ -105,10 +111,7 @@ class WireguardBackend(Backend):
                                f"got {wg_mode!r}")
         self.wg_mode = wg_mode
         self.public_key = ""
-        self.tun = None
-        self.tun_index = 0
-        self.sock: socket.socket | None = None
-        self.fastpath: FastPath | None = None
+        self.sides: list[Side] = []
         self._order = itertools.count()
         self._seen: dict[str, int] = {}  # lease key_name -> when its current form arrived
 
@@ -116,17 +119,30 @@ class WireguardBackend(Backend):
     def mtu(self) -> int:
         return self.ext.mtu - OVERHEAD
 
+    def side(self, family: int) -> Side | None:
+        return next((s for s in self.sides if s.family == family), None)
+
+    @property
+    def fastpath(self) -> FastPath | None:
+        """The IPv4 side's fast path (the IPv6 side's in an IPv6-only network)."""
+        return self.sides[0].fastpath if self.sides else None
+
     async def prepare(self) -> LeaseAttrs:
-        if not self.cfg.enable_ipv4:
-            raise BackendError("the wireguard backend carries IPv4 only for now; an IPv6-only "
-                               "network (EnableIPv4 false) needs vxlan or host-gw")
-        if self.cfg.enable_ipv6:
-            log.warning("IPv6 over the wireguard backend is not yet supported: this node "
-                        "carries IPv4 only (IPv6Network %s gets no traffic here)",
-                        self.cfg.ipv6_network)
-        if self.wg_mode == "ipv6":
-            raise BackendError("Backend.Mode ipv6 needs an IPv6 underlay, which the wireguard "
-                               "backend does not carry yet; use separate, auto or ipv4")
+        v4 = self.cfg.enable_ipv4
+        v6 = self.cfg.enable_ipv6
+        if v6 and self.wg_mode != "separate":
+            if not v4:
+                raise BackendError(f"Backend.Mode {self.wg_mode} (one device for both "
+                                   "families) is not supported yet; an IPv6 network needs "
+                                   "Mode separate (the default)")
+            log.warning("Backend.Mode %s (one device for both families) carries IPv4 only for "
+                        "now; IPv6Network %s gets no traffic here (use Mode separate)",
+                        self.wg_mode, self.cfg.ipv6_network)
+            v6 = False
+        if v6 and (self.ext.address6 is None or self.ext.public_ipv6 is None):
+            raise BackendError(
+                f"wireguard: the network has IPv6 (EnableIPv6) but interface {self.ext.name} "
+                "has no IPv6 address to carry it; give it one, or pick another with -iface")
         path = key_file_path()
         try:
             key = await asyncio.to_thread(load_or_create_key, path)
@@ -136,35 +152,61 @@ class WireguardBackend(Backend):
                                ) from None
         self.public_key = key.public_base64
         del key  # the fast path reads the file itself; the secret stays out of here
-        gone = await asyncio.to_thread(netlink.remove_stale_devices, DEVICE)
+        gone = await asyncio.to_thread(netlink.remove_stale_devices, (DEVICE, DEVICE_V6))
         if gone:
             log.info("removed devices of an earlier backend: %s", ", ".join(gone))
-        self.tun = await asyncio.to_thread(open_tun, DEVICE, vnet=True)
-        _disable_ipv6(DEVICE)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        if v4:
+            self.sides.append(await self._open_side(4, DEVICE, self.listen_port, str(path)))
+        if v6:
+            self.sides.append(await self._open_side(6, DEVICE_V6, self.listen_port_v6,
+                                                    str(path)))
+        data = {"PublicKey": self.public_key}
+        return LeaseAttrs(public_ip=self.ext.public_ip if v4 else NO_PUBLIC_IP,
+                          backend_type="wireguard", backend_data=data if v4 else None,
+                          public_ipv6=self.ext.public_ipv6 if v6 else None,
+                          backend_v6_data=data if v6 else None)
+
+    async def _open_side(self, family: int, device: str, port: int, key_file: str) -> Side:
+        """One family's TUN, socket and fast path (flanneld: one kernel device each)."""
+        tun = await asyncio.to_thread(open_tun, device, vnet=True)
+        if family == 4:
+            _sysctl(device, "disable_ipv6", "1")  # carries IPv4 only
+        else:
+            # the kernel cuts IPv6 super-packets (only IPv4 ones are cut here), and the
+            # device gets no link-local address or router solicitations
+            fcntl.ioctl(tun.fileno(), TUNSETOFFLOAD, 0)
+            _sysctl(device, "addr_gen_mode", "1")
+            _sysctl(device, "accept_ra", "0")
+        af = socket.AF_INET if family == 4 else socket.AF_INET6
+        sock = socket.socket(af, socket.SOCK_DGRAM)
+        any_addr = "0.0.0.0" if family == 4 else "::"
         try:
+            if family == 6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             # all addresses, as a kernel WireGuard device listens
-            sock.bind(("0.0.0.0", self.listen_port))
+            sock.bind((any_addr, port))
         except OSError as e:
             sock.close()
-            raise BackendError(
-                f"cannot bind udp 0.0.0.0:{self.listen_port}: {e.strerror}") from None
+            tun.close()
+            raise BackendError(f"cannot bind udp {any_addr} port {port}: {e.strerror}") from None
         tune_socket(sock)
-        self.sock = sock
-        self.fastpath = FastPath(self.tun.fileno(), sock, mode=self.fastpath_mode, vnet=True,
-                                 gso=self.gso, gro=self.gro,
-                                 datagram_size=self.ext.mtu - UDP_OVERHEAD,
-                                 framing="wireguard", wg_key_file=str(path), wg_mtu=self.mtu)
-        self.fastpath.start()
-        log.info("wireguard: device %s, port %d, public key %s", DEVICE, self.listen_port,
+        outer = UDP_OVERHEAD if family == 4 else UDP6_OVERHEAD
+        fastpath = FastPath(tun.fileno(), sock, mode=self.fastpath_mode, vnet=True,
+                            gso=self.gso, gro=self.gro, datagram_size=self.ext.mtu - outer,
+                            framing="wireguard", wg_key_file=key_file, wg_mtu=self.mtu)
+        fastpath.start()
+        log.info("wireguard: device %s, port %d, public key %s", device, port,
                  short_key(decode_key(self.public_key)))
-        return LeaseAttrs(public_ip=self.ext.public_ip, backend_type="wireguard",
-                          backend_data={"PublicKey": self.public_key})
+        return Side(family, device, port, tun, sock, fastpath)
 
     async def activate(self, lease: Lease) -> None:
-        self.tun_index = await asyncio.to_thread(
-            netlink.set_device_address, DEVICE, lease.subnet.network_address, self.mtu,
-            TX_QUEUE_LEN)
+        for side in self.sides:
+            subnet = lease.subnet if side.family == 4 else lease.ipv6_subnet
+            if subnet is None or (side.family == 4 and not lease.has_ipv4):
+                continue
+            side.tun_index = await asyncio.to_thread(
+                netlink.set_device_address, side.device, subnet.network_address, self.mtu,
+                TX_QUEUE_LEN)
         await super().activate(lease)
 
     async def add_peer(self, lease: Lease) -> None:
@@ -177,80 +219,117 @@ class WireguardBackend(Backend):
         self._seen.pop(lease.key_name, None)
         await super().remove_peer(lease)
 
-    def peer_table(self) -> list[WgRoute]:
+    def peer_table(self, family: int = 4) -> list[WgRoute]:
         """One WireGuard peer per key: AllowedIPs = the subnets of its leases, Endpoint =
-        PublicIP:ListenPort. A lease without a valid key is skipped (one warning); of two
-        keys at one endpoint address the newer wins, as flanneld removes the older."""
+        PublicIP:ListenPort (IPv6: [PublicIPv6]:ListenPortV6). A lease without a valid key
+        is skipped (one warning); of two keys at one endpoint address the newer wins, as
+        flanneld removes the older."""
         by_key: dict[str, tuple[list[str], Lease, int]] = {}
         for name, lease in self.peers.items():
-            if not lease.has_ipv4:
+            if family == 4 and not lease.has_ipv4:
                 continue
-            key = lease_public_key(lease)
+            if family == 6 and (lease.ipv6_subnet is None or lease.attrs.public_ipv6 is None):
+                continue
+            key = lease_public_key(lease, family)
             if key is None:
-                self._warn.warn(("wg-key", name, str(lease.attrs.backend_data)),
-                                "peer %s has no valid BackendData.PublicKey; ignored",
-                                lease.subnet)
+                self._warn.warn(("wg-key", family, name, str(lease.attrs)),
+                                "peer %s has no valid %s.PublicKey; ignored", name,
+                                "BackendData" if family == 4 else "BackendV6Data")
                 continue
             if key == self.public_key:
                 continue  # our own key (a stale lease of ours): never a peer
+            subnet = str(lease.subnet if family == 4 else lease.ipv6_subnet)
             order = self._seen.get(name, 0)
             if key in by_key:
                 subnets, first, seen = by_key[key]
-                subnets.append(str(lease.subnet))
+                subnets.append(subnet)
                 by_key[key] = (subnets, lease if order > seen else first, max(order, seen))
             else:
-                by_key[key] = ([str(lease.subnet)], lease, order)
+                by_key[key] = ([subnet], lease, order)
+
+        def endpoint(lease: Lease):
+            return lease.attrs.public_ip if family == 4 else lease.attrs.public_ipv6
+
         newest_at: dict[str, tuple[int, str]] = {}
         for key, (_subnets, lease, order) in by_key.items():
-            ip = str(lease.attrs.public_ip)
+            ip = str(endpoint(lease))
             if ip not in newest_at or order > newest_at[ip][0]:
                 newest_at[ip] = (order, key)
-        return [WgRoute(key, tuple(sorted(subnets)), lease.attrs.public_ip, self.listen_port)
+        port = self.listen_port if family == 4 else self.listen_port_v6
+        return [WgRoute(key, tuple(sorted(subnets)), endpoint(lease), port)
                 for key, (subnets, lease, _o) in sorted(by_key.items())
-                if newest_at[str(lease.attrs.public_ip)][1] == key]
+                if newest_at[str(endpoint(lease))][1] == key]
 
-    def desired_routes(self) -> dict[IPv4Network, RouteSpec]:
-        if not self.tun_index or self.lease is None:
+    def desired_routes(self) -> dict[IPNetwork, RouteSpec]:
+        if self.lease is None:
             return {}
-        net = self.cfg.network
-        return {net: RouteSpec(net, self.tun_index)}
+        routes: dict[IPNetwork, RouteSpec] = {}
+        for side in self.sides:
+            net = self.cfg.network if side.family == 4 else self.cfg.ipv6_network
+            if side.tun_index and net is not None:
+                routes[net] = RouteSpec(net, side.tun_index)
+        return routes
 
     async def commit(self) -> None:
-        if self.fastpath is not None and self.lease is not None:
-            await self.fastpath.configure_wg_async(
-                self.lease.subnet, self.cfg.network.network_address, self.peer_table(),
-                self.psk, self.keepalive)
+        lease = self.lease
+        if lease is not None:
+            for side in self.sides:
+                local = lease.subnet if side.family == 4 else lease.ipv6_subnet
+                net = self.cfg.network if side.family == 4 else self.cfg.ipv6_network
+                if local is None or net is None or (side.family == 4 and not lease.has_ipv4):
+                    continue
+                await side.fastpath.configure_wg_async(
+                    local, net.network_address, self.peer_table(side.family), self.psk,
+                    self.keepalive)
         await self.reconcile()
 
     def healthy(self) -> bool:
-        return self.fastpath is not None and self.fastpath.alive()
+        return bool(self.sides) and all(s.fastpath.alive() for s in self.sides)
 
     def counters(self) -> dict[str, int]:
-        return self.fastpath.counters() if self.fastpath is not None else {}
+        total: dict[str, int] = {}
+        for side in self.sides:
+            for name, value in side.fastpath.counters().items():
+                total[name] = total.get(name, 0) + value
+        return total
 
     async def peer_counters(self) -> dict[str, dict] | None:
-        """Per peer subnet: traffic, short key, endpoint and last handshake."""
-        if self.fastpath is None:
+        """Per peer subnet (IPv4, else IPv6): traffic, short key, endpoint, handshake."""
+        if not self.sides:
             return None
-        by_key = await asyncio.to_thread(self.fastpath.peer_stats)
         out: dict[str, dict] = {}
-        for lease in self.peers.values():
-            key = lease_public_key(lease)
-            if key is not None and key in by_key:
-                out[str(lease.subnet)] = by_key[key]
+        for side in self.sides:
+            by_key = await asyncio.to_thread(side.fastpath.peer_stats)
+            for lease in self.peers.values():
+                key = lease_public_key(lease, side.family)
+                subnet = lease.subnet if side.family == 4 else lease.ipv6_subnet
+                if key is None or key not in by_key or subnet is None:
+                    continue
+                if side.family == 4 and not lease.has_ipv4:
+                    continue
+                out[str(subnet)] = by_key[key]
         return out
 
     async def teardown(self) -> None:
         await super().teardown()
-        if self.fastpath is not None:
-            await asyncio.to_thread(self.fastpath.stop)
-            self.fastpath = None
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        if self.tun is not None:
-            self.tun.close()  # a non-persistent TUN disappears, with its routes
-            self.tun = None
+        sides, self.sides = self.sides, []
+        for side in sides:
+            await asyncio.to_thread(side.fastpath.stop)
+            side.sock.close()
+            side.tun.close()  # a non-persistent TUN disappears, with its routes
+
+
+@dataclass
+class Side:
+    """One address family's device: flannel-wg (IPv4) or flannel-wg-v6 (IPv6)."""
+
+    family: int
+    device: str
+    port: int
+    tun: Any
+    sock: socket.socket
+    fastpath: FastPath
+    tun_index: int = 0
 
 
 def _port(value: object, name: str) -> int:
@@ -259,10 +338,10 @@ def _port(value: object, name: str) -> int:
     return value
 
 
-def _disable_ipv6(device: str) -> None:
-    """flannel-wg carries IPv4 only for now; keep the kernel's IPv6 chatter off it."""
+def _sysctl(device: str, key: str, value: str) -> None:
+    """An IPv6 setting of our device (IPv4-only flannel-wg: no IPv6 chatter at all)."""
     try:
-        with open(f"/proc/sys/net/ipv6/conf/{device}/disable_ipv6", "w") as f:
-            f.write("1")
+        with open(f"/proc/sys/net/ipv6/conf/{device}/{key}", "w") as f:
+            f.write(value)
     except OSError:
         pass

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from pyflannel.fastpath import counters
 from pyflannel.fastpath.forwarder import Forwarder
@@ -51,7 +51,7 @@ class WgRoute:
 
     public_key: str  # base64, as in the lease
     subnets: tuple[str, ...]
-    public_ip: IPv4Address
+    public_ip: IPv4Address | IPv6Address
     port: int
 
 
@@ -153,7 +153,8 @@ class FastPath:
         """:meth:`configure` in a worker thread, so the loop never waits for the lock."""
         await asyncio.to_thread(self.configure, local, icmp_src, list(routes))
 
-    def configure_wg(self, local: IPv4Network, icmp_src: IPv4Address,
+    def configure_wg(self, local: IPv4Network | IPv6Network,
+                     icmp_src: IPv4Address | IPv6Address,
                      peers: Iterable[WgRoute], psk: str | None = None,
                      keepalive: float = 0.0) -> None:
         """Install our subnet and the WireGuard peer table (blocking, like configure).
@@ -162,6 +163,7 @@ class FastPath:
         """
         msg = {
             "op": "config",
+            "family": local.version,
             "subnet_len": local.prefixlen,
             "local_net": int(local.network_address),
             "icmp_src": int(icmp_src),
@@ -174,7 +176,8 @@ class FastPath:
         with self._lock:
             self._send(line)
 
-    async def configure_wg_async(self, local: IPv4Network, icmp_src: IPv4Address,
+    async def configure_wg_async(self, local: IPv4Network | IPv6Network,
+                                 icmp_src: IPv4Address | IPv6Address,
                                  peers: Iterable[WgRoute], psk: str | None = None,
                                  keepalive: float = 0.0) -> None:
         """:meth:`configure_wg` in a worker thread."""

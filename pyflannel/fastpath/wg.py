@@ -111,8 +111,6 @@ class WgBase(Transport):
         super().__init__(tun_fd, sock, ctl, mem, **options)
         self.mtu = mtu
         self.dev = Device(private_key, mtu=mtu)
-        self.local_net = 0
-        self.local_mask = 0
         # per peer: [tx_p, tx_b, rx_p, rx_b, last_rx (monotonic), drops]
         self.wg_stats: dict[Peer, list] = {}
 
@@ -482,7 +480,6 @@ class WgForwarder(WgSend, WgReceive):
         if msg.get("op") in ("stop", "stats"):
             super().apply(msg)
             return
-        shift = 32 - int(msg["subnet_len"])
         psk = msg.get("psk")
         keepalive = float(msg.get("keepalive") or 0)
         table = {}
@@ -491,9 +488,9 @@ class WgForwarder(WgSend, WgReceive):
                                                 keepalive)
         self.dev.psk = decode_key(psk) if psk else None
         self.dev.set_peers(table)
-        self.local_net = int(msg["local_net"])
-        self.local_mask = (0xFFFFFFFF << shift) & 0xFFFFFFFF
-        self.icmp_src = struct.pack("!I", int(msg["icmp_src"]))
+        # ICMP errors (IPv4 only) come from the overlay network's own address
+        self.icmp_src = int(msg["icmp_src"]).to_bytes(16 if msg.get("family") == 6 else 4,
+                                                      "big")
         self.wg_stats = {p: self.wg_stats.get(p) or [0, 0, 0, 0, 0.0, 0]
                          for p in self.dev.peers.values()}
         self.generation += 1
