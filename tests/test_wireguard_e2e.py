@@ -355,3 +355,29 @@ def test_dual_stack_carries_both_families_on_two_devices():
             assert ":51820" in listening and ":51821" in listening
         finally:
             c.stop()
+
+
+def test_ipv6_only_uses_flannel_wg_v6_alone():
+    require_lab()
+    with Lab(2) as lab:
+        lab.etcdctl("put", CONFIG_KEY, '{"EnableIPv4": false, "EnableIPv6": true, '
+                    '"IPv6Network": "fc00:10:1::/48", "Backend": {"Type": "wireguard"}}')
+        c = WgCluster(lab)
+        try:
+            nodes = []
+            for node in lab.nodes:
+                c.lab.start_daemon(node, f"-healthz-port={HEALTHZ_PORT}", env=c.env(node))
+                env = lab.wait_subnet_file(node)
+                lab.add_docker0(node, None, env["FLANNEL_IPV6_SUBNET"])
+                nodes.append(Node(node, "", env["FLANNEL_IPV6_SUBNET"]))
+            n1, n2 = nodes
+            lease = next(v for k, v in c.leases().items() if k.startswith("0.0.0.0-0&"))
+            assert lease["PublicIP"] == "0.0.0.0" and "BackendData" not in lease
+            assert set(lease["BackendV6Data"]) == {"PublicKey"}
+            links = lab.run(n1.lab_node.ns, ["ip", "-o", "link"], text=True).stdout
+            assert "flannel-wg-v6" in links and "flannel-wg:" not in links
+            wait_until(lambda: lab.ping(n1.lab_node, n2.gw6, src_ip=n1.gw6, timeout=2), 10,
+                       "n1 -> n2 over IPv6")
+            assert lab.ping(n2.lab_node, n1.gw6, src_ip=n2.gw6, count=2, timeout=3)
+        finally:
+            c.stop()
