@@ -84,7 +84,9 @@ BUF_SIZE = 65536 + 64
 # the virtio-net header sits just before it.
 READ_AT = DATA_PAYLOAD - VNET_LEN
 # Device drop reasons that have a udp-backend name for the same thing.
-DROP_NAMES = {"no_route": "drop_no_route", "inner_src": "drop_spoofed_source"}
+# (Its "no_route" never happens here: the loop routes packets itself and counts
+# drop_no_route when it answers with ICMP.)
+DROP_NAMES = {"inner_src": "drop_spoofed_source", "no_route": ""}
 TCP_AT = IPV4_MIN_HEADER  # the TCP header, after an IPv4 header without options
 TCP_FIN_PSH = 0x09  # only on the last segment of a super-packet
 TCP_CWR = 0x80  # only on the first
@@ -225,7 +227,7 @@ class WgSend(WgBase):
         self._run_peer = peer
         kp = self._run_kp = self.dev.sender(peer)
         self._run_addr = peer.endpoint
-        self._run_enc = kp.sealer() if kp is not None else None
+        self._run_enc = kp.encrypt_function() if kp is not None else None
 
     def seal(self, peer: Peer, data) -> None:
         """Encrypt one packet for ``peer`` straight into the GSO batch (or hand it to the
@@ -260,12 +262,8 @@ class WgSend(WgBase):
 
     def encrypt(self, off: int, n: int, padded: int) -> None:
         """``Keypair.seal_into``, inlined: the packet sits at ``off + 16`` in the batch
-        buffer; write the message header and encrypt in place."""
-        kp, enc = self._run_kp, self._run_enc
-        if enc is None:
-            kp.seal_into(self._bmv[off:off + DATA_MIN_LEN + padded], n, self.mtu)
-            return
-        bbuf, bmv = self._bbuf, self._bmv
+        buffer; pad it, write the message header, encrypt it there."""
+        kp, enc, bbuf = self._run_kp, self._run_enc, self._bbuf
         counter = kp.send_counter
         kp.send_counter = counter + 1
         ctr = counter.to_bytes(COUNTER_LEN, "little")
@@ -274,7 +272,9 @@ class WgSend(WgBase):
             bbuf[p + n:p + padded] = _ZEROS[:padded - n]
         bbuf[off:off + DATA_COUNTER] = kp.prefix
         bbuf[off + DATA_COUNTER:p] = ctr
-        enc(_NONCE_PAD + ctr, bmv[p:p + padded], None, bmv[p:p + padded + TAG_LEN])
+        # encrypt (not encrypt_into) from a bytearray slice: faster in `cryptography`
+        # than in place through memoryviews
+        bbuf[p:p + padded + TAG_LEN] = enc(_NONCE_PAD + ctr, bbuf[p:p + padded], None)
 
     def seal_super(self, peer: Peer, pkt: memoryview, mss: int) -> None:
         """Cut a TCP/IPv4 super-packet into ``mss``-sized segments as TSO would, each built
@@ -308,13 +308,8 @@ class WgSend(WgBase):
         ip_base = int.from_bytes(head[:ihl], "big") % 0xFFFF
         tcp_base = (int.from_bytes(head[ihl:hl], "big") + int.from_bytes(head[IP_SRC:IP_SRC + 8],
                     "big") + TCP_PROTO) % 0xFFFF
-        if self._run_enc is None:  # no encrypt_into in this `cryptography`: one at a time
-            for seg in segment_tcp4(pkt, mss):
-                self.seal(peer, seg)
-            return
         bbuf, mtu, addr = self._bbuf, self.mtu, self._run_addr
-        kp = self._run_kp
-        enc = kp.encrypt_function()
+        kp, enc = self._run_kp, self._run_enc
         prefix = kp.prefix
         count = max(1, -(-(total - hl) // mss))
         last = count - 1
@@ -364,8 +359,6 @@ class WgSend(WgBase):
                     bbuf[p + seg_len:p + padded] = pad
                 bbuf[off:off + DATA_COUNTER] = prefix
                 bbuf[off + DATA_COUNTER:p] = ctr
-                # encrypt (not encrypt_into) from a bytearray slice: faster in
-                # `cryptography` than in place through memoryviews
                 bbuf[p:p + padded + TAG_LEN] = enc(_NONCE_PAD + ctr, bbuf[p:p + padded], None)
                 off += m
             # commit(), once for the group
@@ -486,8 +479,12 @@ class WgForwarder(WgSend, WgReceive):
         for pub, subnets, ip, port in msg["peers"]:
             table[decode_key(pub)] = PeerConfig(tuple(subnets), (str(ip), int(port)),
                                                 keepalive)
-        self.dev.psk = decode_key(psk) if psk else None
-        self.dev.set_peers(table)
+        old_psk, self.dev.psk = self.dev.psk, decode_key(psk) if psk else None
+        try:
+            self.dev.set_peers(table)
+        except ValueError:
+            self.dev.psk = old_psk  # the old table stays in force, whole
+            raise
         # ICMP errors (IPv4 only) come from the overlay network's own address
         self.icmp_src = int(msg["icmp_src"]).to_bytes(16 if msg.get("family") == 6 else 4,
                                                       "big")

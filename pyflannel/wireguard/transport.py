@@ -230,12 +230,6 @@ class Keypair:
             return None
         return plain
 
-    def sealer(self) -> Callable[..., object] | None:
-        """``encrypt_into`` for a caller that inlines :meth:`seal_into` in its own loop
-        (it then keeps ``send_counter`` and writes ``prefix`` itself); None where this
-        ``cryptography`` has no ``encrypt_into``."""
-        return self._send.encrypt_into if _HAVE_INTO else None
-
     def encrypt_function(self) -> Callable[..., bytes]:
         """``encrypt(nonce, plaintext, None)`` of the send key, for a caller that builds
         messages itself (keeping ``send_counter`` and writing ``prefix``)."""
