@@ -1,6 +1,7 @@
 """pyflanneld, the per-node daemon, in parts with one job each.
 
 - :mod:`.core`: the start-up sequence and the wiring of leases, backend and host;
+- :mod:`.startup`: the start-up steps that wait or fail (config, interface, first lease);
 - :mod:`.supervise`: keeping control-plane tasks alive, and ``Fatal``;
 - :mod:`.iptables_keeper`: flanneld's masquerade and forward rules;
 - :mod:`.config_watcher`: noticing a changed network config;

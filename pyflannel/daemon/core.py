@@ -15,28 +15,24 @@ import time
 from pathlib import Path
 
 from pyflannel.backend import Backend, BackendError, make_backend
-from pyflannel.backoff import Backoff
-from pyflannel.config import ConfigError, NetworkConfig, parse_config
+from pyflannel.config import NetworkConfig
+from pyflannel.daemon import startup
 from pyflannel.daemon.config_watcher import ConfigWatcher
 from pyflannel.daemon.iptables_keeper import IptablesKeeper
 from pyflannel.daemon.snapshot import NodeSnapshot, StatePublisher
 from pyflannel.daemon.supervise import Fatal, supervise
 from pyflannel.flags import Options
 from pyflannel.host import netlink, systemd
-from pyflannel.host.nlsession import run_netlink
 from pyflannel.host.subnetfile import (
     SubnetEnv,
-    SubnetFileError,
-    check_writable,
     first_host,
-    previous_subnets,
     write_subnet_file,
 )
 from pyflannel.host.tun import TunError
 from pyflannel.lease.etcd import EtcdAuthError, EtcdUnavailable, registry_for
 from pyflannel.lease.manager import LeaseManager, describe
-from pyflannel.lease.model import Lease, config_key
-from pyflannel.lease.policy import LEASE_TTL_S, PeerDiff, SubnetPoolExhausted
+from pyflannel.lease.model import Lease
+from pyflannel.lease.policy import LEASE_TTL_S, PeerDiff
 from pyflannel.logutil import RateLimitedLog, WarnOnce
 from pyflannel.metrics import HealthServer, Metrics
 
@@ -93,77 +89,18 @@ class Daemon:
 
     # -- start-up ----------------------------------------------------------------------
 
-    async def wait_for_config(self) -> NetworkConfig:
-        """Read ``<prefix>/config``; wait (saying so once) while it is missing or etcd is
-        down; a config that breaks a rule is fatal."""
-        key = config_key(self.opts.etcd_prefix)
-        backoff = Backoff(0.5, 5.0)
-        said_missing = False
-        while True:
-            try:
-                raw = await self.registry.get_config()
-            except EtcdUnavailable as e:
-                self.errors.error("etcd", "%s; retrying", e)
-                await asyncio.sleep(backoff.next())
-                continue
-            except EtcdAuthError as e:
-                raise Fatal(str(e)) from None
-            self.errors.clear("etcd", f"connected to etcd at {self.registry.endpoint}")
-            if raw is None:
-                if not said_missing:
-                    log.warning("network config %s not found in etcd; waiting for it", key)
-                    said_missing = True
-                await asyncio.sleep(backoff.next())
-                continue
-            try:
-                return parse_config(raw)
-            except ConfigError as e:
-                raise Fatal(f"{e} (key {key})") from None
-
-    async def acquire(self) -> Lease:
-        assert self.manager is not None
-        previous, previous_ipv6 = previous_subnets(self.opts.subnet_file)
-        backoff = Backoff(0.5, 5.0)
-        while True:
-            try:
-                lease = await self.manager.acquire(previous, previous_ipv6)
-                self.errors.clear("acquire", "etcd reachable again")
-                return lease
-            except SubnetPoolExhausted as e:
-                raise Fatal(str(e)) from None
-            except EtcdAuthError as e:
-                raise Fatal(str(e)) from None
-            except EtcdUnavailable as e:
-                self.errors.error("acquire", "cannot acquire a lease: %s", e)
-                await asyncio.sleep(backoff.next())
-
     async def start(self) -> None:
+        """The start-up sequence (module docstring); each step fails with one line."""
         opts = self.opts
-        try:
-            await asyncio.to_thread(check_writable, opts.subnet_file)
-        except SubnetFileError as e:
-            raise Fatal(f"-subnet-file: {e}") from None
-        if opts.healthz_port:
-            self.http = HealthServer(opts.healthz_ip, opts.healthz_port, self.metrics,
-                                     self.is_ready)
-            try:
-                await self.http.start()
-            except OSError as e:
-                raise Fatal(f"cannot listen on {opts.healthz_ip}:{opts.healthz_port} for "
-                            f"-healthz-port: {e.strerror}") from None
-        self.cfg = cfg = await self.wait_for_config()
+        await startup.check_subnet_file(opts.subnet_file)
+        self.http = await startup.open_health_port(opts, self.metrics, self.is_ready)
+        self.cfg = cfg = await startup.wait_for_config(self.registry, opts.etcd_prefix,
+                                                       self.errors)
         for pool in cfg.pools:
             log.info("IPv%d network %s, subnets /%d from %s to %s, backend %s", pool.version,
                      pool.network, pool.subnet_len, pool.subnet_min, pool.subnet_max,
                      cfg.backend_type)
-        try:
-            ext = await run_netlink(
-                netlink.find_external_interface, opts.iface, opts.iface_regex,
-                opts.iface_can_reach, opts.public_ip, public_ipv6=opts.public_ipv6,
-                want_ipv6=cfg.enable_ipv6, want_ipv4=cfg.enable_ipv4,
-            )
-        except netlink.InterfaceError as e:
-            raise Fatal(str(e)) from None
+        ext = await startup.find_interface(opts, cfg)
         log.info("using interface %s (%s, mtu %d)", ext.name, _addresses(ext, cfg), ext.mtu)
         self.iptables = IptablesKeeper(opts, cfg)
         try:
@@ -182,7 +119,7 @@ class Daemon:
                         opts.test_lease_ttl)
         self.backend.publish = self.manager.republish
         await self.iptables.remove_disabled()
-        lease = await self.acquire()
+        lease = await startup.acquire_first(self.manager, opts.subnet_file, self.errors)
         try:
             await self.on_lease(lease, first=True)
         except (BackendError, TunError, OSError) as e:

@@ -10,6 +10,7 @@ each other into a false "route exists" either.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
@@ -22,6 +23,14 @@ T = TypeVar("T")
 
 _local = threading.local()
 _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netlink")
+_opened: list[IPRoute] = []  # closed at exit, so no socket is left for the GC to warn about
+
+
+@atexit.register
+def _close_all() -> None:
+    while _opened:
+        with contextlib.suppress(Exception):
+            _opened.pop().close()
 
 
 @contextlib.contextmanager
@@ -31,11 +40,14 @@ def iproute() -> Iterator[IPRoute]:
     ipr = getattr(_local, "ipr", None)
     if ipr is None:
         ipr = _local.ipr = IPRoute()
+        _opened.append(ipr)
     try:
         yield ipr
     except OSError:
         with contextlib.suppress(Exception):
             ipr.close()
+        with contextlib.suppress(ValueError):
+            _opened.remove(ipr)
         _local.ipr = None
         raise
 
