@@ -417,7 +417,8 @@ class WgReceive(WgBase):
                 if seg >= n or seg <= 0:
                     receive_many(((rbuf[:n], addr),))
                 else:
-                    receive_many([(rbuf[off:off + seg], addr) for off in range(0, n, seg)])
+                    receive_many([(rbuf[off:min(off + seg, n)], addr)
+                                  for off in range(0, n, seg)])
             except Exception:  # a bug must not take the data path down: count, go on
                 self.dev.drops["internal_error"] += 1
         self.pump()
