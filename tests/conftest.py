@@ -92,6 +92,29 @@ class LoopbackEtcd:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def enable_auth(server: LoopbackEtcd) -> None:
+    """Users root and flannel (read-write on everything, password s3cret-Flannel), auth on;
+    etcdctl then acts as root."""
+    server.etcdctl("user", "add", "root", "--new-user-password=r00t-pw")
+    server.etcdctl("user", "add", "flannel", "--new-user-password=s3cret-Flannel")
+    server.etcdctl("role", "add", "flannel")
+    server.etcdctl("role", "grant-permission", "flannel", "--prefix=true", "readwrite", "/")
+    server.etcdctl("user", "grant-role", "flannel", "flannel")
+    server.etcdctl("auth", "enable")
+    server.ctl_args = ["--user=root:r00t-pw"]
+
+
+async def until(cond, timeout: float = 5.0, step: float = 0.01) -> None:
+    """Wait in the running loop until ``cond()`` holds; fail after ``timeout`` seconds."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        assert loop.time() < end, "condition not reached"
+        await asyncio.sleep(step)
+
+
 @pytest.fixture(scope="session")
 def etcd_server():
     _need(None if shutil.which("etcd") and shutil.which("etcdctl")

@@ -13,7 +13,7 @@ from pyflannel.config import parse_config
 from pyflannel.lease.etcd import EtcdRegistry
 from pyflannel.lease.manager import LeaseManager
 from pyflannel.lease.model import LeaseAttrs, subnet_key
-from tests.conftest import LoopbackEtcd, _need
+from tests.conftest import LoopbackEtcd, _need, enable_auth, until
 
 CFG = parse_config(b'{"Network":"10.1.0.0/16","SubnetLen":24}')
 SMALL = parse_config(b'{"Network":"10.1.0.0/22","SubnetLen":24}')
@@ -27,14 +27,6 @@ def node(i: int) -> LeaseAttrs:
 def fast_retries(monkeypatch):
     monkeypatch.setattr(LeaseManager, "retry_first_s", 0.05)
     monkeypatch.setattr(LeaseManager, "retry_ceiling_s", 0.5)
-
-
-async def until(cond, timeout: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.05)
 
 
 def tracebacks(caplog) -> list[str]:
@@ -84,13 +76,7 @@ def short_token_etcd():
     server.tls_args = ["--auth-token=simple", "--auth-token-ttl=3"]
     try:
         server.start()
-        server.etcdctl("user", "add", "root", "--new-user-password=r00t-pw")
-        server.etcdctl("user", "add", "flannel", "--new-user-password=s3cret-Flannel")
-        server.etcdctl("role", "add", "flannel")
-        server.etcdctl("role", "grant-permission", "flannel", "--prefix=true", "readwrite", "/")
-        server.etcdctl("user", "grant-role", "flannel", "flannel")
-        server.etcdctl("auth", "enable")
-        server.ctl_args = ["--user=root:r00t-pw"]
+        enable_auth(server)
         yield server
     finally:
         server.cleanup()
@@ -104,7 +90,7 @@ async def test_an_expired_auth_token_is_renewed_and_the_lease_taken_again(short_
     first = await run.start()
     await asyncio.sleep(5)  # idle: the token expires
     short_token_etcd.etcdctl("del", subnet_key(etcd_prefix, first.subnet))
-    await until(lambda: run.m.holds_subnet() and run.programmed)
+    await until(lambda: run.m.holds_subnet() and run.programmed, timeout=15)
     assert reg.reauthentications >= 1 and reg.errors >= 1
     assert not tracebacks(caplog)
     await run.stop()
@@ -154,7 +140,7 @@ async def test_a_full_pool_after_losing_the_lease_waits_then_recovers(etcd_serve
     # another host's lease over ours: the three subnets are now all taken
     etcd_server.etcdctl("put", subnet_key(etcd_prefix, leases[0].subnet),
                         node(9).to_json())
-    await until(lambda: me.torn_down == [leases[0].subnet])
+    await until(lambda: me.torn_down == [leases[0].subnet], timeout=15)
     await asyncio.sleep(1.5)
     assert me.m.lease is None and not me.m.holds_subnet()
     errors = [r.getMessage() for r in caplog.records if "cannot take a lease" in r.getMessage()]
@@ -164,7 +150,7 @@ async def test_a_full_pool_after_losing_the_lease_waits_then_recovers(etcd_serve
     assert f"{leases[0].lease_id:x}" not in leases_out  # revoked, not left for a day
     await runs[2].stop()
     etcd_server.etcdctl("del", subnet_key(etcd_prefix, leases[2].subnet))
-    await until(lambda: me.m.holds_subnet())
+    await until(lambda: me.m.holds_subnet(), timeout=15)
     assert me.m.lease.subnet == leases[2].subnet
     await runs[0].stop()
     await runs[1].stop()
@@ -190,7 +176,7 @@ async def test_keys_that_are_not_subnets_are_named_once_each(etcd_server, etcd_p
     await run.start()
     etcd_server.etcdctl("put", f"{etcd_prefix}/subnets/hello", "again")  # via the watch
     etcd_server.etcdctl("put", f"{etcd_prefix}/subnets/bye", "{}")
-    await until(lambda: any("subnets/bye" in r.getMessage() for r in caplog.records))
+    await until(lambda: any("subnets/bye" in r.getMessage() for r in caplog.records), 15)
     for name in ("hello", "10.1.1.0-99", "10.1.2.0-24-extra", "bye"):
         said = [r for r in caplog.records if r.levelno == logging.WARNING
                 and r.getMessage().startswith(f"ignoring key {etcd_prefix}/subnets/{name}:")]

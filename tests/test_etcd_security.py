@@ -18,7 +18,7 @@ from pyflannel.config import parse_config
 from pyflannel.lease.etcd import EtcdAuthError, EtcdRegistry, EtcdUnavailable
 from pyflannel.lease.manager import LeaseManager
 from pyflannel.lease.model import LeaseAttrs
-from tests.conftest import LoopbackEtcd
+from tests.conftest import LoopbackEtcd, enable_auth
 
 ROOT = Path(__file__).resolve().parent.parent
 CFG = parse_config('{"Network": "10.1.0.0/16"}')
@@ -113,13 +113,7 @@ def auth_etcd():
     server = LoopbackEtcd()
     try:
         server.start()
-        server.etcdctl("user", "add", "root", "--new-user-password=r00t-pw")
-        server.etcdctl("user", "add", "flannel", "--new-user-password=s3cret-Flannel")
-        server.etcdctl("role", "add", "flannel")
-        server.etcdctl("role", "grant-permission", "flannel", "--prefix=true", "readwrite", "/")
-        server.etcdctl("user", "grant-role", "flannel", "flannel")
-        server.etcdctl("auth", "enable")
-        server.ctl_args = ["--user=root:r00t-pw"]
+        enable_auth(server)
         yield server
     finally:
         server.cleanup()

@@ -13,6 +13,7 @@ from pyflannel.lease.etcd import EtcdRegistry, EtcdUnavailable
 from pyflannel.lease.manager import LeaseManager
 from pyflannel.lease.model import LeaseAttrs, subnet_key
 from pyflannel.lease.policy import PeerDiff, SubnetPoolExhausted
+from tests.conftest import until
 
 CFG = parse_config('{"Network": "10.1.0.0/16"}')
 
@@ -94,10 +95,10 @@ async def test_the_watch_follows_peers_joining_and_leaving(registry, etcd_server
     watcher = asyncio.create_task(me.watch_forever())
     other_reg = EtcdRegistry([etcd_server.endpoint], etcd_prefix)
     other = await LeaseManager(other_reg, CFG, node(2)).acquire()
-    await _until(lambda: other.key_name in me.peers)
+    await until(lambda: other.key_name in me.peers)
     assert me.lease.key_name not in me.peers
     await other_reg.delete_lease(other.subnet)
-    await _until(lambda: other.key_name not in me.peers)
+    await until(lambda: other.key_name not in me.peers)
     assert any(other.subnet in {x.subnet for x in d.removed} for d in diffs)
     watcher.cancel()
     await other_reg.close()
@@ -116,7 +117,7 @@ async def test_losing_its_own_key_makes_a_node_take_a_lease_again(registry):
     tasks = [asyncio.create_task(me.watch_forever()), asyncio.create_task(me.renew_forever())]
     await asyncio.sleep(0.3)
     await registry.delete_lease(first.subnet)
-    await _until(lambda: taken)
+    await until(lambda: taken)
     assert taken[0].subnet == first.subnet  # the old subnet was free, so it came back
     assert (await registry.get_lease(first.subnet)) is not None
     for t in tasks:
@@ -148,14 +149,6 @@ async def test_a_second_endpoint_is_used_when_the_first_is_down(etcd_server, etc
     reg = EtcdRegistry(["http://127.0.0.1:1", etcd_server.endpoint], etcd_prefix)
     assert await reg.get_config() is None
     await reg.close()
-
-
-async def _until(cond, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_a_reservation_keeps_no_ttl_through_many_renewal_periods(etcd_server, etcd_prefix):
@@ -215,7 +208,7 @@ async def test_a_compacted_watch_revision_means_one_relist_and_on(registry, etcd
     other_reg = EtcdRegistry([etcd_server.endpoint], etcd_prefix)
     await asyncio.sleep(0.5)
     other = await LeaseManager(other_reg, CFG, node(2)).acquire()
-    await _until(lambda: other.key_name in me.peers)
+    await until(lambda: other.key_name in me.peers)
     watcher.cancel()
     assert len(calls) == 2  # listed again once, then watched on
     assert sum("compacted" in r.getMessage() for r in caplog.records) == 1
@@ -256,9 +249,9 @@ async def test_a_dual_stack_key_is_written_read_renewed_and_watched_whole(
     v6key = f"{etcd_prefix}/subnets/0.0.0.0-0&fc00:10:1:4f::-64"
     etcd_server.etcdctl("put", v6key, '{"PublicIP":"0.0.0.0","PublicIPv6":"fd00:198::9",'
                         '"BackendType":"vxlan"}')
-    await _until(lambda: "0.0.0.0-0&fc00:10:1:4f::-64" in me.peers)
+    await until(lambda: "0.0.0.0-0&fc00:10:1:4f::-64" in me.peers)
     etcd_server.etcdctl("del", v6key)
-    await _until(lambda: "0.0.0.0-0&fc00:10:1:4f::-64" not in me.peers)
+    await until(lambda: "0.0.0.0-0&fc00:10:1:4f::-64" not in me.peers)
     watcher.cancel()
     await registry.close()
 

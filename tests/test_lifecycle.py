@@ -19,6 +19,7 @@ from pyflannel.lease.manager import LeaseManager
 from pyflannel.lease.memory import MemoryRegistry
 from pyflannel.lease.model import NO_IPV4_SUBNET, LeaseAttrs, lease_key_name, subnet_key
 from pyflannel.lease.registry import EtcdAuthError, EtcdUnavailable
+from tests.conftest import until as wait_until
 
 CFG = parse_config(b'{"Network":"10.1.0.0/16","SubnetLen":24}')
 SMALL = parse_config(b'{"Network":"10.1.0.0/22","SubnetLen":24}')  # 3 subnets: .1 .2 .3
@@ -86,11 +87,7 @@ async def settle(rounds: int = 50) -> None:
 
 
 async def until(cond, timeout: float = 2.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        assert loop.time() < end, "condition not reached"
-        await asyncio.sleep(0.001)
+    await wait_until(cond, timeout, step=0.001)
 
 
 @pytest.fixture(autouse=True)
