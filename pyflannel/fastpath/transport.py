@@ -132,10 +132,21 @@ class Transport:
         """Queue one finished datagram; a GSO batch holds equal-sized datagrams to one
         address, the last of which may be shorter. ``overhead``: its framing bytes (not
         counted as traffic)."""
+        # reserve() and commit(), inlined: this runs once per packet
         n = len(pkt)
-        off = self.reserve(addr, n)
+        if (addr != self._b_addr or n > self._b_seg or self._b_closed
+                or self._b_off + n > MAX_DATAGRAM or self._b_count >= GSO_MAX_SEGMENTS
+                or not self.gso):
+            self.flush()
+            self._b_addr, self._b_seg = addr, n
+        off = self._b_off
         self._bbuf[off:off + n] = pkt
-        self.commit(n, overhead)
+        self._b_off = off + n
+        self._b_count += 1
+        self._packets_in_batch += 1
+        self._b_overhead += overhead
+        if n < self._b_seg:
+            self._b_closed = True
 
     def reserve(self, addr: tuple, n: int) -> int:
         """Room for an ``n``-byte datagram to ``addr`` in the batch (flushing first when it

@@ -397,7 +397,6 @@ class WgReceive(WgBase):
         super().__init__(tun_fd, sock, ctl, mem, **options)
         self.coalesce = coalesce and self.vnet
         self._rbuf = bytearray(BUF_SIZE)
-        self._rmv = memoryview(self._rbuf)
 
     def from_udp(self) -> None:
         rbuf = self._rbuf
