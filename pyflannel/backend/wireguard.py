@@ -28,12 +28,16 @@ for now.
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import itertools
 import logging
 import socket
 from dataclasses import dataclass
 from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from pyflannel.backend.base import Backend, BackendError
 from pyflannel.fastpath.handle import FastPath, WgRoute
@@ -153,6 +157,7 @@ class WireguardBackend(Backend):
         self.public_key = key.public_base64
         del key  # the fast path reads the file itself; the secret stays out of here
         gone = await asyncio.to_thread(netlink.remove_stale_devices, (DEVICE, DEVICE_V6))
+        gone += await asyncio.to_thread(remove_kernel_wireguard, (DEVICE, DEVICE_V6))
         if gone:
             log.info("removed devices of an earlier backend: %s", ", ".join(gone))
         if v4:
@@ -330,6 +335,23 @@ class Side:
     sock: socket.socket
     fastpath: FastPath
     tun_index: int = 0
+
+
+def remove_kernel_wireguard(names: tuple[str, ...]) -> list[str]:
+    """Delete kernel WireGuard devices of these names: flanneld's, left behind when a node
+    moves from flanneld to pyflannel (its TUN of the same name could not be created)."""
+    removed = []
+    with IPRoute() as ipr:
+        for link in ipr.get_links():
+            name = link.get("ifname")
+            if name in names and netlink.link_kind(link) == "wireguard":
+                try:
+                    ipr.link("del", index=link["index"])
+                    removed.append(name)
+                except NetlinkError as e:
+                    if e.code != errno.ENODEV:
+                        raise
+    return removed
 
 
 def _port(value: object, name: str) -> int:
