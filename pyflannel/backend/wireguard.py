@@ -36,13 +36,13 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from pyflannel.backend.base import Backend, BackendError
 from pyflannel.fastpath.handle import FastPath, WgRoute
 from pyflannel.fastpath.transport import tune_socket
 from pyflannel.host import netlink
+from pyflannel.host.nlsession import iproute, run_netlink
 from pyflannel.host.routes import IPNetwork, RouteSpec
 from pyflannel.host.tun import TUNSETOFFLOAD, open_tun
 from pyflannel.lease.model import NO_PUBLIC_IP, Lease, LeaseAttrs
@@ -156,8 +156,8 @@ class WireguardBackend(Backend):
                                ) from None
         self.public_key = key.public_base64
         del key  # the fast path reads the file itself; the secret stays out of here
-        gone = await asyncio.to_thread(netlink.remove_stale_devices, (DEVICE, DEVICE_V6))
-        gone += await asyncio.to_thread(remove_kernel_wireguard, (DEVICE, DEVICE_V6))
+        gone = await run_netlink(netlink.remove_stale_devices, (DEVICE, DEVICE_V6))
+        gone += await run_netlink(remove_kernel_wireguard, (DEVICE, DEVICE_V6))
         if gone:
             log.info("removed devices of an earlier backend: %s", ", ".join(gone))
         if v4:
@@ -209,7 +209,7 @@ class WireguardBackend(Backend):
             subnet = lease.subnet if side.family == 4 else lease.ipv6_subnet
             if subnet is None or (side.family == 4 and not lease.has_ipv4):
                 continue
-            side.tun_index = await asyncio.to_thread(
+            side.tun_index = await run_netlink(
                 netlink.set_device_address, side.device, subnet.network_address, self.mtu,
                 TX_QUEUE_LEN)
         await super().activate(lease)
@@ -341,7 +341,7 @@ def remove_kernel_wireguard(names: tuple[str, ...]) -> list[str]:
     """Delete kernel WireGuard devices of these names: flanneld's, left behind when a node
     moves from flanneld to pyflannel (its TUN of the same name could not be created)."""
     removed = []
-    with IPRoute() as ipr:
+    with iproute() as ipr:
         for link in ipr.get_links():
             name = link.get("ifname")
             if name in names and netlink.link_kind(link) == "wireguard":
