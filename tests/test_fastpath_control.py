@@ -162,3 +162,37 @@ def test_a_send_cut_short_does_not_garble_the_next_request():
     assert data.startswith(b"\n{") and json.loads(data)["op"] == "config"
     assert fp._cut is False
     fp.stop()
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_the_wireguard_framing_takes_its_table_and_reports_peers_by_key(tmp_path, mode):
+    """The forwarder reads the node's key from the key file itself (the secret never
+    crosses the command line or the control socket) and answers stats per public key."""
+    from pyflannel.fastpath.handle import WgRoute
+    from pyflannel.wireguard.keys import PrivateKey, load_or_create_key
+
+    key_file = tmp_path / "wgkey"
+    ours = load_or_create_key(key_file)
+    peer = PrivateKey.generate().public_base64
+    tun_app, tun_fwd = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    tun_fwd.setblocking(False)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    fp = FastPath(tun_fwd.fileno(), udp, mode=mode, vnet=True, framing="wireguard",
+                  wg_key_file=str(key_file), wg_mtu=1420)
+    fp.start()
+    try:
+        if mode == "process":
+            assert ours.to_base64() not in " ".join(fp._proc.args)
+        fp.configure_wg(LOCAL, ICMP_SRC, [WgRoute(peer, ("10.1.2.0/24",),
+                                                  IPv4Address("127.0.0.2"), 51820)])
+        stats = fp.peer_stats(timeout=5)
+        assert list(stats) == [peer]
+        row = stats[peer]
+        assert row["public_key"] == peer[:8] + "…" and row["endpoint"] == "127.0.0.2:51820"
+        assert row["latest_handshake"] is None and row["tx_packets"] == 0
+        assert fp.alive()
+    finally:
+        fp.stop()
+        for s in (tun_app, tun_fwd, udp):
+            s.close()
