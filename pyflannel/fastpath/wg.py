@@ -330,36 +330,34 @@ class WgSend(WgBase):
             k = 1 if i == last else min(last - i, GSO_MAX_SEGMENTS - self._b_count,
                                         (MAX_DATAGRAM - off) // m)
             pad = _ZEROS[:padded - seg_len]
+            ip_sum = ip_base + seg_len
+            tcp_sum = tcp_base + doff + clen
             for g in range(i, i + k):
                 p = off + DATA_PAYLOAD
                 start = hl + g * mss
                 chunk = pkt[start:start + clen]
-                bbuf[p:p + hl] = head
-                bbuf[p + hl:p + seg_len] = chunk
+                # the segment's headers in a copy of the template, then the plaintext
+                h = head[:]
                 ip_id = (id0 + g) & 0xFFFF
-                c = (ip_base + seg_len + ip_id) % 0xFFFF
-                pack_ip(bbuf, p + IP_TOTAL_LEN, seg_len, ip_id)
-                pack16(bbuf, p + IP_CSUM, 0xFFFF - c if c else 0)
+                c = (ip_sum + ip_id) % 0xFFFF
+                pack_ip(h, IP_TOTAL_LEN, seg_len, ip_id)
+                pack16(h, IP_CSUM, 0xFFFF - c if c else 0)
                 seq = (seq0 + g * mss) & 0xFFFFFFFF
                 fl = fl_mid if 0 < g < last else (
                     flags & ~TCP_CWR if g else flags if g == last else flags & ~TCP_FIN_PSH)
                 data_sum = int.from_bytes(chunk, "big")
                 if clen & 1:
                     data_sum <<= 8
-                c = (tcp_base + doff + clen + (seq >> 16) + (seq & 0xFFFF) + fl
-                     + data_sum) % 0xFFFF
-                pack_tcp(bbuf, p + at_seq, seq)
-                bbuf[p + at_flags] = fl
-                pack16(bbuf, p + at_csum, 0xFFFF - c if c else 0)
-                # encrypt(), inlined
+                c = (tcp_sum + (seq >> 16) + (seq & 0xFFFF) + fl + data_sum) % 0xFFFF
+                pack_tcp(h, at_seq, seq)
+                h[at_flags] = fl
+                pack16(h, at_csum, 0xFFFF - c if c else 0)
+                # encrypt(), inlined: header, counter, ciphertext of (headers, data, padding)
                 counter = kp.send_counter
                 kp.send_counter = counter + 1
                 ctr = counter.to_bytes(COUNTER_LEN, "little")
-                if pad:
-                    bbuf[p + seg_len:p + padded] = pad
-                bbuf[off:off + DATA_COUNTER] = prefix
-                bbuf[off + DATA_COUNTER:p] = ctr
-                bbuf[p:p + padded + TAG_LEN] = enc(_NONCE_PAD + ctr, bbuf[p:p + padded], None)
+                bbuf[off:p] = prefix + ctr
+                bbuf[p:p + padded + TAG_LEN] = enc(_NONCE_PAD + ctr, h + chunk + pad, None)
                 off += m
             # commit(), once for the group
             self._b_off = off
