@@ -131,3 +131,20 @@ async def test_ipv6_peers_come_from_backend_v6_data_and_listen_port_v6():
     assert row.public_key == KEYS[0] and row.subnets == ("fc00:10:1:4f::/64",)
     assert (row.public_ip, row.port) == (IPv6Address("fd00:198::2"), 51999)
     assert {r.public_key for r in be.peer_table(4)} == {KEYS[0], KEYS[1]}
+
+
+async def test_single_device_modes_give_each_peer_both_subnets_over_one_underlay():
+    from ipaddress import IPv6Address, IPv6Network
+
+    dual = Lease(IPv4Network("10.1.2.0/24"),
+                 LeaseAttrs(IPv4Address("198.18.0.2"), "wireguard", {"PublicKey": KEYS[0]},
+                            IPv6Address("fd00:198::2"), {"PublicKey": KEYS[0]}),
+                 1, ipv6_subnet=IPv6Network("fc00:10:1:4f::/64"))
+    for mode, family, endpoint in (("auto", 4, IPv4Address("198.18.0.2")),
+                                   ("ipv4", 4, IPv4Address("198.18.0.2")),
+                                   ("ipv6", 6, IPv6Address("fd00:198::2"))):
+        be = WireguardBackend(cfg(Mode=mode), ext())
+        await be.add_peer(dual)
+        (row,) = be.peer_table(family, (4, 6))
+        assert row.subnets == ("10.1.2.0/24", "fc00:10:1:4f::/64"), mode
+        assert (row.public_ip, row.port) == (endpoint, 51820), mode  # ListenPort in both

@@ -381,3 +381,29 @@ def test_ipv6_only_uses_flannel_wg_v6_alone():
             assert lab.ping(n2.lab_node, n1.gw6, src_ip=n2.gw6, count=2, timeout=3)
         finally:
             c.stop()
+
+
+def test_mode_auto_carries_both_families_on_flannel_wg_alone():
+    """flanneld's single-device mode: flannel-wg holds both addresses and routes both
+    networks; peers are reached over IPv4 on ListenPort; nothing listens on 51821."""
+    require_lab()
+    with Lab(2) as lab:
+        lab.etcdctl("put", CONFIG_KEY, DUAL.replace('"Type": "wireguard"',
+                                                    '"Type": "wireguard", "Mode": "auto"'))
+        c = WgCluster(lab)
+        try:
+            n1, n2 = (c.start(node) for node in lab.nodes)
+            ns = n1.lab_node.ns
+            links = lab.run(ns, ["ip", "-o", "link"], text=True).stdout
+            assert "flannel-wg:" in links and "flannel-wg-v6" not in links
+            addr = lab.run(ns, ["ip", "-o", "addr", "show", "dev", "flannel-wg"],
+                           text=True).stdout
+            assert f"{n1.network.split('/')[0]}/32" in addr
+            assert f"{n1.network6.split('/')[0]}/128" in addr
+            for a, b in ((n1, n2), (n2, n1)):
+                assert lab.ping(a.lab_node, b.gw, src_ip=a.gw, count=2, timeout=3)
+                assert lab.ping(a.lab_node, b.gw6, src_ip=a.gw6, count=2, timeout=3)
+            listening = lab.run(ns, ["ss", "-uln"], text=True).stdout
+            assert ":51820" in listening and ":51821" not in listening
+        finally:
+            c.stop()

@@ -20,9 +20,10 @@ What is flanneld's, on purpose:
   changed replaces the peer (and, as flanneld does, a newer key at the same endpoint address
   replaces an older one); a removed lease removes the peer.
 
-Both families in flanneld's ``separate`` mode: ``flannel-wg-v6`` on ``ListenPortV6`` with
-``BackendV6Data``; the single-device modes (``auto``, ``ipv4``, ``ipv6``) carry IPv4 only
-for now.
+Both families: in flanneld's ``separate`` mode a second device ``flannel-wg-v6`` on
+``ListenPortV6`` over the IPv6 underlay, with ``BackendV6Data``; in the single-device modes
+(``auto``, ``ipv4``, ``ipv6``) ``flannel-wg`` carries both, its peers reached over IPv4
+(``ipv4``; ``auto`` wherever the node has IPv4) or IPv6 (``ipv6``) on ``ListenPort``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,13 @@ from pyflannel.fastpath.transport import tune_socket
 from pyflannel.host import netlink
 from pyflannel.host.nlsession import iproute, run_netlink
 from pyflannel.host.routes import IPNetwork, RouteSpec
-from pyflannel.host.tun import TUNSETOFFLOAD, open_tun
+from pyflannel.host.tun import (
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO_ECN,
+    TUNSETOFFLOAD,
+    open_tun,
+)
 from pyflannel.lease.model import NO_PUBLIC_IP, Lease, LeaseAttrs
 from pyflannel.wireguard.keys import (
     InvalidKeyError,
@@ -134,15 +141,6 @@ class WireguardBackend(Backend):
     async def prepare(self) -> LeaseAttrs:
         v4 = self.cfg.enable_ipv4
         v6 = self.cfg.enable_ipv6
-        if v6 and self.wg_mode != "separate":
-            if not v4:
-                raise BackendError(f"Backend.Mode {self.wg_mode} (one device for both "
-                                   "families) is not supported yet; an IPv6 network needs "
-                                   "Mode separate (the default)")
-            log.warning("Backend.Mode %s (one device for both families) carries IPv4 only for "
-                        "now; IPv6Network %s gets no traffic here (use Mode separate)",
-                        self.wg_mode, self.cfg.ipv6_network)
-            v6 = False
         if v6 and (self.ext.address6 is None or self.ext.public_ipv6 is None):
             raise BackendError(
                 f"wireguard: the network has IPv6 (EnableIPv6) but interface {self.ext.name} "
@@ -160,26 +158,39 @@ class WireguardBackend(Backend):
         gone += await run_netlink(remove_kernel_wireguard, (DEVICE, DEVICE_V6))
         if gone:
             log.info("removed devices of an earlier backend: %s", ", ".join(gone))
-        if v4:
-            self.sides.append(await self._open_side(4, DEVICE, self.listen_port, str(path)))
-        if v6:
-            self.sides.append(await self._open_side(6, DEVICE_V6, self.listen_port_v6,
-                                                    str(path)))
+        families = tuple(f for f, on in ((4, v4), (6, v6)) if on)
+        if self.wg_mode == "separate":
+            for family in families:
+                self.sides.append(await self._open_side(
+                    family, (family,), DEVICE if family == 4 else DEVICE_V6,
+                    self.listen_port if family == 4 else self.listen_port_v6, str(path)))
+        else:
+            # one device for both families, its peers reached over one underlay family:
+            # ipv4, ipv6, or (auto) IPv4 wherever this node has it
+            underlay = 6 if self.wg_mode == "ipv6" or not v4 else 4
+            if underlay == 6 and (self.ext.address6 is None or self.ext.public_ipv6 is None):
+                raise BackendError(f"wireguard: Mode {self.wg_mode} needs an IPv6 address on "
+                                   f"interface {self.ext.name}")
+            self.sides.append(await self._open_side(underlay, families, DEVICE,
+                                                    self.listen_port, str(path)))
         data = {"PublicKey": self.public_key}
         return LeaseAttrs(public_ip=self.ext.public_ip if v4 else NO_PUBLIC_IP,
                           backend_type="wireguard", backend_data=data if v4 else None,
                           public_ipv6=self.ext.public_ipv6 if v6 else None,
                           backend_v6_data=data if v6 else None)
 
-    async def _open_side(self, family: int, device: str, port: int, key_file: str) -> Side:
-        """One family's TUN, socket and fast path (flanneld: one kernel device each)."""
+    async def _open_side(self, family: int, inner: tuple[int, ...], device: str, port: int,
+                         key_file: str) -> Side:
+        """One device: its TUN, socket (underlay ``family``) and fast path, carrying the
+        ``inner`` families (flanneld: one kernel device each)."""
         tun = await asyncio.to_thread(open_tun, device, vnet=True)
-        if family == 4:
+        if 6 not in inner:
             _sysctl(device, "disable_ipv6", "1")  # carries IPv4 only
         else:
-            # the kernel cuts IPv6 super-packets (only IPv4 ones are cut here), and the
-            # device gets no link-local address or router solicitations
-            fcntl.ioctl(tun.fileno(), TUNSETOFFLOAD, 0)
+            # IPv6 super-packets are cut by the kernel (only IPv4 ones are cut here), and
+            # the device gets no link-local address or router solicitations
+            offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN if 4 in inner else 0
+            fcntl.ioctl(tun.fileno(), TUNSETOFFLOAD, offloads)
             _sysctl(device, "addr_gen_mode", "1")
             _sysctl(device, "accept_ra", "0")
         af = socket.AF_INET if family == 4 else socket.AF_INET6
@@ -202,16 +213,16 @@ class WireguardBackend(Backend):
         fastpath.start()
         log.info("wireguard: device %s, port %d, public key %s", device, port,
                  short_key(decode_key(self.public_key)))
-        return Side(family, device, port, tun, sock, fastpath)
+        return Side(family, inner, device, port, tun, sock, fastpath)
 
     async def activate(self, lease: Lease) -> None:
         for side in self.sides:
-            subnet = lease.subnet if side.family == 4 else lease.ipv6_subnet
-            if subnet is None or (side.family == 4 and not lease.has_ipv4):
-                continue
-            side.tun_index = await run_netlink(
-                netlink.set_device_address, side.device, subnet.network_address, self.mtu,
-                TX_QUEUE_LEN)
+            for family in side.inner:
+                subnet = _subnet(lease, family)
+                if subnet is not None:
+                    side.tun_index = await run_netlink(
+                        netlink.set_device_address, side.device, subnet.network_address,
+                        self.mtu, TX_QUEUE_LEN)
         await super().activate(lease)
 
     async def add_peer(self, lease: Lease) -> None:
@@ -224,18 +235,21 @@ class WireguardBackend(Backend):
         self._seen.pop(lease.key_name, None)
         await super().remove_peer(lease)
 
-    def peer_table(self, family: int = 4) -> list[WgRoute]:
-        """One WireGuard peer per key: AllowedIPs = the subnets of its leases, Endpoint =
-        PublicIP:ListenPort (IPv6: [PublicIPv6]:ListenPortV6). A lease without a valid key
-        is skipped (one warning); of two keys at one endpoint address the newer wins, as
-        flanneld removes the older."""
+    def peer_table(self, family: int = 4, inner: tuple[int, ...] | None = None
+                   ) -> list[WgRoute]:
+        """One WireGuard peer per key, reached over the ``family`` underlay: AllowedIPs =
+        its leases' subnets of the ``inner`` families (default: the underlay's), Endpoint
+        = PublicIP:ListenPort (IPv6: [PublicIPv6] and, in separate mode, ListenPortV6). A
+        lease without a valid key is skipped (one warning); of two keys at one endpoint
+        address the newer wins, as flanneld removes the older."""
+        inner = inner or (family,)
         by_key: dict[str, tuple[list[str], Lease, int]] = {}
         for name, lease in self.peers.items():
-            if family == 4 and not lease.has_ipv4:
+            subnets = [str(net) for f in inner if (net := _subnet(lease, f)) is not None]
+            if not subnets or _endpoint(lease, family) is None:
                 continue
-            if family == 6 and (lease.ipv6_subnet is None or lease.attrs.public_ipv6 is None):
-                continue
-            key = lease_public_key(lease, family)
+            key = next((k for f in (family, *inner)
+                        if (k := lease_public_key(lease, f)) is not None), None)
             if key is None:
                 self._warn.warn(("wg-key", family, name, str(lease.attrs)),
                                 "peer %s has no valid %s.PublicKey; ignored", name,
@@ -243,49 +257,47 @@ class WireguardBackend(Backend):
                 continue
             if key == self.public_key:
                 continue  # our own key (a stale lease of ours): never a peer
-            subnet = str(lease.subnet if family == 4 else lease.ipv6_subnet)
             order = self._seen.get(name, 0)
             if key in by_key:
-                subnets, first, seen = by_key[key]
-                subnets.append(subnet)
-                by_key[key] = (subnets, lease if order > seen else first, max(order, seen))
+                known, first, seen = by_key[key]
+                known.extend(subnets)
+                by_key[key] = (known, lease if order > seen else first, max(order, seen))
             else:
-                by_key[key] = ([subnet], lease, order)
-
-        def endpoint(lease: Lease):
-            return lease.attrs.public_ip if family == 4 else lease.attrs.public_ipv6
-
+                by_key[key] = (subnets, lease, order)
         newest_at: dict[str, tuple[int, str]] = {}
         for key, (_subnets, lease, order) in by_key.items():
-            ip = str(endpoint(lease))
+            ip = str(_endpoint(lease, family))
             if ip not in newest_at or order > newest_at[ip][0]:
                 newest_at[ip] = (order, key)
-        port = self.listen_port if family == 4 else self.listen_port_v6
-        return [WgRoute(key, tuple(sorted(subnets)), endpoint(lease), port)
+        port = self.listen_port_v6 if family == 6 and self.wg_mode == "separate" \
+            else self.listen_port
+        return [WgRoute(key, tuple(sorted(subnets)), _endpoint(lease, family), port)
                 for key, (subnets, lease, _o) in sorted(by_key.items())
-                if newest_at[str(endpoint(lease))][1] == key]
+                if newest_at[str(_endpoint(lease, family))][1] == key]
 
     def desired_routes(self) -> dict[IPNetwork, RouteSpec]:
         if self.lease is None:
             return {}
         routes: dict[IPNetwork, RouteSpec] = {}
         for side in self.sides:
-            net = self.cfg.network if side.family == 4 else self.cfg.ipv6_network
-            if side.tun_index and net is not None:
-                routes[net] = RouteSpec(net, side.tun_index)
+            for family in side.inner:
+                net = self.cfg.network if family == 4 else self.cfg.ipv6_network
+                if side.tun_index and net is not None:
+                    routes[net] = RouteSpec(net, side.tun_index)
         return routes
 
     async def commit(self) -> None:
         lease = self.lease
         if lease is not None:
             for side in self.sides:
-                local = lease.subnet if side.family == 4 else lease.ipv6_subnet
-                net = self.cfg.network if side.family == 4 else self.cfg.ipv6_network
-                if local is None or net is None or (side.family == 4 and not lease.has_ipv4):
+                family = side.inner[0]  # ICMP errors: IPv4 where the device carries it
+                local = _subnet(lease, family)
+                net = self.cfg.network if family == 4 else self.cfg.ipv6_network
+                if local is None or net is None:
                     continue
                 await side.fastpath.configure_wg_async(
-                    local, net.network_address, self.peer_table(side.family), self.psk,
-                    self.keepalive)
+                    local, net.network_address, self.peer_table(side.family, side.inner),
+                    self.psk, self.keepalive)
         await self.reconcile()
 
     def healthy(self) -> bool:
@@ -306,11 +318,10 @@ class WireguardBackend(Backend):
         for side in self.sides:
             by_key = await asyncio.to_thread(side.fastpath.peer_stats)
             for lease in self.peers.values():
-                key = lease_public_key(lease, side.family)
-                subnet = lease.subnet if side.family == 4 else lease.ipv6_subnet
+                key = next((k for f in (side.family, *side.inner)
+                            if (k := lease_public_key(lease, f)) is not None), None)
+                subnet = next((n for f in side.inner if (n := _subnet(lease, f))), None)
                 if key is None or key not in by_key or subnet is None:
-                    continue
-                if side.family == 4 and not lease.has_ipv4:
                     continue
                 out[str(subnet)] = by_key[key]
         return out
@@ -326,15 +337,33 @@ class WireguardBackend(Backend):
 
 @dataclass
 class Side:
-    """One address family's device: flannel-wg (IPv4) or flannel-wg-v6 (IPv6)."""
+    """One device: flannel-wg (IPv4, or both families in the single-device modes) or
+    flannel-wg-v6 (IPv6, separate mode). ``family``: its underlay; ``inner``: what it
+    carries."""
 
     family: int
+    inner: tuple[int, ...]
     device: str
     port: int
     tun: Any
     sock: socket.socket
     fastpath: FastPath
     tun_index: int = 0
+
+
+def _subnet(lease: Lease, family: int) -> IPNetwork | None:
+    """The lease's subnet of one family (None for the placeholder of IPv6-only leases)."""
+    if family == 4:
+        return lease.subnet if lease.has_ipv4 else None
+    return lease.ipv6_subnet
+
+
+def _endpoint(lease: Lease, family: int):
+    """Where the peer is reached over the ``family`` underlay (None: not at all)."""
+    if family == 4:
+        ip = lease.attrs.public_ip
+        return None if ip == NO_PUBLIC_IP else ip
+    return lease.attrs.public_ipv6
 
 
 def remove_kernel_wireguard(names: tuple[str, ...]) -> list[str]:
