@@ -130,9 +130,6 @@ class WireguardBackend(Backend):
     def mtu(self) -> int:
         return self.ext.mtu - OVERHEAD
 
-    def side(self, family: int) -> Side | None:
-        return next((s for s in self.sides if s.family == family), None)
-
     @property
     def fastpath(self) -> FastPath | None:
         """The IPv4 side's fast path (the IPv6 side's in an IPv6-only network)."""
