@@ -21,6 +21,7 @@ from pyflannel.fastpath import counters
 from pyflannel.fastpath.frames import (
     F_NEEDS_CSUM,
     GSO_TCPV4,
+    GSO_TCPV6,
     VNET,
     VNET_LEN,
     ones_sum,
@@ -303,6 +304,67 @@ def test_a_tso_super_packet_is_segmented_sent_and_joined_again():
         cb = b.counters()
         assert joined >= 1 and cb["coalesced"] >= 2
         # the run's last, shorter datagram too: nothing refused
+        assert not any(v for k, v in cb.items() if k.startswith("drop_"))
+    finally:
+        a.stop()
+        b.stop()
+
+
+def tcp6_super_packet(mss: int, segments: int, trim: int = 100) -> tuple[bytes, bytes]:
+    """(virtio-net header, IPv6/TCP super-packet fc00:1::5 -> fc00:2::7, partial csum)."""
+    from ipaddress import IPv6Address
+
+    payload = bytes((i * 13 + i // 241) & 0xFF for i in range(mss * segments - trim))
+    tcp = struct.pack("!HHIIBBHHH", 40000, 5001, 7000, 1, 5 << 4, 0x18, 65535, 0, 0)
+    src, dst = IPv6Address("fc00:1::5").packed, IPv6Address("fc00:2::7").packed
+    body = bytearray(tcp + payload)
+    ip6 = struct.pack("!IHBB", 6 << 28, len(body), 6, 64) + src + dst
+    pseudo = src + dst + struct.pack("!I", len(body)) + bytes((0, 0, 0, 6))
+    struct.pack_into("!H", body, 16, ones_sum(pseudo))
+    hdr = VNET.pack(F_NEEDS_CSUM, GSO_TCPV6, 60, mss, 40, 16)
+    return hdr, ip6 + bytes(body)
+
+
+def tcp6_checksum_ok(pkt: bytes) -> bool:
+    pseudo = pkt[8:40] + struct.pack("!I", len(pkt) - 40) + bytes((0, 0, 0, 6))
+    return ones_sum(pseudo + pkt[40:]) == 0xFFFF
+
+
+def pair6() -> tuple[WgNode, WgNode]:
+    a = WgNode("127.0.0.1", "10.1.1.0", vnet=True)
+    b = WgNode("127.0.0.2", "10.1.2.0", vnet=True)
+    for me, other, net in ((a, b, "fc00:2::/64"), (b, a, "fc00:1::/64")):
+        me.configure((other.key.public_base64, net, other.ip, other.port))
+    return a, b
+
+
+@pytest.mark.parametrize("coalesce", [False, True])
+def test_ipv6_tso_super_packets_are_cut_sealed_and_joined_again(coalesce):
+    from pyflannel.fastpath.frames import segment_tcp6
+
+    a, b = pair6()
+    b.fwd.coalesce = coalesce
+    try:
+        ping = struct.pack("!IHBB", 6 << 28, 8, 17, 64) + bytes.fromhex(
+            "fc000001000000000000000000000005fc000002000000000000000000000007") + bytes(8)
+        a.app.send(bytes(VNET_LEN) + ping)  # a session first: one GSO batch below
+        assert b.app.recv(70000)[VNET_LEN:] == ping
+        hdr, sp = tcp6_super_packet(1360, 12)
+        a.app.send(hdr + sp)
+        want = segment_tcp6(bytearray(sp), 1360)
+        got = []
+        while sum(len(s) - 60 for s in got) < len(sp) - 60:
+            data = b.app.recv(70000)
+            vh, pkt = VNET.unpack(data[:VNET_LEN]), data[VNET_LEN:]
+            if vh[1] == GSO_TCPV6:
+                assert vh[3] == 1360 and vh[4] == 40 and vh[5] == 16
+                got += segment_tcp6(bytearray(pkt), vh[3])
+            else:
+                assert tcp6_checksum_ok(pkt)
+                got.append(pkt)
+        assert [bytes(s) for s in got] == [bytes(s) for s in want]
+        cb = b.counters()
+        assert (cb["coalesced"] >= 2) == coalesce
         assert not any(v for k, v in cb.items() if k.startswith("drop_"))
     finally:
         a.stop()

@@ -47,7 +47,7 @@ from pyflannel.host.nlsession import iproute, run_netlink
 from pyflannel.host.routes import IPNetwork, RouteSpec
 from pyflannel.host.tun import (
     TUN_F_CSUM,
-    TUN_F_TSO4,
+    TUN_F_TSO6,
     TUN_F_TSO_ECN,
     TUNSETOFFLOAD,
     open_tun,
@@ -184,12 +184,11 @@ class WireguardBackend(Backend):
         if 6 not in inner:
             _sysctl(device, "disable_ipv6", "1")  # carries IPv4 only
         else:
-            # IPv6 super-packets are cut by the kernel (only IPv4 ones are cut here), and
-            # the device gets no link-local address or router solicitations
-            offloads = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO_ECN if 4 in inner else 0
-            fcntl.ioctl(tun.fileno(), TUNSETOFFLOAD, offloads)
+            # no link-local address or router solicitations on the overlay device
             _sysctl(device, "addr_gen_mode", "1")
             _sysctl(device, "accept_ra", "0")
+        if 4 not in inner:  # TSO for the family it carries (open_tun turned on both)
+            fcntl.ioctl(tun.fileno(), TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO6 | TUN_F_TSO_ECN)
         af = socket.AF_INET if family == 4 else socket.AF_INET6
         sock = socket.socket(af, socket.SOCK_DGRAM)
         any_addr = "0.0.0.0" if family == 4 else "::"

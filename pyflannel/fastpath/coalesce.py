@@ -14,7 +14,14 @@ from __future__ import annotations
 
 import struct
 
-from pyflannel.fastpath.frames import F_NEEDS_CSUM, GSO_TCPV4, VNET, VNET_LEN, ones_sum
+from pyflannel.fastpath.frames import (
+    F_NEEDS_CSUM,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    VNET,
+    VNET_LEN,
+    ones_sum,
+)
 from pyflannel.fastpath.packet import (
     IP_CSUM,
     IP_DST,
@@ -26,6 +33,7 @@ from pyflannel.fastpath.packet import (
     IP_TTL,
     IP_VER_IHL,
     IPV4_MIN_HEADER,
+    IPV6_HEADER_LEN,
     TCP_ACK,
     TCP_CSUM,
     TCP_DOFF,
@@ -33,15 +41,48 @@ from pyflannel.fastpath.packet import (
     TCP_PROTO,
     TCP_SEQ,
     TCP_WINDOW,
+    V6_HOPS,
+    V6_NEXT,
+    V6_PAYLOAD_LEN,
+    V6_SRC,
 )
 
 TCP_AT = IPV4_MIN_HEADER  # the TCP header, after an IPv4 header without options
 TCP_ACK_ONLY = 0x10
 TCP_ACK_PSH = 0x18
 IPV4_VERSION_IHL5 = 0x45
+IPV6_HEADER = IPV6_HEADER_LEN
 COALESCE_MAX = 65000  # a joined super-packet stays below 64 KiB with its headers
 
 _u16 = struct.Struct("!H")
+
+
+def _layout(pkt) -> tuple[int, int, bytes] | None:
+    """(TCP header offset, start of the flow key, bytes the IP headers of one flow share)
+    for a TCP segment GRO can take: IPv4 without options or fragments, or IPv6 without
+    extension headers; None otherwise."""
+    if len(pkt) < TCP_AT + 20:
+        return None
+    if pkt[IP_VER_IHL] == IPV4_VERSION_IHL5:
+        at, flow_at = TCP_AT, IP_SRC
+    elif pkt[IP_VER_IHL] >> 4 == 6 and len(pkt) >= IPV6_HEADER + 20:
+        at, flow_at = IPV6_HEADER, V6_SRC
+    else:
+        return None
+    shared = _shared(pkt, at)
+    return None if shared is None else (at, flow_at, shared)
+
+
+def _shared(pkt, at: int) -> bytes | None:
+    """What two segments' IP headers must have in common to be joined."""
+    if at == TCP_AT:
+        if (pkt[IP_VER_IHL] != IPV4_VERSION_IHL5 or pkt[IP_PROTO] != TCP_PROTO
+                or pkt[IP_FRAG] & 0x3F or pkt[IP_FRAG + 1]):
+            return None
+        return bytes((pkt[IP_TOS], pkt[IP_TTL]))
+    if pkt[IP_VER_IHL] >> 4 != 6 or pkt[V6_NEXT] != TCP_PROTO:
+        return None
+    return bytes(pkt[:V6_PAYLOAD_LEN]) + bytes((pkt[V6_HOPS],))
 
 
 def flow_run(packets: list, i: int) -> tuple[int, int]:
@@ -53,37 +94,35 @@ def flow_run(packets: list, i: int) -> tuple[int, int]:
     first, peer = packets[i]
     size = len(first)
     n = len(packets)
-    if (i + 1 >= n or size < TCP_AT + 20 or first[IP_VER_IHL] != IPV4_VERSION_IHL5
-            or first[IP_PROTO] != TCP_PROTO or first[TCP_AT + TCP_FLAGS] != TCP_ACK_ONLY
-            or first[IP_FRAG] & 0x3F or first[IP_FRAG + 1]):
+    layout = _layout(first) if i + 1 < n else None
+    if layout is None:
         return i + 1, size
-    hl = TCP_AT + (first[TCP_AT + TCP_DOFF] >> 4) * 4
+    at, flow_at, shared = layout
+    if first[at + TCP_FLAGS] != TCP_ACK_ONLY:
+        return i + 1, size
+    hl = at + (first[at + TCP_DOFF] >> 4) * 4
     mss = size - hl
-    if mss <= 0 or hl < TCP_AT + 20:
+    if mss <= 0 or hl < at + 20:
         return i + 1, size
-    flow = first[IP_SRC:TCP_AT + TCP_SEQ]  # addresses and ports
-    ack_doff = first[TCP_AT + TCP_ACK:TCP_AT + TCP_FLAGS]
-    window = first[TCP_AT + TCP_WINDOW:TCP_AT + TCP_CSUM]
-    opts = first[TCP_AT + 20:hl]
-    tos_ttl = (first[IP_TOS], first[IP_TTL])
-    seq = int.from_bytes(first[TCP_AT + TCP_SEQ:TCP_AT + TCP_ACK], "big") + mss
+    flow = first[flow_at:at + TCP_SEQ]  # addresses and ports
+    ack_doff = first[at + TCP_ACK:at + TCP_FLAGS]
+    window = first[at + TCP_WINDOW:at + TCP_CSUM]
+    opts = first[at + 20:hl]
+    seq = int.from_bytes(first[at + TCP_SEQ:at + TCP_ACK], "big") + mss
     total = size
     j = i + 1
     while j < n:
         p, q = packets[j]
         plen = len(p) - hl
-        if (q is not peer or plen <= 0 or plen > mss or p[IP_VER_IHL] != IPV4_VERSION_IHL5
-                or total + plen > COALESCE_MAX
-                or not p.startswith(flow, IP_SRC)
-                or not p.startswith((seq & 0xFFFFFFFF).to_bytes(4, "big"),
-                                    TCP_AT + TCP_SEQ)
-                or not p.startswith(ack_doff, TCP_AT + TCP_ACK)
-                or not p.startswith(window, TCP_AT + TCP_WINDOW)
-                or (opts and not p.startswith(opts, TCP_AT + 20))
-                or (p[IP_TOS], p[IP_TTL]) != tos_ttl
-                or p[IP_FRAG] & 0x3F or p[IP_FRAG + 1]):
+        if (q is not peer or plen <= 0 or plen > mss or total + plen > COALESCE_MAX
+                or not p.startswith(flow, flow_at)
+                or not p.startswith((seq & 0xFFFFFFFF).to_bytes(4, "big"), at + TCP_SEQ)
+                or not p.startswith(ack_doff, at + TCP_ACK)
+                or not p.startswith(window, at + TCP_WINDOW)
+                or (opts and not p.startswith(opts, at + 20))
+                or _shared(p, at) != shared):
             break
-        flags = p[TCP_AT + TCP_FLAGS]
+        flags = p[at + TCP_FLAGS]
         if flags != TCP_ACK_ONLY and flags != TCP_ACK_PSH:
             break
         total += plen
@@ -93,23 +132,30 @@ def flow_run(packets: list, i: int) -> tuple[int, int]:
             break  # a short or pushed segment ends a super-packet
     return j, total
 
+
 def join(packets: list, i: int, j: int, size: int) -> list:
     """The gather list for one super-packet: virtio-net header and the first segment's
-    headers (length, IP checksum, PSH of the last, partial TCP checksum) in one piece,
+    headers (length, IPv4 checksum, PSH of the last, partial TCP checksum) in one piece,
     then every segment's payload."""
     first = packets[i][0]
-    hl = TCP_AT + (first[TCP_AT + TCP_DOFF] >> 4) * 4
+    v6 = first[IP_VER_IHL] >> 4 == 6
+    at = IPV6_HEADER if v6 else TCP_AT
+    hl = at + (first[at + TCP_DOFF] >> 4) * 4
     head = bytearray(VNET_LEN + hl)
-    VNET.pack_into(head, 0, F_NEEDS_CSUM, GSO_TCPV4, hl, len(first) - hl, TCP_AT,
-                   TCP_CSUM)
+    VNET.pack_into(head, 0, F_NEEDS_CSUM, GSO_TCPV6 if v6 else GSO_TCPV4, hl,
+                   len(first) - hl, at, TCP_CSUM)
     head[VNET_LEN:] = first[:hl]
     ip = VNET_LEN
-    _u16.pack_into(head, ip + IP_TOTAL_LEN, size)
-    head[ip + IP_CSUM] = head[ip + IP_CSUM + 1] = 0
-    _u16.pack_into(head, ip + IP_CSUM, ~ones_sum(head[ip:ip + TCP_AT]) & 0xFFFF)
-    head[ip + TCP_AT + TCP_FLAGS] = packets[j - 1][0][TCP_AT + TCP_FLAGS]
+    if v6:
+        _u16.pack_into(head, ip + V6_PAYLOAD_LEN, size - IPV6_HEADER)
+        addresses = first[V6_SRC:IPV6_HEADER]
+    else:
+        _u16.pack_into(head, ip + IP_TOTAL_LEN, size)
+        head[ip + IP_CSUM] = head[ip + IP_CSUM + 1] = 0
+        _u16.pack_into(head, ip + IP_CSUM, ~ones_sum(head[ip:ip + TCP_AT]) & 0xFFFF)
+        addresses = first[IP_SRC:IP_DST + 4]
+    head[ip + at + TCP_FLAGS] = packets[j - 1][0][at + TCP_FLAGS]
     # partial checksum: the pseudo-header sum; the kernel adds the rest
-    pseudo = (int.from_bytes(first[IP_SRC:IP_DST + 4], "big") + TCP_PROTO
-              + size - TCP_AT) % 0xFFFF
-    _u16.pack_into(head, ip + TCP_AT + TCP_CSUM, pseudo or 0xFFFF)
+    pseudo = (int.from_bytes(addresses, "big") + TCP_PROTO + size - at) % 0xFFFF
+    _u16.pack_into(head, ip + at + TCP_CSUM, pseudo or 0xFFFF)
     return [head, *[memoryview(p)[hl:] for p, _ in packets[i:j]]]

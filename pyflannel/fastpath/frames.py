@@ -31,12 +31,16 @@ from pyflannel.fastpath.packet import (
     IP_TOTAL_LEN,
     IP_VER_IHL,
     IPV4_MIN_HEADER,
+    IPV6_HEADER_LEN,
     TCP_CSUM,
     TCP_DOFF,
     TCP_FLAGS,
     TCP_MIN_HEADER,
     TCP_PROTO,
     TCP_SEQ,
+    V6_NEXT,
+    V6_PAYLOAD_LEN,
+    V6_SRC,
 )
 
 VNET_LEN = 10
@@ -142,6 +146,43 @@ def segment_tcp4(pkt: bytes | bytearray | memoryview, gso_size: int) -> list[byt
         tcp_len = len(seg) - ihl
         s = ones_sum(pseudo + _u16.pack(tcp_len) + bytes(seg[ihl:]))
         _u16.pack_into(seg, ihl + TCP_CSUM, ~s & 0xFFFF)
+        out.append(seg)
+    return out
+
+
+def segment_tcp6(pkt: bytes | bytearray | memoryview, gso_size: int) -> list[bytearray]:
+    """Cut an IPv6/TCP super-packet (no extension headers) into MSS-sized packets with
+    complete checksums, as the kernel's TSO would."""
+    n = len(pkt)
+    if (n < IPV6_HEADER_LEN + TCP_MIN_HEADER or pkt[IP_VER_IHL] >> 4 != 6
+            or pkt[V6_NEXT] != TCP_PROTO):
+        raise FrameError("super-packet is not IPv6/TCP")
+    thl = (pkt[IPV6_HEADER_LEN + TCP_DOFF] >> 4) * 4
+    hl = IPV6_HEADER_LEN + thl
+    total = IPV6_HEADER_LEN + _u16.unpack_from(pkt, V6_PAYLOAD_LEN)[0]
+    if thl < 20 or hl > n or total > n or total < hl or gso_size <= 0:
+        raise FrameError("super-packet has inconsistent header lengths")
+    at = IPV6_HEADER_LEN
+    header = bytes(pkt[:hl])
+    payload = memoryview(pkt)[hl:total]
+    seq = _u32.unpack_from(header, at + TCP_SEQ)[0]
+    flags = header[at + TCP_FLAGS]
+    addresses = header[V6_SRC:IPV6_HEADER_LEN]
+    out = []
+    count = max(1, -(-len(payload) // gso_size))
+    for i in range(count):
+        chunk = payload[i * gso_size:(i + 1) * gso_size]
+        seg = bytearray(header)
+        seg += chunk
+        _u16.pack_into(seg, V6_PAYLOAD_LEN, len(seg) - IPV6_HEADER_LEN)
+        _u32.pack_into(seg, at + TCP_SEQ, (seq + i * gso_size) & 0xFFFFFFFF)
+        fl = flags if i == count - 1 else flags & ~0x09  # FIN and PSH only on the last
+        seg[at + TCP_FLAGS] = fl & ~0x80 if i else fl  # CWR only on the first
+        seg[at + TCP_CSUM] = seg[at + TCP_CSUM + 1] = 0
+        tcp_len = len(seg) - at
+        s = ones_sum(addresses + _u32.pack(tcp_len) + bytes((0, 0, 0, TCP_PROTO))
+                     + bytes(seg[at:]))
+        _u16.pack_into(seg, at + TCP_CSUM, ~s & 0xFFFF)
         out.append(seg)
     return out
 

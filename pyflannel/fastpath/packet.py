@@ -20,6 +20,12 @@ IP_CSUM = 10  # 2 bytes
 IP_SRC = 12  # 4 bytes
 IP_DST = 16  # 4 bytes
 IPV4_MIN_HEADER = 20
+# IPv6 header fields
+V6_PAYLOAD_LEN = 4  # 2 bytes: the length after the 40-byte header
+V6_NEXT = 6  # next header (6: TCP, no extension headers)
+V6_HOPS = 7
+V6_SRC = 8  # 16 bytes, then the destination's 16
+IPV6_HEADER_LEN = 40
 # TCP header fields (offsets from the start of the TCP header)
 TCP_PROTO = 6
 TCP_SEQ = 4

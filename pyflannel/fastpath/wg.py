@@ -33,6 +33,7 @@ from pyflannel.fastpath.frames import (
     GSO_ECN,
     GSO_NONE,
     GSO_TCPV4,
+    GSO_TCPV6,
     MAX_DATAGRAM,
     VNET,
     VNET_FLAGS,
@@ -42,20 +43,26 @@ from pyflannel.fastpath.frames import (
     FrameError,
     finish_checksum,
     segment_tcp4,
+    segment_tcp6,
 )
 from pyflannel.fastpath.packet import (
     IP_CSUM,
+    IP_DST,
     IP_ID,
     IP_PROTO,
     IP_SRC,
     IP_TOTAL_LEN,
     IP_VER_IHL,
     IPV4_MIN_HEADER,
+    IPV6_HEADER_LEN,
     TCP_CSUM,
     TCP_DOFF,
     TCP_FLAGS,
     TCP_PROTO,
     TCP_SEQ,
+    V6_NEXT,
+    V6_PAYLOAD_LEN,
+    V6_SRC,
 )
 from pyflannel.fastpath.transport import (
     ANC_SIZE,
@@ -205,7 +212,7 @@ class WgSend(WgBase):
                     buf, READ_AT)
                 kind = gso_type & ~GSO_ECN
                 try:
-                    if kind == GSO_TCPV4:
+                    if kind in (GSO_TCPV4, GSO_TCPV6):
                         self.seal_super(peer, pkt, gso_size)
                         c[C["segmented"]] += 1
                         continue
@@ -277,37 +284,48 @@ class WgSend(WgBase):
         bbuf[p:p + padded + TAG_LEN] = enc(_NONCE_PAD + ctr, bbuf[p:p + padded], None)
 
     def seal_super(self, peer: Peer, pkt: memoryview, mss: int) -> None:
-        """Cut a TCP/IPv4 super-packet into ``mss``-sized segments as TSO would, each built
-        and encrypted in place in the GSO batch: the headers are copied once per segment
-        and only the fields that change are written (total length, IP ID, IP checksum,
-        sequence number, flags, TCP checksum, both checksums from sums computed once)."""
+        """Cut a TCP super-packet (IPv4, or IPv6 without extension headers) into
+        ``mss``-sized segments as TSO would, each built and encrypted in place in the GSO
+        batch: the headers are copied once per segment and only the fields that change
+        are written (length, IPv4 ID and checksum, sequence number, flags, TCP checksum;
+        the checksums from sums computed once)."""
         n = len(pkt)
-        if (n < TCP_AT + 20 or pkt[IP_VER_IHL] >> 4 != 4 or pkt[IP_PROTO] != TCP_PROTO
-                or mss <= 0):
-            raise FrameError("super-packet is not IPv4/TCP")
-        ihl = (pkt[IP_VER_IHL] & 0x0F) * 4
+        v6 = n > 0 and pkt[IP_VER_IHL] >> 4 == 6
+        if v6:
+            if n < IPV6_HEADER_LEN + 20 or pkt[V6_NEXT] != TCP_PROTO or mss <= 0:
+                raise FrameError("super-packet is not IPv6/TCP")
+            ihl = IPV6_HEADER_LEN
+            total = ihl + ((pkt[V6_PAYLOAD_LEN] << 8) | pkt[V6_PAYLOAD_LEN + 1])
+        else:
+            if (n < TCP_AT + 20 or pkt[IP_VER_IHL] >> 4 != 4 or pkt[IP_PROTO] != TCP_PROTO
+                    or mss <= 0):
+                raise FrameError("super-packet is not IPv4/TCP")
+            ihl = (pkt[IP_VER_IHL] & 0x0F) * 4
+            total = (pkt[IP_TOTAL_LEN] << 8) | pkt[IP_TOTAL_LEN + 1]
         doff = (pkt[ihl + TCP_DOFF] >> 4) * 4 if n > ihl + TCP_DOFF else 0
         hl = ihl + doff
-        total = (pkt[IP_TOTAL_LEN] << 8) | pkt[IP_TOTAL_LEN + 1]
         if ihl < 20 or doff < 20 or total > n or total < hl:
             raise FrameError("super-packet has inconsistent header lengths")
         if peer is not self._run_peer:
             self.start_run(peer)
         if self._run_kp is None:
-            for seg in segment_tcp4(pkt, mss):
+            for seg in (segment_tcp6 if v6 else segment_tcp4)(pkt, mss):
                 self.stage(peer, seg)
             return
         head = bytearray(pkt[:hl])
         seq0 = _u32.unpack_from(head, ihl + TCP_SEQ)[0]
-        id0 = _u16.unpack_from(head, IP_ID)[0]
+        id0 = 0 if v6 else _u16.unpack_from(head, IP_ID)[0]
         flags = head[ihl + TCP_FLAGS]
         # sums of the parts that stay put (changing fields zeroed), mod 0xFFFF
-        for at, size in ((IP_TOTAL_LEN, 2), (IP_ID, 2), (IP_CSUM, 2),
-                         (ihl + TCP_SEQ, 4), (ihl + TCP_FLAGS, 1), (ihl + TCP_CSUM, 2)):
+        varying = ((V6_PAYLOAD_LEN, 2),) if v6 else (
+            (IP_TOTAL_LEN, 2), (IP_ID, 2), (IP_CSUM, 2))
+        for at, size in (*varying, (ihl + TCP_SEQ, 4), (ihl + TCP_FLAGS, 1),
+                         (ihl + TCP_CSUM, 2)):
             head[at:at + size] = _ZEROS[:size]
-        ip_base = int.from_bytes(head[:ihl], "big") % 0xFFFF
-        tcp_base = (int.from_bytes(head[ihl:hl], "big") + int.from_bytes(head[IP_SRC:IP_SRC + 8],
-                    "big") + TCP_PROTO) % 0xFFFF
+        ip_base = 0 if v6 else int.from_bytes(head[:ihl], "big") % 0xFFFF
+        addresses = head[V6_SRC:IPV6_HEADER_LEN] if v6 else head[IP_SRC:IP_DST + 4]
+        tcp_base = (int.from_bytes(head[ihl:hl], "big") + int.from_bytes(addresses, "big")
+                    + TCP_PROTO) % 0xFFFF
         bbuf, mtu, addr = self._bbuf, self.mtu, self._run_addr
         kp, enc = self._run_kp, self._run_enc
         prefix = kp.prefix
@@ -338,10 +356,13 @@ class WgSend(WgBase):
                 chunk = pkt[start:start + clen]
                 # the segment's headers in a copy of the template, then the plaintext
                 h = head[:]
-                ip_id = (id0 + g) & 0xFFFF
-                c = (ip_sum + ip_id) % 0xFFFF
-                pack_ip(h, IP_TOTAL_LEN, seg_len, ip_id)
-                pack16(h, IP_CSUM, 0xFFFF - c if c else 0)
+                if v6:
+                    pack16(h, V6_PAYLOAD_LEN, seg_len - IPV6_HEADER_LEN)
+                else:
+                    ip_id = (id0 + g) & 0xFFFF
+                    c = (ip_sum + ip_id) % 0xFFFF
+                    pack_ip(h, IP_TOTAL_LEN, seg_len, ip_id)
+                    pack16(h, IP_CSUM, 0xFFFF - c if c else 0)
                 seq = (seq0 + g * mss) & 0xFFFFFFFF
                 fl = fl_mid if 0 < g < last else (
                     flags & ~TCP_CWR if g else flags if g == last else flags & ~TCP_FIN_PSH)
