@@ -366,9 +366,10 @@ class WgSend(WgBase):
                 seq = (seq0 + g * mss) & 0xFFFFFFFF
                 fl = fl_mid if 0 < g < last else (
                     flags & ~TCP_CWR if g else flags if g == last else flags & ~TCP_FIN_PSH)
-                data_sum = int.from_bytes(chunk, "big")
-                if clen & 1:
-                    data_sum <<= 8
+                # the data's one's-complement sum: read little-endian (twice as fast as
+                # big-endian from a memoryview here) it is the byte-swapped sum, which is
+                # the sum times 256 modulo 0xFFFF; odd lengths need no padding this way
+                data_sum = (int.from_bytes(chunk, "little") % 0xFFFF) << 8
                 c = (tcp_sum + (seq >> 16) + (seq & 0xFFFF) + fl + data_sum) % 0xFFFF
                 pack_tcp(h, at_seq, seq)
                 h[at_flags] = fl
