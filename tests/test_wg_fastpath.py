@@ -369,3 +369,52 @@ def test_ipv6_tso_super_packets_are_cut_sealed_and_joined_again(coalesce):
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_pre_shared_key_must_match_on_both_sides():
+    import base64
+    import os
+
+    def key() -> str:
+        return base64.b64encode(os.urandom(32)).decode()
+
+    same = key()
+    for psk_a, psk_b in ((same, same), (key(), key())):
+        a = WgNode("127.0.0.1", "10.1.1.0")
+        b = WgNode("127.0.0.2", "10.1.2.0")
+        try:
+            a.configure(b.peer_row(), psk=psk_a)
+            b.configure(a.peer_row(), psk=psk_b)
+            p = ipv4("10.1.1.5", "10.1.2.7")
+            a.app.send(p)
+            if psk_a == psk_b:
+                assert b.app.recv(65536) == p
+                continue
+            # the responder mixes its key in: the initiator cannot open the response
+            wait_for(lambda a=a: a.counters()["drop_bad_auth"] >= 1, "response refused")
+            b.app.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                b.app.recv(65536)
+            assert a.counters()["wg_handshakes_completed"] == 0
+        finally:
+            a.stop()
+            b.stop()
+
+
+def test_persistent_keepalives_start_a_session_and_keep_it_warm():
+    a = WgNode("127.0.0.1", "10.1.1.0")
+    b = WgNode("127.0.0.2", "10.1.2.0")
+    try:
+        for me, other in ((a, b), (b, a)):
+            msg = {"op": "config", "subnet_len": 24, "local_net": int(IPv4Address(me.net)),
+                   "icmp_src": int(IPv4Address("10.1.0.0")), "psk": None, "keepalive": 1,
+                   "peers": [[other.key.public_base64, [other.net + "/24"], other.ip,
+                              other.port]]}
+            me.ctl.sendall(json.dumps(msg).encode() + b"\n")
+        # both sides start at once: crossed initiations may cost one retransmission (5 s)
+        wait_for(lambda: a.counters()["wg_handshakes_completed"] >= 1, "a session, unasked",
+                 12)
+        wait_for(lambda: b.counters()["wg_keepalives_received"] >= 2, "keepalives", 5)
+    finally:
+        a.stop()
+        b.stop()
