@@ -405,15 +405,12 @@ def test_persistent_keepalives_start_a_session_and_keep_it_warm():
     a = WgNode("127.0.0.1", "10.1.1.0")
     b = WgNode("127.0.0.2", "10.1.2.0")
     try:
-        for me, other in ((a, b), (b, a)):
-            msg = {"op": "config", "subnet_len": 24, "local_net": int(IPv4Address(me.net)),
-                   "icmp_src": int(IPv4Address("10.1.0.0")), "psk": None, "keepalive": 1,
-                   "peers": [[other.key.public_base64, [other.net + "/24"], other.ip,
-                              other.port]]}
-            me.ctl.sendall(json.dumps(msg).encode() + b"\n")
-        # both sides start at once: crossed initiations may cost one retransmission (5 s)
-        wait_for(lambda: a.counters()["wg_handshakes_completed"] >= 1, "a session, unasked",
-                 12)
+        b.configure(a.peer_row())
+        msg = {"op": "config", "subnet_len": 24, "local_net": int(IPv4Address(a.net)),
+               "icmp_src": int(IPv4Address("10.1.0.0")), "psk": None, "keepalive": 1,
+               "peers": [[b.key.public_base64, [b.net + "/24"], b.ip, b.port]]}
+        a.ctl.sendall(json.dumps(msg).encode() + b"\n")
+        wait_for(lambda: a.counters()["wg_handshakes_completed"] >= 1, "a session, unasked")
         wait_for(lambda: b.counters()["wg_keepalives_received"] >= 2, "keepalives", 5)
     finally:
         a.stop()
