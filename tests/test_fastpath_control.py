@@ -196,3 +196,28 @@ def test_the_wireguard_framing_takes_its_table_and_reports_peers_by_key(tmp_path
         fp.stop()
         for s in (tun_app, tun_fwd, udp):
             s.close()
+
+
+def test_the_wireguard_fast_path_refuses_a_key_file_that_changed(tmp_path):
+    """The published public key must be the one the data path uses: a key file replaced
+    between the backend's read and the fast path's start stops the fast path."""
+    from pyflannel.wireguard.keys import PrivateKey, load_or_create_key
+
+    key_file = tmp_path / "wgkey"
+    load_or_create_key(key_file)
+    tun_app, tun_fwd = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    fp = FastPath(tun_fwd.fileno(), udp, vnet=True, framing="wireguard",
+                  wg_key_file=str(key_file),
+                  wg_public_key=PrivateKey.generate().public_base64)
+    fp.start()
+    try:
+        deadline = time.monotonic() + 10
+        while fp.alive():
+            assert time.monotonic() < deadline, "the fast path kept running"
+            time.sleep(0.05)
+    finally:
+        fp.stop()
+        for s in (tun_app, tun_fwd, udp):
+            s.close()

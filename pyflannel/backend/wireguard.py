@@ -205,7 +205,8 @@ class WireguardBackend(Backend):
         outer = UDP_OVERHEAD if family == 4 else UDP6_OVERHEAD
         fastpath = FastPath(tun.fileno(), sock, mode=self.fastpath_mode, vnet=True,
                             gso=self.gso, gro=self.gro, datagram_size=self.ext.mtu - outer,
-                            framing="wireguard", wg_key_file=key_file, wg_mtu=self.mtu)
+                            framing="wireguard", wg_key_file=key_file, wg_mtu=self.mtu,
+                            wg_public_key=self.public_key)
         fastpath.start()
         log.info("wireguard: device %s, port %d, public key %s", device, port,
                  short_key(decode_key(self.public_key)))

@@ -567,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wg-key-file", help="the node's WireGuard private key (read here, "
                     "so the secret never crosses the command line or the control socket)")
     ap.add_argument("--wg-mtu", type=int, default=1420)
+    ap.add_argument("--wg-public-key", help="the public key the backend published: the "
+                    "key file must still hold its private half")
     args = ap.parse_args(argv)
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
@@ -578,11 +580,19 @@ def main(argv: list[str] | None = None) -> int:
     fwd: Transport
     if args.framing == "wireguard":
         from pyflannel.fastpath.wg import WgForwarder
-        from pyflannel.wireguard.keys import load_or_create_key
+        from pyflannel.wireguard.keys import KeyFileError, key_file_path, read_key_file
 
+        try:
+            key = read_key_file(args.wg_key_file or key_file_path())
+        except KeyFileError as e:
+            print(f"pyflannel-fastpath: {e}", file=sys.stderr, flush=True)
+            return 1
+        if args.wg_public_key and key.public_base64 != args.wg_public_key:
+            print(f"pyflannel-fastpath: WireGuard key file {args.wg_key_file} changed "
+                  "since the backend read it; not starting", file=sys.stderr, flush=True)
+            return 1
         fwd = WgForwarder(args.tun_fd, sock, ctl, counters.attach(args.counters_fd),
-                          private_key=load_or_create_key(args.wg_key_file),
-                          mtu=args.wg_mtu, **options)
+                          private_key=key, mtu=args.wg_mtu, **options)
     else:
         fwd = Forwarder(args.tun_fd, sock, ctl, counters.attach(args.counters_fd), **options)
     fwd.run()

@@ -66,7 +66,8 @@ class FastPath:
     def __init__(self, tun_fd: int, sock: socket.socket, mode: str = "process", *,
                  vnet: bool = False, gso: bool = True, gro: bool = True,
                  datagram_size: int = 1472, framing: str = "udp",
-                 wg_key_file: str | None = None, wg_mtu: int = 1420) -> None:
+                 wg_key_file: str | None = None, wg_mtu: int = 1420,
+                 wg_public_key: str | None = None) -> None:
         if mode not in ("process", "thread"):
             raise ValueError(f"fast path mode {mode!r} is not process or thread")
         if framing not in ("udp", "wireguard"):
@@ -75,6 +76,7 @@ class FastPath:
         self.framing = framing
         self.wg_key_file = wg_key_file
         self.wg_mtu = wg_mtu
+        self.wg_public_key = wg_public_key
         self.options = {"vnet": vnet, "gso": gso, "gro": gro, "datagram_size": datagram_size}
         self.tun_fd = tun_fd
         self.sock = sock
@@ -93,12 +95,12 @@ class FastPath:
         if self.mode == "thread":
             if self.framing == "wireguard":
                 from pyflannel.fastpath.wg import WgForwarder
-                from pyflannel.wireguard.keys import load_or_create_key
+                from pyflannel.wireguard.keys import key_file_path, read_key_file
 
                 fwd: Transport = WgForwarder(
                     self.tun_fd, self.sock, self._child_ctl, self._mem,
-                    private_key=load_or_create_key(self.wg_key_file), mtu=self.wg_mtu,
-                    **self.options)
+                    private_key=read_key_file(self.wg_key_file or key_file_path()),
+                    mtu=self.wg_mtu, **self.options)
             else:
                 fwd = Forwarder(self.tun_fd, self.sock, self._child_ctl, self._mem,
                                 **self.options)
@@ -117,6 +119,7 @@ class FastPath:
              *(["--no-gro"] if not self.options["gro"] else []),
              *(["--framing", "wireguard", "--wg-mtu", str(self.wg_mtu)]
                + (["--wg-key-file", self.wg_key_file] if self.wg_key_file else [])
+               + (["--wg-public-key", self.wg_public_key] if self.wg_public_key else [])
                if self.framing == "wireguard" else [])],
             pass_fds=fds,
             stdin=subprocess.DEVNULL,

@@ -158,6 +158,15 @@ def load_or_create_key(path: str | os.PathLike[str] | None = None) -> PrivateKey
     return key
 
 
+def read_key_file(path: str | os.PathLike[str]) -> PrivateKey:
+    """Read an existing key file, never creating one: for the fast-path process, which
+    must use the very key whose public half the backend published."""
+    try:
+        return _read_key_file(Path(path))
+    except FileNotFoundError:
+        raise KeyFileError(f"WireGuard key file {path} is missing") from None
+
+
 def _read_key_file(path: Path) -> PrivateKey:
     try:
         mode = path.stat().st_mode
