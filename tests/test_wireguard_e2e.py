@@ -353,6 +353,18 @@ def test_dual_stack_carries_both_families_on_two_devices():
                 assert lab.ping(a.lab_node, b.gw6, src_ip=a.gw6, count=2, timeout=3)
             listening = lab.run(ns, ["ss", "-uln"], text=True).stdout
             assert ":51820" in listening and ":51821" in listening
+            # TCP over IPv6: super-packets cut, sealed and joined again, data intact
+            v6 = {"TCP_SINK": TCP_SINK, "TCP_SOURCE": TCP_SOURCE}
+            v6 = {k: v.replace("socket.socket()", "socket.socket(socket.AF_INET6)")
+                  for k, v in v6.items()}
+            sink = lab.popen(n2.lab_node.ns, [sys.executable, "-c", v6["TCP_SINK"], n2.gw6,
+                                              "5003"], stdout=subprocess.PIPE)
+            assert sink.stdout.readline().strip() == b"listening"
+            size = 8 * 1024 * 1024
+            sent = lab.run(n1.lab_node.ns, [sys.executable, "-c", v6["TCP_SOURCE"], n2.gw6,
+                                            "5003", str(size), n1.gw6], timeout=120, text=True)
+            assert sink.stdout.readline().decode().strip() == sent.stdout.strip()
+            sink.wait(10)
         finally:
             c.stop()
 
