@@ -97,7 +97,12 @@ def flow_run(packets: list, i: int) -> tuple[int, int]:
     layout = _layout(first) if i + 1 < n else None
     if layout is None:
         return i + 1, size
-    at, flow_at, shared = layout
+    at, flow_at, _shared_bytes = layout
+    # the IP header bytes every segment of the flow repeats: version and TOS (IPv4) or
+    # version, traffic class and flow label (IPv6); then from byte 6: IPv4 fragment
+    # field (DF, offset 0), TTL and protocol, or IPv6 next header and hop limit
+    ip_a = first[:2] if at == TCP_AT else first[:V6_PAYLOAD_LEN]
+    ip_b = first[IP_FRAG:IP_CSUM] if at == TCP_AT else first[V6_NEXT:V6_SRC]
     if first[at + TCP_FLAGS] != TCP_ACK_ONLY:
         return i + 1, size
     hl = at + (first[at + TCP_DOFF] >> 4) * 4
@@ -120,7 +125,7 @@ def flow_run(packets: list, i: int) -> tuple[int, int]:
                 or not p.startswith(ack_doff, at + TCP_ACK)
                 or not p.startswith(window, at + TCP_WINDOW)
                 or (opts and not p.startswith(opts, at + 20))
-                or _shared(p, at) != shared):
+                or not p.startswith(ip_a) or not p.startswith(ip_b, IP_FRAG)):
             break
         flags = p[at + TCP_FLAGS]
         if flags != TCP_ACK_ONLY and flags != TCP_ACK_PSH:
