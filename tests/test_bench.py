@@ -21,12 +21,14 @@ def test_quick_benchmark_runs_every_setup(tmp_path):
     out = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
-    for setup in ("underlay", "udp-flannel", "udp-fast", "vxlan", "host-gw"):
+    setups = {"underlay", "udp-flannel", "udp-fast", "vxlan", "host-gw", "wireguard",
+              "wireguard-go"}
+    for setup in setups:
         assert setup in out.stdout
     (doc_path,) = tmp_path.glob("bench-*.json")
     doc = json.loads(doc_path.read_text())
     medians = {r["setup"]: r["medians"] for r in doc["results"]}
-    assert set(medians) == {"underlay", "udp-flannel", "udp-fast", "vxlan", "host-gw"}
+    assert set(medians) == setups
     for m in medians.values():
         assert m["tcp1_gbps"] > 0 and m["udp1400_pps"] > 0 and m["ping_p50_ms"] > 0
     (chart,) = tmp_path.glob("bench-*.png")
