@@ -85,6 +85,53 @@ class DaemonCollector(Collector):
         yield CounterMetricFamily("pyflannel_icmp_unreachable_sent",
                                   "ICMP net-unreachable answers for destinations without lease",
                                   value=c.get("icmp_unreachable_sent", 0))
+        yield CounterMetricFamily(
+            "pyflannel_coalesced_segments", "TCP segments joined into super-packets before "
+            "the TUN write (GRO in user space)", value=c.get("coalesced", 0))
+        if s.get("backend") == "wireguard":
+            yield from _wireguard(c, per_peer)
+
+
+# Device drop reasons that are handshake failures, and those that are datagrams failing
+# authentication (the fast path counts both as drop_<reason>).
+HANDSHAKE_FAILURES = ("bad_mac1", "bad_mac2", "unknown_peer", "handshake_replay",
+                      "handshake_flood", "bad_cookie", "rate_limited")
+UNAUTHENTICATED = ("bad_auth", "malformed", "unknown_index", "bad_mac1", "unknown_peer")
+
+
+def _wireguard(c: dict, per_peer: dict) -> Iterator:
+    """The wireguard backend's protocol metrics: handshakes, their failures by reason, the
+    last handshake per peer, replayed and unauthenticated datagrams."""
+    yield CounterMetricFamily("pyflannel_wireguard_handshakes",
+                              "WireGuard handshakes completed",
+                              value=c.get("wg_handshakes_completed", 0))
+    yield CounterMetricFamily("pyflannel_wireguard_initiations_sent",
+                              "WireGuard handshake initiations sent (retransmissions included)",
+                              value=c.get("wg_initiations_sent", 0))
+    failures = CounterMetricFamily(
+        "pyflannel_wireguard_handshake_failures", "WireGuard handshake messages refused, or "
+        "handshakes given up after 90 s (abandoned), by reason", labels=["reason"])
+    for reason in HANDSHAKE_FAILURES:
+        failures.add_metric([reason], c.get(f"drop_{reason}", 0))
+    failures.add_metric(["abandoned"], c.get("wg_handshakes_abandoned", 0))
+    yield failures
+    yield CounterMetricFamily("pyflannel_wireguard_replayed_datagrams",
+                              "WireGuard transport messages refused as replays",
+                              value=c.get("drop_replay", 0))
+    unauth = CounterMetricFamily("pyflannel_wireguard_unauthenticated_datagrams",
+                                 "datagrams on the WireGuard port that failed authentication, "
+                                 "by reason", labels=["reason"])
+    for reason in UNAUTHENTICATED:
+        unauth.add_metric([reason], c.get(f"drop_{reason}", 0))
+    yield unauth
+    last = GaugeMetricFamily("pyflannel_wireguard_last_handshake_timestamp_seconds",
+                             "when the last WireGuard handshake with each peer completed "
+                             "(Unix time)", labels=["peer", "public_key"])
+    for peer, st in sorted(per_peer.items()):
+        at = st.get("latest_handshake")
+        if isinstance(at, int | float):
+            last.add_metric([peer, str(st.get("public_key", ""))], at)
+    yield last
 
 
 class Metrics:

@@ -177,18 +177,42 @@ def _mac(data: Any) -> str:
     return str(data["VtepMAC"]) if isinstance(data, dict) and "VtepMAC" in data else "-"
 
 
+def _short_key(r: dict[str, Any]) -> str:
+    """A wireguard lease's public key, shortened as `wg show` users read it (8 characters)."""
+    for data in (r.get("backend_data"), r.get("backend_v6_data")):
+        if isinstance(data, dict) and isinstance(data.get("PublicKey"), str):
+            return data["PublicKey"][:8] + "…"
+    return "-"
+
+
+def _handshake(c: dict | None, now: float) -> str:
+    """The age of the last WireGuard handshake with a peer, as `wg show` prints it."""
+    if not c:
+        return "-"
+    at = c.get("latest_handshake")
+    if not isinstance(at, int | float):
+        return "never"
+    return format_duration(max(0, int(now - at))) + " ago"
+
+
 def render_table(rows: list[dict[str, Any]]) -> str:
-    """The status table; IPv6 columns only when some lease has an IPv6 subnet."""
+    """The status table; IPv6 columns only when some lease has an IPv6 subnet, WireGuard
+    columns (short public key, age of the last handshake) only when some lease is
+    wireguard."""
     v6 = any(r.get("ipv6_subnet") for r in rows)
+    wg = any(r.get("backend") == "wireguard" for r in rows)
+    now = time.time()
     header = ("SUBNET", *(("IPV6 SUBNET",) if v6 else ()), "PUBLIC IP",
               *(("PUBLIC IPV6",) if v6 else ()), "BACKEND", "VTEP MAC",
-              *(("VTEP MAC V6",) if v6 else ()), "LEASE LEFT", "TX PKTS", "TX BYTES",
+              *(("VTEP MAC V6",) if v6 else ()), *(("PUBLIC KEY", "HANDSHAKE") if wg else ()),
+              "LEASE LEFT", "TX PKTS", "TX BYTES",
               "RX PKTS", "RX BYTES", "DROPS", "LAST RX", "")
     lines = [header]
     for r in rows:
         if "error" in r:
             lines.append((r["subnet"], *(("-",) if v6 else ()), "-",
                           *(("-",) if v6 else ()), "-", "-", *(("-",) if v6 else ()),
+                          *(("-", "-") if wg else ()),
                           "-", "", "", "", "", "", "", f"malformed: {r['error']}"))
             continue
         mac = _mac(r.get("backend_data"))
@@ -203,8 +227,10 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         ipv6 = (r.get("ipv6_subnet") or "-",) if v6 else ()
         pub6 = (r.get("public_ipv6") or "-",) if v6 else ()
         mac6 = (_mac(r.get("backend_v6_data")),) if v6 else ()
+        wgcols = ((_short_key(r), "-" if r["this_node"] else _handshake(c, now))
+                  if wg else ())
         lines.append((r["subnet"] or "-", *ipv6, r["public_ip"], *pub6, r["backend"], mac,
-                      *mac6, format_duration(r["expires_in_s"]), *traffic,
+                      *mac6, *wgcols, format_duration(r["expires_in_s"]), *traffic,
                       "<- this host" if r["this_node"] else ""))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()

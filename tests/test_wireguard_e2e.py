@@ -243,6 +243,17 @@ def test_status_shows_each_peer_s_key_and_handshake(cluster):
     assert go["public_key"] == c.go_key.public_base64[:8] + "…"
     assert go["latest_handshake"] is not None and go["rx_bytes"] > 0
     assert peers[c.nodes["n2"].network]["session"]
+    table = c.lab.run(n1.lab_node.ns, [sys.executable, "-m", "pyflannel", "status",
+                                       f"-etcd-endpoints={c.lab.etcd_endpoint}",
+                                       f"-subnet-file={n1.lab_node.subnet_file}"],
+                      text=True).stdout
+    header, *lines = table.splitlines()
+    assert "PUBLIC KEY" in header and "HANDSHAKE" in header
+    go_line = next(line for line in lines if line.startswith(GO_SUBNET))
+    assert c.go_key.public_base64[:8] + "…" in go_line and " ago" in go_line
+    assert metric(c.lab, n1.lab_node, "pyflannel_wireguard_handshakes_total") >= 1
+    assert metric(c.lab, n1.lab_node, "pyflannel_wireguard_last_handshake_timestamp_seconds",
+                  peer=GO_SUBNET) > 0
 
 
 def test_a_tcp_transfer_arrives_intact(cluster):
