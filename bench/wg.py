@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,34 +17,17 @@ from pyflannel.wireguard.keys import PrivateKey
 
 PORT = 51820
 SOCK_DIR = Path("/var/run/wireguard")
-# pyflannel/config.py may not list "wireguard" yet: the daemons then get it from this
-# start-up hook (a no-op once config.py knows the backend).
-CONFIG_SHIM = """
-import pyflannel.config as _c
-if "wireguard" not in _c._BACKEND_OPTIONS:
-    _c._BACKEND_OPTIONS["wireguard"] = ()
-    _c.KNOWN_BACKENDS = (*_c.KNOWN_BACKENDS, "wireguard")
-"""
 _REPO = Path(__file__).resolve().parent.parent
-_shim_dir: Path | None = None
 
 
 def daemon_env(node: LabNode) -> dict[str, str]:
     """Each node its own key file (the default /run/flannel/wgkey is shared by every
-    namespace of one machine), and the config hook."""
-    global _shim_dir
-    if _shim_dir is None:
-        _shim_dir = Path(tempfile.mkdtemp(prefix="pfbench-shim-"))
-        (_shim_dir / "sitecustomize.py").write_text(CONFIG_SHIM)
-    return {"WIREGUARD_KEY_FILE": str(node.workdir / "wgkey"),
-            "PYTHONPATH": f"{_shim_dir}{os.pathsep}{_REPO}"}
+    namespace of one machine)."""
+    return {"WIREGUARD_KEY_FILE": str(node.workdir / "wgkey")}
 
 
 def cleanup() -> None:
-    global _shim_dir
-    if _shim_dir is not None:
-        shutil.rmtree(_shim_dir, ignore_errors=True)
-        _shim_dir = None
+    """Nothing is left outside the lab (kept for the callers)."""
 
 
 class WireguardGo:

@@ -12,6 +12,7 @@ ends up in the daemon's log and in ``kubectl logs``.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 import re
@@ -31,7 +32,7 @@ __all__ = [
 ]
 
 MAX_CONFIG_BYTES = 64 * 1024  # the config is a few hundred bytes; more is a mistake or abuse
-KNOWN_BACKENDS = ("udp", "vxlan", "host-gw")
+KNOWN_BACKENDS = ("udp", "vxlan", "host-gw", "wireguard")
 DEFAULT_BACKEND = "udp"
 
 
@@ -83,6 +84,7 @@ def _lookup(obj: Mapping[str, Any], name: str) -> Any:
 
 _CANONICAL_OPTIONS = (
     "Type", "Port", "VNI", "GBP", "Learning", "DirectRouting", "MTU", "MacPrefix", "Framing",
+    "ListenPort", "ListenPortV6", "PSK", "PersistentKeepaliveInterval", "Mode",
 )
 _CANONICAL_BY_LOWER = {name.lower(): name for name in _CANONICAL_OPTIONS}
 
@@ -94,10 +96,21 @@ class _Option:
     default: Any
     check: Callable[[Any], bool] | None = None  # is the value allowed?
     allowed: str = ""  # how the allowed range reads in an error message
+    secret: bool = False  # never shown in an error message (a pre-shared key)
 
 
 def _between(lo: int, hi: int) -> Callable[[int], bool]:
     return lambda v: lo <= v <= hi
+
+
+def _is_wireguard_key(value: str) -> bool:
+    """Empty, or base64 of 32 bytes (a WireGuard pre-shared key)."""
+    if value == "":
+        return True
+    try:
+        return len(base64.b64decode(value, validate=True)) == 32
+    except ValueError:
+        return False
 
 
 _BACKEND_OPTIONS: dict[str, tuple[_Option, ...]] = {
@@ -113,6 +126,16 @@ _BACKEND_OPTIONS: dict[str, tuple[_Option, ...]] = {
         _Option("MTU", int, 0, lambda v: v == 0 or 68 <= v <= 65535, "0 or 68..65535"),
     ),
     "host-gw": (),
+    # flanneld v0.20.2's wireguard options and defaults.
+    "wireguard": (
+        _Option("ListenPort", int, 51820, _between(1, 65535), "1..65535"),
+        _Option("ListenPortV6", int, 51821, _between(1, 65535), "1..65535"),
+        _Option("PSK", str, "", _is_wireguard_key, "empty or a base64 32-byte key",
+                secret=True),
+        _Option("PersistentKeepaliveInterval", int, 0, _between(0, 65535), "0..65535 seconds"),
+        _Option("Mode", str, "separate", lambda v: v in ("separate", "auto", "ipv4", "ipv6"),
+                '"separate", "auto", "ipv4" or "ipv6"'),
+    ),
 }
 
 
@@ -120,7 +143,8 @@ def _check_option(opt: _Option, value: Any) -> Any:
     where = f"Backend.{opt.name}"
     if opt.kind is str:
         if not isinstance(value, str) or (opt.check is not None and not opt.check(value)):
-            raise _fail(f"{where} must be {opt.allowed}, got {_json_type(value)} {_show(value)}")
+            shown = "(value not shown)" if opt.secret else _show(value)
+            raise _fail(f"{where} must be {opt.allowed}, got {_json_type(value)} {shown}")
         return value
     if opt.kind is bool:
         if not isinstance(value, bool):

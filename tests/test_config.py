@@ -216,7 +216,7 @@ INVALID = [
                  "config: SubnetMin 10.1.5.0 must not be above SubnetMax 10.1.2.0",
                  id="SubnetMax-below-SubnetMin"),
     pytest.param(net(Backend={"Type": "foo"}),
-                 'config: Backend.Type "foo" is unknown (known: udp, vxlan, host-gw)',
+                 'config: Backend.Type "foo" is unknown (known: udp, vxlan, host-gw, wireguard)',
                  id="unknown-backend"),
     pytest.param(net(Backend={"Type": "VXLAN"}), 'Backend.Type "VXLAN" is unknown',
                  id="backend-type-is-case-sensitive"),
@@ -730,3 +730,31 @@ def test_plausible_ipv6_configs_valid_results_are_consistent(doc):
     if cfg is not None:
         _check_invariants(cfg)
         assert cfg.enable_ipv6
+
+
+def test_the_wireguard_backend_takes_flanneld_s_options_and_defaults():
+    cfg = parse_config(b'{"Network":"10.1.0.0/16","Backend":{"Type":"wireguard"}}')
+    assert cfg.backend == {"Type": "wireguard", "ListenPort": 51820, "ListenPortV6": 51821,
+                           "PSK": "", "PersistentKeepaliveInterval": 0, "Mode": "separate"}
+    psk = "A" * 43 + "="
+    cfg = parse_config(('{"Network":"10.1.0.0/16","Backend":{"Type":"wireguard","listenport":'
+                        f'5000,"PSK":"{psk}","Mode":"auto"}}}}').encode())
+    assert (cfg.backend["ListenPort"], cfg.backend["PSK"], cfg.backend["Mode"]) == (5000, psk,
+                                                                                    "auto")
+
+
+@pytest.mark.parametrize("backend,message", [
+    ('{"Type":"wireguard","Mode":"both"}', 'Backend.Mode must be "separate", "auto"'),
+    ('{"Type":"wireguard","ListenPort":0}', "Backend.ListenPort 0 is out of range"),
+    ('{"Type":"wireguard","PersistentKeepaliveInterval":-1}', "out of range"),
+])
+def test_bad_wireguard_options_are_one_line(backend, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(f'{{"Network":"10.1.0.0/16","Backend":{backend}}}'.encode())
+
+
+def test_a_bad_pre_shared_key_is_refused_without_showing_it():
+    with pytest.raises(ConfigError) as e:
+        parse_config(b'{"Network":"10.1.0.0/16","Backend":{"Type":"wireguard",'
+                     b'"PSK":"c2VjcmV0LWJ1dC1zaG9ydA=="}}')
+    assert "PSK" in str(e.value) and "c2VjcmV0" not in str(e.value)

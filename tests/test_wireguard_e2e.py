@@ -15,7 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -48,13 +47,6 @@ WG_ENV = {"WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD": "1"}
 
 # Until pyflannel/config.py lists "wireguard" among the backends, the daemons under test
 # get it from this start-up hook (a no-op once config.py knows it).
-CONFIG_SHIM = """
-import pyflannel.config as _c
-if "wireguard" not in _c._BACKEND_OPTIONS:
-    _c._BACKEND_OPTIONS["wireguard"] = ()
-    _c.KNOWN_BACKENDS = (*_c.KNOWN_BACKENDS, "wireguard")
-"""
-
 # Send a WireGuard handshake initiation from a key that holds no lease.
 STRANGER = r"""
 import socket, sys
@@ -83,8 +75,6 @@ class WgCluster:
 
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
-        self.shim = Path(tempfile.mkdtemp(prefix="pfwg-shim-"))
-        (self.shim / "sitecustomize.py").write_text(CONFIG_SHIM)
         self.nodes: dict[str, Node] = {}
         self.go_node = lab.nodes[2] if len(lab.nodes) > 2 else lab.nodes[-1]  # its host
         self.go_dev = f"{lab.prefix[:8]}wg"  # unique: the control socket dir is shared
@@ -93,9 +83,7 @@ class WgCluster:
         self.go_peers: dict[str, str] = {}  # public key -> subnet, as configured
 
     def env(self, node: LabNode) -> dict[str, str]:
-        repo = str(Path(__file__).resolve().parent.parent)
-        return {"PYTHONPATH": f"{self.shim}{os.pathsep}{repo}",
-                "WIREGUARD_KEY_FILE": str(self.key_file(node))}
+        return {"WIREGUARD_KEY_FILE": str(self.key_file(node))}
 
     def key_file(self, node: LabNode) -> Path:
         return node.workdir / "wgkey"
@@ -177,7 +165,6 @@ class WgCluster:
                 self.go_proc.kill()
                 self.go_proc.wait(5)
         (SOCK_DIR / f"{self.go_dev}.sock").unlink(missing_ok=True)
-        shutil.rmtree(self.shim, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
