@@ -56,6 +56,15 @@ class DaemonCollector(Collector):
             octets.add_metric([direction], c.get(f"{direction}_bytes", 0))
         yield packets
         yield octets
+        packets6 = CounterMetricFamily("pyflannel_ipv6_packets", "the IPv6 share of "
+                                       "pyflannel_packets (udp backend)", labels=["direction"])
+        octets6 = CounterMetricFamily("pyflannel_ipv6_bytes", "the IPv6 share of "
+                                      "pyflannel_bytes (udp backend)", labels=["direction"])
+        for direction in ("tx", "rx"):
+            packets6.add_metric([direction], c.get(f"{direction}_packets_ipv6", 0))
+            octets6.add_metric([direction], c.get(f"{direction}_bytes_ipv6", 0))
+        yield packets6
+        yield octets6
         drops = CounterMetricFamily("pyflannel_dropped_packets", "packets dropped, by reason",
                                     labels=["reason"])
         for name, value in sorted(c.items()):

@@ -19,7 +19,8 @@ CONFIG_KEY = "/coreos.com/network/config"
 # Receive one TCP stream and print its length and SHA-256.
 TCP_SINK = r"""
 import hashlib, socket, sys
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1)
 print("listening", flush=True)
 c, _ = s.accept(); h = hashlib.sha256(); n = 0
@@ -35,7 +36,8 @@ TCP_SOURCE = r"""
 import hashlib, random, socket, sys
 dst, port, size, src = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 rng = random.Random(1234); h = hashlib.sha256(); sent = 0
-c = socket.socket(); c.bind((src, 0)); c.connect((dst, port))
+c = socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET)
+c.bind((src, 0)); c.connect((dst, port))
 while sent < size:
     chunk = rng.randbytes(min(1 << 20, size - sent))
     c.sendall(chunk); h.update(chunk); sent += len(chunk)
@@ -88,8 +90,11 @@ class Node:
         return self.subnet.replace(".1/", ".0/")
 
     def key(self, prefix: str = "/coreos.com/network") -> str:
-        """The node's lease key in etcd."""
-        return f"{prefix}/subnets/" + self.network.replace("/", "-")
+        """The node's lease key in etcd (both subnets on an IPv6 network)."""
+        name = self.network.replace("/", "-") if self.subnet else "0.0.0.0-0"
+        if self.subnet6:
+            name += "&" + self.network6.replace("/", "-")
+        return f"{prefix}/subnets/{name}"
 
 
 def require_lab() -> None:

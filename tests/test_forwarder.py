@@ -9,7 +9,7 @@ import socket
 import struct
 import threading
 import time
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +21,7 @@ from pyflannel.fastpath.packet import header_checksum_ok
 from tests.test_packet import ipv4
 
 LOCAL = IPv4Network("10.1.1.0/24")
+LOCAL6 = IPv6Network("fc00:10:1:1::/64")
 
 
 class Rig:
@@ -44,11 +45,18 @@ class Rig:
         self.thread.start()
         self.configure()
 
-    def configure(self, peers=None) -> None:
+    def configure(self, peers=None, peers6=None) -> None:
+        """Our subnets are 10.1.1.0/24 and fc00:10:1:1::/64; the peer on 127.0.0.2 holds
+        10.1.2.0/24 and fc00:10:1:2::/64 unless told otherwise."""
+        port = self.peer.getsockname()[1]
         peers = peers if peers is not None else [
-            [int(IPv4Address("10.1.2.0")), "127.0.0.2", self.peer.getsockname()[1], self.vnet]]
+            [int(IPv4Address("10.1.2.0")), "127.0.0.2", port, self.vnet]]
+        peers6 = peers6 if peers6 is not None else [
+            [int(IPv6Address("fc00:10:1:2::")), "127.0.0.2", port, self.vnet]]
         msg = {"op": "config", "subnet_len": 24, "local_net": int(LOCAL.network_address),
-               "icmp_src": int(IPv4Address("10.1.0.0")), "peers": peers}
+               "icmp_src": int(IPv4Address("10.1.0.0")), "peers": peers,
+               "subnet6_len": 64, "local_net6": int(LOCAL6.network_address),
+               "icmp_src6": int(IPv6Address("fc00:10:1::")), "peers6": peers6}
         generation = self.fwd.generation
         self.ctl.sendall(json.dumps(msg).encode() + b"\n")
         deadline = time.monotonic() + 2
@@ -111,7 +119,7 @@ def test_datagrams_from_hosts_without_a_lease_are_dropped(rig):
 
 
 @pytest.mark.parametrize(("payload", "reason"), [
-    (bytes([0x60]) + bytes(39), "drop_not_ipv4"),
+    (bytes([0x50]) + bytes(39), "drop_not_ipv4"),  # neither IPv4 nor IPv6
     (ipv4(src="10.1.2.7", dst="10.1.1.5")[:15], "drop_truncated"),
     (ipv4(src="10.1.2.7", dst="10.1.3.5"), "drop_wrong_subnet"),
     (ipv4(src="10.1.2.7", dst="10.1.1.5", ttl=1), "drop_ttl_exceeded"),
@@ -259,7 +267,7 @@ def test_a_departed_peer_loses_its_train_buffer_and_counters(vnet_rig):
         assert time.monotonic() < deadline, "the first chunk was not taken"
         time.sleep(0.005)
     assert "127.0.0.2" in rig.fwd.peer_stats
-    rig.configure(peers=[])
+    rig.configure(peers=[], peers6=[])
     assert "127.0.0.2" not in rig.fwd._reasm._state
     assert "127.0.0.2" not in rig.fwd.peer_stats and "127.0.0.2" not in rig.fwd.sources
 

@@ -1,6 +1,8 @@
-"""IPv4 handling on the fast path: validation, TTL with incremental checksum, ICMP errors."""
+"""IP handling on the fast path: validation, TTL (hop limit) with incremental checksum,
+ICMP and ICMPv6 errors."""
 
 import struct
+from ipaddress import IPv6Address
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -10,11 +12,15 @@ from pyflannel.fastpath.packet import (
     NOT_IPV4,
     TRUNCATED,
     check_ipv4,
+    check_ipv6,
     checksum,
+    decrement_hop_limit,
     decrement_ttl,
     header_checksum_ok,
     icmp_net_unreachable,
+    icmpv6_no_route,
     wants_icmp_error,
+    wants_icmpv6_error,
 )
 
 
@@ -26,6 +32,13 @@ def ipv4(src="10.1.1.2", dst="10.1.2.2", ttl=64, proto=17, payload=b"x" * 8, ide
                                 ttl, proto, 0, s, d))
     struct.pack_into("!H", hdr, 10, checksum(hdr))
     return hdr + payload
+
+
+def ipv6(src="fc00:10:1:1::2", dst="fc00:10:1:2::2", hops=64, nxt=17, payload=b"x" * 8
+         ) -> bytearray:
+    """An IPv6 packet without extension headers."""
+    return bytearray(struct.pack("!IHBB16s16s", 6 << 28, len(payload), nxt, hops,
+                                 IPv6Address(src).packed, IPv6Address(dst).packed) + payload)
 
 
 @given(ttl=st.integers(2, 255), ident=st.integers(0, 0xFFFF), tos_payload=st.binary(max_size=40))
@@ -85,3 +98,63 @@ def test_no_icmp_error_about_an_icmp_error_or_a_fragment():
     assert not wants_icmp_error(err, len(err))
     assert wants_icmp_error(echo, len(echo))
     assert not wants_icmp_error(frag, len(frag))
+
+
+# -- IPv6 ------------------------------------------------------------------------------
+
+NET6_SRC = IPv6Address("fc00:10:1::").packed
+
+
+def icmpv6_checksum_ok(pkt: bytes) -> bool:
+    """The ICMPv6 checksum covers a pseudo-header of both addresses, length and type."""
+    body = pkt[40:]
+    pseudo = pkt[8:40] + struct.pack("!I3xB", len(body), 58)
+    return checksum(pseudo + body) == 0
+
+
+def test_an_ipv6_packet_is_checked_by_its_payload_length():
+    pkt = ipv6(payload=b"y" * 20)
+    assert check_ipv6(pkt, len(pkt)) is None
+    assert check_ipv6(pkt, len(pkt) - 1) == TRUNCATED
+    assert check_ipv6(pkt[:39], 39) == TRUNCATED
+    assert check_ipv6(ipv4(), 28) == NOT_IPV4
+
+
+def test_the_hop_limit_counts_down_and_one_is_dropped_untouched():
+    pkt = ipv6(hops=2)
+    assert decrement_hop_limit(pkt) and pkt[7] == 1
+    before = bytes(pkt)
+    assert not decrement_hop_limit(pkt) and bytes(pkt) == before
+
+
+def test_icmpv6_no_route_goes_back_to_the_sender_with_a_valid_checksum():
+    orig = ipv6(src="fc00:10:1:1::5", dst="fc00:10:1:77::1", nxt=58,
+                payload=bytes([128, 0, 0, 0, 0, 1, 0, 1]))  # an echo request
+    reply = icmpv6_no_route(orig, len(orig), NET6_SRC)
+    assert reply[0] >> 4 == 6 and reply[6] == 58
+    assert reply[8:24] == NET6_SRC and reply[24:40] == orig[8:24]
+    assert reply[40] == 1 and reply[41] == 0  # destination unreachable, no route
+    assert reply[48:] == bytes(orig)
+    assert struct.unpack("!H", reply[4:6])[0] == len(reply) - 40
+    assert icmpv6_checksum_ok(reply)
+
+
+def test_icmpv6_errors_never_exceed_the_ipv6_minimum_mtu():
+    orig = ipv6(src="fc00:10:1:1::5", dst="fc00:10:1:77::1", payload=bytes(4000))
+    reply = icmpv6_no_route(orig, len(orig), NET6_SRC)
+    assert len(reply) == 1280 and icmpv6_checksum_ok(reply)
+
+
+def test_no_icmpv6_error_answers_an_error_a_multicast_or_an_unspecified_sender():
+    echo = ipv6(nxt=58, payload=bytes([128, 0]) + bytes(6))
+    assert wants_icmpv6_error(echo, len(echo))
+    error = ipv6(nxt=58, payload=bytes([1, 0]) + bytes(6))
+    assert not wants_icmpv6_error(error, len(error))
+    for src, dst in (("::", "fc00:10:1:2::2"), ("ff02::1", "fc00:10:1:2::2"),
+                     ("fc00:10:1:1::2", "ff02::1")):
+        pkt = ipv6(src=src, dst=dst)
+        assert not wants_icmpv6_error(pkt, len(pkt))
+    later_fragment = ipv6(nxt=44, payload=bytes([17, 0, 0, 8 << 3]) + bytes(12))
+    assert not wants_icmpv6_error(later_fragment, len(later_fragment))
+    first_fragment = ipv6(nxt=44, payload=bytes([17, 0, 0, 1]) + bytes(12))
+    assert wants_icmpv6_error(first_fragment, len(first_fragment))

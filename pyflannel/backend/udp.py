@@ -1,7 +1,13 @@
-"""The udp backend: TUN ``flannel0``, each inner IPv4 packet sent raw to the peer on 8285.
+"""The udp backend: TUN ``flannel0``, each inner packet sent raw to the peer on 8285.
 
 The data path is the fast-path process; this module sets the host up around it and keeps
 its peer table current.
+
+flanneld's udp backend is IPv4 only. Here the TUN carries IPv6 inner packets too, in both
+framings: over the IPv4 underlay in a dual-stack network, and over the IPv6 underlay in an
+IPv6-only one (where the lease's PublicIP is the 0.0.0.0 placeholder). A peer receives
+IPv6 only when its lease says it carries it (``BackendV6Data``, which flanneld's udp
+backend never writes), so a flanneld udp node is never sent a packet it would mangle.
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv6Address
 
 from pyflannel.backend.base import Backend, BackendError
 from pyflannel.fastpath.forwarder import tune_socket
@@ -17,25 +23,33 @@ from pyflannel.fastpath.frames import FRAMING_NAME, MAX_DATAGRAM, VNET_LEN
 from pyflannel.fastpath.handle import FastPath, Route
 from pyflannel.host import netlink
 from pyflannel.host.nlsession import run_netlink
-from pyflannel.host.routes import RouteSpec
+from pyflannel.host.routes import IPNetwork, RouteSpec
 from pyflannel.host.tun import open_tun
-from pyflannel.lease.model import LeaseAttrs
+from pyflannel.lease.model import NO_PUBLIC_IP, Lease, LeaseAttrs
 
 log = logging.getLogger("pyflannel.udp")
 
 DEVICE = "flannel0"
 UDP_OVERHEAD = 28  # outer IPv4 (20) + UDP (8)
+UDP6_OVERHEAD = 48  # outer IPv6 (40) + UDP (8)
 TX_QUEUE_LEN = 10000  # flanneld keeps the default 500 and drops bursts
 # Keep the kernel's super-packets small enough for one train (one GSO send of at most
 # 65507 bytes, with a 6-byte header per chunk and the virtio-net header).
 GSO_MAX_SIZE = MAX_DATAGRAM - VNET_LEN - 6 * 64
 
 
-def advertised_framings(lease) -> list[str]:
-    """Extra framings a peer accepts, from its udp lease's BackendData (flanneld: none)."""
-    data = lease.attrs.backend_data
+def advertised_framings(lease: Lease, family: int = 4) -> list[str]:
+    """Extra framings a peer accepts for one inner family, from its udp lease's
+    BackendData (IPv4) or BackendV6Data (IPv6); flanneld advertises none."""
+    data = lease.attrs.backend_data if family == 4 else lease.attrs.backend_v6_data
     found = data.get("Framings") if isinstance(data, dict) else None
     return [f for f in found if isinstance(f, str)] if isinstance(found, list) else []
+
+
+def carries_ipv6(lease: Lease) -> bool:
+    """Does this udp peer take IPv6 inner packets? Only a lease with an IPv6 subnet and
+    BackendV6Data says so (flanneld's udp backend writes neither)."""
+    return lease.ipv6_subnet is not None and isinstance(lease.attrs.backend_v6_data, dict)
 
 
 class UdpBackend(Backend):
@@ -50,6 +64,8 @@ class UdpBackend(Backend):
         # "flannel": plain packets only, as flanneld (for benchmarks and old kernels).
         self.framing = framing or str(cfg.backend_option("Framing", "auto"))
         self.vnet = self.framing == "auto"
+        # The underlay: IPv4 wherever the network has it (IPv6 rides inside), else IPv6.
+        self.underlay = 4 if cfg.enable_ipv4 else 6
         self.tun = None
         self.tun_index = 0
         self.sock: socket.socket | None = None
@@ -57,58 +73,109 @@ class UdpBackend(Backend):
 
     @property
     def mtu(self) -> int:
-        return self.ext.mtu - UDP_OVERHEAD
+        return self.ext.mtu - (UDP_OVERHEAD if self.underlay == 4 else UDP6_OVERHEAD)
 
     async def prepare(self) -> LeaseAttrs:
-        # flanneld's udp backend is IPv4 only; carrying IPv6 inside it comes later.
-        if not self.cfg.enable_ipv4:
-            raise BackendError("udp backend carries IPv4 only; an IPv6-only network "
-                               "(EnableIPv4 false) needs vxlan or host-gw")
-        if self.cfg.enable_ipv6:
-            log.warning("IPv6 over the udp backend is not yet supported: this node carries "
-                        "IPv4 only (IPv6Network %s gets no traffic here)", self.cfg.ipv6_network)
+        v4, v6 = self.cfg.enable_ipv4, self.cfg.enable_ipv6
+        if self.underlay == 6 and (self.ext.address6 is None or self.ext.public_ipv6 is None):
+            raise BackendError(
+                f"udp: an IPv6-only network (EnableIPv4 false) needs an IPv6 address on "
+                f"interface {self.ext.name} to carry it; give it one, or pick another "
+                "with -iface")
         gone = await run_netlink(netlink.remove_stale_devices, DEVICE)
         if gone:
             log.info("removed devices of an earlier backend: %s", ", ".join(gone))
         self.tun = await asyncio.to_thread(open_tun, DEVICE, vnet=self.vnet)
-        _disable_ipv6(DEVICE)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        if v6:
+            # no link-local address or router solicitations on the overlay device
+            _sysctl(DEVICE, "addr_gen_mode", "1")
+            _sysctl(DEVICE, "accept_ra", "0")
+        else:  # keep the kernel's IPv6 chatter out of the drop counters
+            _sysctl(DEVICE, "disable_ipv6", "1")
+        self.sock = self._bind()
+        self.fastpath = FastPath(self.tun.fileno(), self.sock, mode=self.fastpath_mode,
+                                 vnet=self.vnet, gso=self.gso, gro=self.gro,
+                                 datagram_size=self.mtu)
+        self.fastpath.start()
+        log.info("udp framing %s%s", "auto (vnet1 to peers that take it)" if self.vnet
+                 else "flannel (one packet per datagram)",
+                 {(True, True): ", IPv4 and IPv6 inside IPv4", (False, True): ", IPv6 only",
+                  }.get((v4, v6), ""))
+        framings = {"Framings": [FRAMING_NAME] if self.vnet else []}
+        return LeaseAttrs(
+            public_ip=self.ext.public_ip if v4 else NO_PUBLIC_IP, backend_type="udp",
+            backend_data=framings if v4 and self.vnet else None,
+            public_ipv6=self.ext.public_ipv6 if v6 else None,
+            backend_v6_data=framings if v6 else None)
+
+    def _bind(self) -> socket.socket:
+        """The underlay socket on our own address, port 8285 (flanneld's)."""
+        if self.underlay == 4:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            where = (str(self.ext.address), self.port)
+        else:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            where = (str(self.ext.address6), self.port)
         try:
-            sock.bind((str(self.ext.address), self.port))
+            sock.bind(where)
         except OSError as e:
             sock.close()
             raise BackendError(
-                f"cannot bind udp {self.ext.address}:{self.port}: {e.strerror}") from None
+                f"cannot bind udp {where[0]} port {self.port}: {e.strerror}") from None
         tune_socket(sock)
-        self.sock = sock
-        self.fastpath = FastPath(self.tun.fileno(), sock, mode=self.fastpath_mode,
-                                 vnet=self.vnet, gso=self.gso, gro=self.gro,
-                                 datagram_size=self.ext.mtu - UDP_OVERHEAD)
-        self.fastpath.start()
-        log.info("udp framing %s", "auto (vnet1 to peers that take it)" if self.vnet
-                 else "flannel (one packet per datagram)")
-        data = {"Framings": [FRAMING_NAME]} if self.vnet else None
-        return LeaseAttrs(public_ip=self.ext.public_ip, backend_type="udp", backend_data=data)
+        return sock
 
-    async def activate(self, lease) -> None:
-        self.tun_index = await run_netlink(
-            netlink.set_device_address, DEVICE, lease.subnet.network_address, self.mtu,
-            TX_QUEUE_LEN, GSO_MAX_SIZE if self.vnet else None)
+    async def activate(self, lease: Lease) -> None:
+        gso = GSO_MAX_SIZE if self.vnet else None
+        if lease.has_ipv4:
+            self.tun_index = await run_netlink(
+                netlink.set_device_address, DEVICE, lease.subnet.network_address, self.mtu,
+                TX_QUEUE_LEN, gso)
+        if lease.ipv6_subnet is not None and self.cfg.enable_ipv6:
+            self.tun_index = await run_netlink(
+                netlink.set_device_address, DEVICE, lease.ipv6_subnet.network_address,
+                self.mtu, TX_QUEUE_LEN, gso)
         await super().activate(lease)
 
-    def desired_routes(self) -> dict[IPv4Network, RouteSpec]:
+    def desired_routes(self) -> dict[IPNetwork, RouteSpec]:
         if not self.tun_index or self.lease is None:
             return {}
-        net = self.cfg.network
-        return {net: RouteSpec(net, self.tun_index)}
+        nets = [n for n, on in ((self.cfg.network, self.cfg.enable_ipv4),
+                                (self.cfg.ipv6_network, self.cfg.enable_ipv6))
+                if on and n is not None]
+        return {net: RouteSpec(net, self.tun_index) for net in nets}
+
+    def routes(self) -> list[Route]:
+        """The fast path's peer table: each peer's subnets, each to its underlay address,
+        in the framing it advertised for that family."""
+        out = []
+        for p in self.peers.values():
+            if self.underlay == 4:
+                if not p.has_ipv4 or p.attrs.public_ip == NO_PUBLIC_IP:
+                    continue
+                at: IPv4Address | IPv6Address = p.attrs.public_ip
+                out.append(Route(p.subnet, at, self.port,
+                                 vnet1=FRAMING_NAME in advertised_framings(p, 4)))
+            elif p.attrs.public_ipv6 is None:
+                continue
+            else:
+                at = p.attrs.public_ipv6
+            if self.cfg.enable_ipv6 and carries_ipv6(p):
+                out.append(Route(p.ipv6_subnet, at, self.port,
+                                 vnet1=FRAMING_NAME in advertised_framings(p, 6)))
+        return out
 
     async def commit(self) -> None:
-        if self.fastpath is not None and self.lease is not None:
-            routes = [Route(p.subnet, p.attrs.public_ip, self.port,
-                            vnet1=FRAMING_NAME in advertised_framings(p))
-                      for p in self.peers.values() if p.has_ipv4]
-            await self.fastpath.configure_async(self.lease.subnet,
-                                                self.cfg.network.network_address, routes)
+        lease = self.lease
+        if self.fastpath is not None and lease is not None:
+            v6 = self.cfg.enable_ipv6 and lease.ipv6_subnet is not None
+            await self.fastpath.configure_async(
+                lease.subnet if lease.has_ipv4 else None,
+                self.cfg.network.network_address if lease.has_ipv4 else None,
+                self.routes(),
+                lease.ipv6_subnet if v6 else None,
+                self.cfg.ipv6_network.network_address if v6 else None)
         await self.reconcile()
 
     def healthy(self) -> bool:
@@ -121,8 +188,12 @@ class UdpBackend(Backend):
         if self.fastpath is None:
             return None
         by_ip = await asyncio.to_thread(self.fastpath.peer_stats)
-        return {str(p.subnet): by_ip[str(p.attrs.public_ip)] for p in self.peers.values()
-                if str(p.attrs.public_ip) in by_ip}
+        out = {}
+        for p in self.peers.values():
+            at = p.attrs.public_ip if self.underlay == 4 else p.attrs.public_ipv6
+            if str(at) in by_ip:
+                out[str(p.subnet) if p.has_ipv4 else str(p.ipv6_subnet)] = by_ip[str(at)]
+        return out
 
     async def teardown(self) -> None:
         await super().teardown()
@@ -137,10 +208,10 @@ class UdpBackend(Backend):
             self.tun = None
 
 
-def _disable_ipv6(device: str) -> None:
-    """flannel0 carries IPv4 only; keep the kernel's IPv6 chatter out of the drop counters."""
+def _sysctl(device: str, name: str, value: str) -> None:
+    """Best effort: a missing knob (no IPv6 in this kernel) changes nothing we need."""
     try:
-        with open(f"/proc/sys/net/ipv6/conf/{device}/disable_ipv6", "w") as f:
-            f.write("1")
+        with open(f"/proc/sys/net/ipv6/conf/{device}/{name}", "w") as f:
+            f.write(value)
     except OSError:
         pass

@@ -292,9 +292,11 @@ class WireguardBackend(Backend):
                 net = self.cfg.network if family == 4 else self.cfg.ipv6_network
                 if local is None or net is None:
                     continue
+                net6 = self.cfg.ipv6_network if 6 in side.inner else None
                 await side.fastpath.configure_wg_async(
                     local, net.network_address, self.peer_table(side.family, side.inner),
-                    self.psk, self.keepalive)
+                    self.psk, self.keepalive,
+                    icmp_src6=net6.network_address if net6 is not None else None)
         await self.reconcile()
 
     def healthy(self) -> bool:

@@ -63,6 +63,11 @@ NAMES = (
     "wg_keepalives_received",
     "coalesced",  # TCP segments joined into super-packets before the TUN write (the
     # framings with one packet per datagram: WireGuard, flannel's on a vnet TUN)
+    # The IPv6 share of tx/rx above (the udp backend; IPv4 is the rest).
+    "tx_packets_ipv6",
+    "tx_bytes_ipv6",
+    "rx_packets_ipv6",
+    "rx_bytes_ipv6",
 )
 INDEX = {name: i for i, name in enumerate(NAMES)}
 FORMAT = f"={len(NAMES)}Q"

@@ -58,8 +58,15 @@ from pyflannel.fastpath.packet import (
     IP_TOTAL_LEN,
     IP_TTL,
     IPV4_MIN_HEADER,
+    IPV6_HEADER_LEN,
+    V6_DST,
+    V6_HOPS,
+    V6_SRC,
     check_ipv4,
+    check_ipv6,
+    decrement_hop_limit,
     decrement_ttl,
+    ipv6_total,
 )
 from pyflannel.fastpath.transport import (  # noqa: F401 - tune_socket: the backends' import
     ANC_SIZE,
@@ -88,13 +95,25 @@ TTL_AT = INNER_OFFSET + IP_TTL
 CSUM_AT = INNER_OFFSET + IP_CSUM
 DST_AT = INNER_OFFSET + IP_DST
 COALESCED = C["coalesced"]
+TX6_P, TX6_B = C["tx_packets_ipv6"], C["tx_bytes_ipv6"]
+RX6_P, RX6_B = C["rx_packets_ipv6"], C["rx_bytes_ipv6"]
+DST6_AT = INNER_OFFSET + V6_DST
+HOPS_AT = INNER_OFFSET + V6_HOPS
+
+
+def _key6(pkt, at: int, shift: int) -> int:
+    """The peer-table key of the IPv6 address at ``pkt[at:at + 16]``."""
+    return int.from_bytes(pkt[at:at + 16], "big") >> shift
 
 
 class UdpSend(Transport):
-    """TUN -> UDP for the udp backend: flannel's framing, or vnet1 trains."""
+    """TUN -> UDP for the udp backend: flannel's framing, or vnet1 trains, for inner
+    IPv4 and IPv6 packets alike (one peer table per family)."""
 
     peers: dict[int, tuple[tuple[str, int], bool]]
+    peers6: dict[int, tuple[tuple[str, int], bool]]
     shift: int
+    shift6: int
 
     def __init__(self, tun_fd: int, sock: socket.socket, ctl: socket.socket,
                  mem: counters.mmap.mmap | None, **options) -> None:
@@ -123,23 +142,29 @@ class UdpSend(Transport):
             except BlockingIOError:
                 break
             end = base + n
-            if end - INNER_OFFSET < IPV4_MIN_HEADER or buf[INNER_OFFSET] >> 4 != 4:
-                c[C["drop_not_ipv4"]] += 1
+            version = buf[INNER_OFFSET] >> 4
+            if version == 4 and end - INNER_OFFSET >= IPV4_MIN_HEADER:
+                peer = peers.get(_u32(buf, DST_AT)[0] >> shift)
+                if peer is None:
+                    self.unreachable(mv[INNER_OFFSET:end])
+                    continue
+                # packet.decrement_ttl, inlined: this loop runs once per packet.
+                ttl = buf[TTL_AT]
+                if ttl <= 1:
+                    c[C["drop_ttl_exceeded"]] += 1
+                    continue
+                buf[TTL_AT] = ttl - 1
+                csum = ((buf[CSUM_AT] << 8) | buf[CSUM_AT + 1]) + 0x0100
+                csum = (csum & 0xFFFF) + (csum >> 16)
+                buf[CSUM_AT] = csum >> 8
+                buf[CSUM_AT + 1] = csum & 0xFF
+            elif version == 6:
+                peer = self.route6(end)
+                if peer is None:
+                    continue
+            else:
+                c[C["drop_not_ipv4"]] += 1  # neither IPv4 nor IPv6 (the name is older)
                 continue
-            peer = peers.get(_u32(buf, DST_AT)[0] >> shift)
-            if peer is None:
-                self.unreachable(mv[INNER_OFFSET:end])
-                continue
-            # packet.decrement_ttl, inlined: this loop runs once per packet.
-            ttl = buf[TTL_AT]
-            if ttl <= 1:
-                c[C["drop_ttl_exceeded"]] += 1
-                continue
-            buf[TTL_AT] = ttl - 1
-            csum = ((buf[CSUM_AT] << 8) | buf[CSUM_AT + 1]) + 0x0100
-            csum = (csum & 0xFFFF) + (csum >> 16)
-            buf[CSUM_AT] = csum >> 8
-            buf[CSUM_AT + 1] = csum & 0xFF
             addr, fast = peer
             if fast:
                 self._train_id = tid = (self._train_id + 1) & 0xFFFF
@@ -162,6 +187,26 @@ class UdpSend(Transport):
             else:
                 self.batch(addr, mv[INNER_OFFSET:end])
         self.flush()
+
+    def route6(self, end: int) -> tuple[tuple[str, int], bool] | None:
+        """The peer for the IPv6 packet in the read buffer, its hop limit counted down;
+        None (counted, or answered with ICMPv6) when it goes nowhere."""
+        buf, c = self._buf, self.c
+        if end - INNER_OFFSET < IPV6_HEADER_LEN:
+            c[C["drop_truncated"]] += 1
+            return None
+        peer = self.peers6.get(_key6(buf, DST6_AT, self.shift6))
+        if peer is None:
+            self.unreachable(self._mv[INNER_OFFSET:end])
+            return None
+        hops = buf[HOPS_AT]
+        if hops <= 1:
+            c[C["drop_ttl_exceeded"]] += 1
+            return None
+        buf[HOPS_AT] = hops - 1
+        c[TX6_P] += 1
+        c[TX6_B] += end - INNER_OFFSET
+        return peer
 
     def send_train(self, addr: tuple[str, int], end: int, tid: int) -> None:
         """The super-packet in the read buffer (``buf[CHUNK_HDR_LEN:end]``) as a train of
@@ -234,11 +279,15 @@ class UdpSend(Transport):
 
 
 class UdpReceive(Transport):
-    """UDP -> TUN for the udp backend: only from leased peers, only for our subnet."""
+    """UDP -> TUN for the udp backend: only from leased peers, only for our subnet, and
+    only with an inner source in the sending peer's subnet of the packet's family."""
 
-    sources: dict[str, tuple[frozenset[int], bool, list]]
+    # address -> (IPv4 keys, vnet1?, stats, IPv6 keys)
+    sources: dict[str, tuple[frozenset[int], bool, list, frozenset[int]]]
     shift: int
     local_key: int
+    shift6: int
+    local_key6: int
 
     def __init__(self, tun_fd: int, sock: socket.socket, ctl: socket.socket,
                  mem: counters.mmap.mmap | None, **options) -> None:
@@ -315,7 +364,7 @@ class UdpReceive(Transport):
                 continue
             if rbuf[0] == FAST_MAGIC:
                 self.flush_pending()
-                if seg < n and src[1] and self.whole_train(n, seg, src[0]):
+                if seg < n and src[1] and self.whole_train(n, seg, src):
                     continue
                 for off in range(0, n, seg):
                     self.deliver(rmv[off:off + seg], src, addr[0])
@@ -364,8 +413,8 @@ class UdpReceive(Transport):
         """One datagram from a leased peer into the TUN, if it carries a packet for us."""
         n = len(dgram)
         first = dgram[0] if n else 0
-        if first >> 4 == 4:
-            self.to_tun(dgram, ZERO_VNET, src[0], src if self.coalesce else None)
+        if first >> 4 in (4, 6):
+            self.to_tun(dgram, ZERO_VNET, src, self.coalesce)
             return
         if first != FAST_MAGIC or n <= CHUNK_HDR_LEN or dgram[CHUNK_VERSION] != FAST_VERSION \
                 or not dgram[CHUNK_INDEX] < dgram[CHUNK_COUNT] <= MAX_CHUNKS:
@@ -393,9 +442,9 @@ class UdpReceive(Transport):
             except FrameError:
                 self.drop("drop_bad_offload", 1)
                 return
-        self.to_tun(payload[VNET_LEN:], vnet_hdr, src[0])
+        self.to_tun(payload[VNET_LEN:], vnet_hdr, src)
 
-    def whole_train(self, n: int, seg: int, src_keys: frozenset[int]) -> bool:
+    def whole_train(self, n: int, seg: int, src: tuple) -> bool:
         """GRO handed us exactly one complete train: check every chunk header with a few
         slice comparisons, then write the payload to the TUN with one gathering write."""
         rbuf = self._rbuf
@@ -422,7 +471,8 @@ class UdpReceive(Transport):
         size = n - count * CHUNK_HDR_LEN - VNET_LEN
         c = self.c
         first = iov[0]
-        if len(first) < VNET_LEN + IPV4_MIN_HEADER:
+        v6 = len(first) > VNET_LEN and first[VNET_LEN] >> 4 == 6
+        if len(first) < VNET_LEN + (IPV6_HEADER_LEN if v6 else IPV4_MIN_HEADER):
             self.drop("drop_truncated", 1)
             return True
         vnet_hdr, pkt = first[:VNET_LEN], first[VNET_LEN:]
@@ -431,19 +481,26 @@ class UdpReceive(Transport):
         except FrameError:
             self.drop("drop_bad_offload", 1)
             return True
-        if (pkt[0] >> 4 != 4 or ((pkt[IP_TOTAL_LEN] << 8) | pkt[IP_TOTAL_LEN + 1]) != size
-                or (pkt[0] & 0x0F) < 5):
-            self.drop("drop_bad_header_length", 1)
-            return True
-        if _u32(pkt, IP_DST)[0] >> self.shift != self.local_key:
-            self.drop("drop_wrong_subnet", 1)
-            return True
-        if _u32(pkt, IP_SRC)[0] >> self.shift not in src_keys:
-            self.drop("drop_spoofed_source", 1)
-            return True
-        if not decrement_ttl(pkt):
-            self.drop("drop_ttl_exceeded", 1)
-            return True
+        if v6:
+            if ipv6_total(pkt) != size:
+                self.drop("drop_bad_header_length", 1)
+                return True
+            if not self.admit6(pkt, src[3]):
+                return True
+        else:
+            if (pkt[0] >> 4 != 4 or ((pkt[IP_TOTAL_LEN] << 8) | pkt[IP_TOTAL_LEN + 1]) != size
+                    or (pkt[0] & 0x0F) < 5):
+                self.drop("drop_bad_header_length", 1)
+                return True
+            if _u32(pkt, IP_DST)[0] >> self.shift != self.local_key:
+                self.drop("drop_wrong_subnet", 1)
+                return True
+            if _u32(pkt, IP_SRC)[0] >> self.shift not in src[0]:
+                self.drop("drop_spoofed_source", 1)
+                return True
+            if not decrement_ttl(pkt):
+                self.drop("drop_ttl_exceeded", 1)
+                return True
         try:
             os.writev(self.tun_fd, iov)
         except OSError:
@@ -451,29 +508,59 @@ class UdpReceive(Transport):
             return True
         c[RX_P] += 1
         c[RX_B] += size
+        if v6:
+            c[RX6_P] += 1
+            c[RX6_B] += size
         return True
 
-    def to_tun(self, pkt: memoryview, vnet_hdr, src_keys: frozenset[int],
-               owner: tuple | None = None) -> None:
-        """Check an inner packet, count down its TTL and write it to the TUN (or, given
-        its ``owner``, the sending peer, hold it to be merged: :meth:`flush_pending`)."""
-        c = self.c
-        bad = check_ipv4(pkt, len(pkt))
-        if bad is not None:
-            self.drop("drop_" + bad)
-            return
-        if _u32(pkt, IP_DST)[0] >> self.shift != self.local_key:
+    def admit6(self, pkt, src6_keys: frozenset[int]) -> bool:
+        """The IPv6 rules of :meth:`to_tun` (for us, from the sending peer's IPv6 subnet,
+        hops left), the hop limit counted down; a refusal is counted."""
+        if _key6(pkt, V6_DST, self.shift6) != self.local_key6:
             self.drop("drop_wrong_subnet", 1)
-            return
-        if _u32(pkt, IP_SRC)[0] >> self.shift not in src_keys:
+            return False
+        if _key6(pkt, V6_SRC, self.shift6) not in src6_keys:
             self.drop("drop_spoofed_source", 1)
-            return
-        if not decrement_ttl(pkt):
+            return False
+        if not decrement_hop_limit(pkt):
             self.drop("drop_ttl_exceeded", 1)
-            return
-        total = (pkt[IP_TOTAL_LEN] << 8) | pkt[IP_TOTAL_LEN + 1]
-        if owner is not None:  # a plain packet: held for merging with its flow's next
-            self._pending.append((bytes(pkt[:total]), owner))
+            return False
+        return True
+
+    def to_tun(self, pkt: memoryview, vnet_hdr, src: tuple, hold: bool = False) -> None:
+        """Check an inner packet from peer ``src``, count down its TTL (hop limit) and
+        write it to the TUN; with ``hold``, keep a plain packet to be merged with its
+        flow's next (:meth:`flush_pending`)."""
+        c = self.c
+        v6 = len(pkt) > 0 and pkt[0] >> 4 == 6
+        if v6:
+            bad = check_ipv6(pkt, len(pkt))
+            if bad is not None:
+                self.drop("drop_" + bad)
+                return
+            if not self.admit6(pkt, src[3]):
+                return
+            total = ipv6_total(pkt)
+        else:
+            bad = check_ipv4(pkt, len(pkt))
+            if bad is not None:
+                self.drop("drop_" + bad)
+                return
+            if _u32(pkt, IP_DST)[0] >> self.shift != self.local_key:
+                self.drop("drop_wrong_subnet", 1)
+                return
+            if _u32(pkt, IP_SRC)[0] >> self.shift not in src[0]:
+                self.drop("drop_spoofed_source", 1)
+                return
+            if not decrement_ttl(pkt):
+                self.drop("drop_ttl_exceeded", 1)
+                return
+            total = (pkt[IP_TOTAL_LEN] << 8) | pkt[IP_TOTAL_LEN + 1]
+        if v6:
+            c[RX6_P] += 1
+            c[RX6_B] += total
+        if hold:  # a plain packet: held for merging with its flow's next
+            self._pending.append((bytes(pkt[:total]), src))
             c[RX_P] += 1
             c[RX_B] += total
             return
@@ -508,11 +595,13 @@ class Forwarder(UdpSend, UdpReceive):
                  gro: bool = True, datagram_size: int = 1472) -> None:
         super().__init__(tun_fd, sock, ctl, mem, vnet=vnet, gso=gso, gro=gro,
                          datagram_size=datagram_size)
-        self.peers = {}  # key -> (addr, vnet1?)
-        # ip -> (keys of every subnet routed to it, vnet1 from any of its routes?, stats)
+        self.peers = {}  # IPv4 key -> (addr, vnet1?)
+        self.peers6 = {}  # IPv6 key -> (addr, vnet1?)
+        # ip -> (IPv4 keys of every subnet routed to it, vnet1 from any of its routes?,
+        #        stats, IPv6 keys)
         self.sources = {}
-        self.shift = 8
-        self.local_key = -1
+        self.shift, self.shift6 = 8, 64
+        self.local_key = self.local_key6 = -1
 
     # -- control -----------------------------------------------------------------------
 
@@ -528,30 +617,42 @@ class Forwarder(UdpSend, UdpReceive):
             super().apply(msg)
             return
         shift = 32 - int(msg["subnet_len"])
-        peers: dict[int, tuple[tuple[str, int], bool]] = {}
-        keys: dict[str, set[int]] = {}
+        shift6 = 128 - int(msg.get("subnet6_len") or 128)
+        peers = self._table(msg["peers"], shift)
+        peers6 = self._table(msg.get("peers6") or (), shift6)
+        keys: dict[str, tuple[set[int], set[int]]] = {}
         fast_any: dict[str, bool] = {}
-        for net, ip, port, *rest in msg["peers"]:
-            key = int(net) >> shift
-            fast = bool(rest and rest[0]) and self.vnet
-            peers[key] = ((str(ip), int(port)), fast)
-        for key, ((ip, _port), fast) in peers.items():
-            keys.setdefault(ip, set()).add(key)
-            fast_any[ip] = fast_any.get(ip, False) or fast
-        local_key = int(msg["local_net"]) >> shift
+        for family, table in enumerate((peers, peers6)):
+            for key, ((ip, _port), fast) in table.items():
+                keys.setdefault(ip, (set(), set()))[family].add(key)
+                fast_any[ip] = fast_any.get(ip, False) or fast
+        local, local6 = msg.get("local_net"), msg.get("local_net6")
+        local_key = int(local) >> shift if local is not None else -1
+        local_key6 = int(local6) >> shift6 if local6 is not None else -1
         # ICMP errors come from the overlay network's own address (10.1.0.0): never a
         # local address, which the kernel would drop as a martian source.
-        icmp_src = struct.pack("!I", int(msg["icmp_src"]))
+        icmp_src = struct.pack("!I", int(msg.get("icmp_src") or 0))
+        icmp_src6 = msg.get("icmp_src6")
         # Per-peer counters survive table changes: [tx_p, tx_b, rx_p, rx_b, last_rx, drops];
         # a departed address loses them, and its half-joined train.
         stats = {ip: self.peer_stats.get(ip) or [0, 0, 0, 0, 0.0, 0] for ip in keys}
         for gone in self.sources.keys() - keys.keys():
             self._reasm.forget(gone)
         self.shift, self.local_key, self.icmp_src = shift, local_key, icmp_src
+        self.shift6, self.local_key6 = shift6, local_key6
+        self.icmp_src6 = int(icmp_src6).to_bytes(16, "big") if icmp_src6 is not None else None
         self.peer_stats = stats
-        self.sources = {ip: (frozenset(k), fast_any[ip], stats[ip]) for ip, k in keys.items()}
-        self.peers = peers
+        self.sources = {ip: (frozenset(k4), fast_any[ip], stats[ip], frozenset(k6))
+                        for ip, (k4, k6) in keys.items()}
+        self.peers, self.peers6 = peers, peers6
         self.generation += 1
+
+    def _table(self, rows, shift: int) -> dict[int, tuple[tuple[str, int], bool]]:
+        """One family's peer table: subnet key -> ((address, port), vnet1?)."""
+        table = {}
+        for net, ip, port, *rest in rows:
+            table[int(net) >> shift] = ((str(ip), int(port)), bool(rest and rest[0]) and self.vnet)
+        return table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,8 @@
 
 Two framings share the port (docs/wire-format.md):
 
-* **flannel**: the datagram is one raw IPv4 packet (first nibble 4), as flanneld sends;
+* **flannel**: the datagram is one raw IPv4 packet (first nibble 4), as flanneld sends,
+  or one raw IPv6 packet (first nibble 6) between pyflannel peers that carry IPv6;
 * **vnet1** (between pyflannel peers that advertise it): the payload is the 10-byte
   virtio-net header the TUN device handed us followed by the packet, which may be a TCP
   super-packet of up to 64 KiB with a partial checksum. It travels as a *train* of
@@ -198,6 +199,8 @@ def to_plain(vnet: bytes | bytearray | memoryview,
         return [pkt]
     if kind == GSO_TCPV4:
         return segment_tcp4(pkt, gso_size)
+    if kind == GSO_TCPV6:
+        return segment_tcp6(pkt, gso_size)
     raise FrameError(f"unsupported GSO type {gso_type}")
 
 
@@ -221,7 +224,7 @@ def classify(datagram: bytes | bytearray | memoryview) -> str:
     if not datagram:
         return "garbage"
     first = datagram[0]
-    if first >> 4 == 4:
+    if first >> 4 in (4, 6):
         return "flannel"
     if (first == FAST_MAGIC and len(datagram) > CHUNK_HDR_LEN
             and datagram[CHUNK_VERSION] == FAST_VERSION

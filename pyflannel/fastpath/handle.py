@@ -39,8 +39,8 @@ SEND_TIMEOUT_S = 5.0  # a forwarder that reads nothing for this long is stuck or
 class Route:
     """Where the fast path sends a peer's subnet."""
 
-    subnet: IPv4Network
-    public_ip: IPv4Address
+    subnet: IPv4Network | IPv6Network  # a peer's subnet of either family
+    public_ip: IPv4Address | IPv6Address  # on the underlay: IPv4, or IPv6 in IPv6-only
     port: int
     vnet1: bool = False  # the peer accepts pyflannel's vnet1 framing
 
@@ -132,37 +132,48 @@ class FastPath:
             return self._proc.poll() is None
         return self._thread is not None and self._thread.is_alive()
 
-    def configure(self, local: IPv4Network, icmp_src: IPv4Address,
-                  routes: Iterable[Route]) -> None:
-        """Install our subnet and the peer table; ``icmp_src`` signs our ICMP errors.
+    def configure(self, local: IPv4Network | None, icmp_src: IPv4Address | None,
+                  routes: Iterable[Route], local6: IPv6Network | None = None,
+                  icmp_src6: IPv6Address | None = None) -> None:
+        """Install our subnets and the peer table, one per family; ``icmp_src`` and
+        ``icmp_src6`` sign our ICMP errors. A family the network lacks is None.
 
         Blocking (up to the send timeout while a stats request holds the socket): from
         the event loop use :meth:`configure_async`.
         """
+        routes = list(routes)
         msg = {
             "op": "config",
-            "subnet_len": local.prefixlen,
-            "local_net": int(local.network_address),
-            "icmp_src": int(icmp_src),
+            "subnet_len": local.prefixlen if local is not None else 32,
+            "local_net": int(local.network_address) if local is not None else None,
+            "icmp_src": int(icmp_src) if icmp_src is not None else 0,
             "peers": [[int(r.subnet.network_address), str(r.public_ip), r.port, r.vnet1]
-                      for r in routes],
+                      for r in routes if r.subnet.version == 4],
+            "subnet6_len": local6.prefixlen if local6 is not None else 128,
+            "local_net6": int(local6.network_address) if local6 is not None else None,
+            "icmp_src6": int(icmp_src6) if icmp_src6 is not None else None,
+            "peers6": [[int(r.subnet.network_address), str(r.public_ip), r.port, r.vnet1]
+                       for r in routes if r.subnet.version == 6],
         }
         line = json.dumps(msg).encode() + b"\n"
         with self._lock:
             self._send(line)
 
-    async def configure_async(self, local: IPv4Network, icmp_src: IPv4Address,
-                              routes: Iterable[Route]) -> None:
+    async def configure_async(self, local: IPv4Network | None, icmp_src: IPv4Address | None,
+                              routes: Iterable[Route], local6: IPv6Network | None = None,
+                              icmp_src6: IPv6Address | None = None) -> None:
         """:meth:`configure` in a worker thread, so the loop never waits for the lock."""
-        await asyncio.to_thread(self.configure, local, icmp_src, list(routes))
+        await asyncio.to_thread(self.configure, local, icmp_src, list(routes), local6,
+                                icmp_src6)
 
     def configure_wg(self, local: IPv4Network | IPv6Network,
                      icmp_src: IPv4Address | IPv6Address,
                      peers: Iterable[WgRoute], psk: str | None = None,
-                     keepalive: float = 0.0) -> None:
+                     keepalive: float = 0.0, icmp_src6: IPv6Address | None = None) -> None:
         """Install our subnet and the WireGuard peer table (blocking, like configure).
 
         ``psk`` travels on the private socketpair only, and is never logged.
+        ``icmp_src6`` signs ICMPv6 errors where the device carries IPv6.
         """
         msg = {
             "op": "config",
@@ -170,6 +181,7 @@ class FastPath:
             "subnet_len": local.prefixlen,
             "local_net": int(local.network_address),
             "icmp_src": int(icmp_src),
+            "icmp_src6": int(icmp_src6) if icmp_src6 is not None else None,
             "psk": psk,
             "keepalive": keepalive,
             "peers": [[p.public_key, list(p.subnets), str(p.public_ip), p.port]
@@ -182,10 +194,11 @@ class FastPath:
     async def configure_wg_async(self, local: IPv4Network | IPv6Network,
                                  icmp_src: IPv4Address | IPv6Address,
                                  peers: Iterable[WgRoute], psk: str | None = None,
-                                 keepalive: float = 0.0) -> None:
+                                 keepalive: float = 0.0,
+                                 icmp_src6: IPv6Address | None = None) -> None:
         """:meth:`configure_wg` in a worker thread."""
         await asyncio.to_thread(self.configure_wg, local, icmp_src, list(peers), psk,
-                                keepalive)
+                                keepalive, icmp_src6)
 
     def _send(self, line: bytes) -> None:
         """Send one request line; the caller holds the lock."""

@@ -129,3 +129,71 @@ def icmp_net_unreachable(orig: bytes | bytearray | memoryview, n: int, src: byte
     )
     struct.pack_into("!H", hdr, 10, checksum(hdr))
     return bytes(hdr + icmp)
+
+
+# -- IPv6 -------------------------------------------------------------------------------
+
+V6_DST = V6_SRC + 16
+ICMPV6_PROTO = 58
+ICMPV6_DEST_UNREACH = 1
+ICMPV6_NO_ROUTE = 0
+ICMPV6_INFO_MIN = 128  # types below this are errors: never answered with another error
+FRAGMENT_HEADER = 44
+IPV6_MIN_MTU = 1280  # an ICMPv6 error never exceeds this (RFC 4443 2.4 c)
+
+
+def check_ipv6(buf: bytes | bytearray | memoryview, n: int) -> str | None:
+    """Why the first ``n`` bytes are not a usable IPv6 packet, or None if they are."""
+    if n < 1 or buf[IP_VER_IHL] >> 4 != 6:
+        return NOT_IPV4
+    if n < IPV6_HEADER_LEN:
+        return TRUNCATED
+    if IPV6_HEADER_LEN + ((buf[V6_PAYLOAD_LEN] << 8) | buf[V6_PAYLOAD_LEN + 1]) > n:
+        return TRUNCATED
+    return None
+
+
+def ipv6_total(buf: bytes | bytearray | memoryview) -> int:
+    """The length of an IPv6 packet by its header (no jumbograms here: they need 64 KiB+)."""
+    return IPV6_HEADER_LEN + ((buf[V6_PAYLOAD_LEN] << 8) | buf[V6_PAYLOAD_LEN + 1])
+
+
+def decrement_hop_limit(buf: bytearray | memoryview) -> bool:
+    """Count the hop limit down in place (IPv6 has no header checksum to fix); False,
+    leaving the packet untouched, when it would reach zero."""
+    hops = buf[V6_HOPS]
+    if hops <= 1:
+        return False
+    buf[V6_HOPS] = hops - 1
+    return True
+
+
+def wants_icmpv6_error(buf: bytes | bytearray | memoryview, n: int) -> bool:
+    """May this IPv6 packet be answered with an ICMPv6 error (RFC 4443 2.4 e)? Not if it
+    is an ICMPv6 error itself, a non-first fragment, or from or to no single host."""
+    if check_ipv6(buf, n) is not None:
+        return False
+    src = bytes(buf[V6_SRC:V6_SRC + 16])
+    if src == bytes(16) or src[0] == 0xFF or buf[V6_DST] == 0xFF:
+        return False
+    nxt = buf[V6_NEXT]
+    if nxt == ICMPV6_PROTO:
+        return n > IPV6_HEADER_LEN and buf[IPV6_HEADER_LEN] >= ICMPV6_INFO_MIN
+    if nxt == FRAGMENT_HEADER:
+        at = IPV6_HEADER_LEN + 2  # the fragment offset, above three flag bits
+        return n >= at + 2 and ((buf[at] << 8) | buf[at + 1]) >> 3 == 0
+    return True
+
+
+def icmpv6_no_route(orig: bytes | bytearray | memoryview, n: int, src: bytes) -> bytes:
+    """An ICMPv6 destination-unreachable/no-route from ``src`` back to the sender of
+    ``orig``, quoting as much of it as fits in the IPv6 minimum MTU (RFC 4443 3.1)."""
+    room = IPV6_MIN_MTU - IPV6_HEADER_LEN - 8
+    quoted = bytes(orig[:min(n, room)])
+    dst = bytes(orig[V6_SRC:V6_SRC + 16])
+    body = bytearray(struct.pack("!BBHI", ICMPV6_DEST_UNREACH, ICMPV6_NO_ROUTE, 0, 0)
+                     + quoted)
+    pseudo = src + dst + struct.pack("!I3xB", len(body), ICMPV6_PROTO)
+    struct.pack_into("!H", body, 2, checksum(pseudo + bytes(body)))
+    hdr = struct.pack("!IHBB16s16s", 6 << 28, len(body), ICMPV6_PROTO, 64, src, dst)
+    return hdr + bytes(body)

@@ -11,7 +11,7 @@ message). Everything else is shared here, so a new framing costs its own logic o
   kernel has no UDP GSO; framings either copy a finished datagram in (:meth:`batch`) or
   build it in place (:meth:`reserve` then :meth:`commit`);
 * UDP GRO: :func:`gro_size` reads the segment size from the control message;
-* ICMP "net unreachable" for destinations nobody leases;
+* ICMP "net unreachable" (ICMPv6 "no route") for destinations nobody leases;
 * counters in shared memory, written once per loop turn; the epoll loop, with an
   optional timer (:meth:`next_timeout` / :meth:`on_timer`) for protocols that need one.
 """
@@ -31,7 +31,12 @@ import time
 
 from pyflannel.fastpath import counters
 from pyflannel.fastpath.frames import MAX_DATAGRAM, ZERO_VNET
-from pyflannel.fastpath.packet import icmp_net_unreachable, wants_icmp_error
+from pyflannel.fastpath.packet import (
+    icmp_net_unreachable,
+    icmpv6_no_route,
+    wants_icmp_error,
+    wants_icmpv6_error,
+)
 
 BATCH = 256  # reads per readiness event before looking at the other fds
 SOCKET_BUFFER = 8 << 20
@@ -75,6 +80,7 @@ class Transport:
         self.peer_stats: dict[str, list] = {}
         self.rx_dropped = 0
         self.icmp_src = b"\0\0\0\0"
+        self.icmp_src6: bytes | None = None  # None: the network has no IPv6 to sign with
         self.running = True
         self.generation = 0  # tables installed so far
         self._ctl_buf = b""
@@ -215,11 +221,17 @@ class Transport:
     # -- TUN -----------------------------------------------------------------------------
 
     def unreachable(self, pkt) -> None:
-        """No node leases the destination: tell the sender, as a router would."""
+        """No node leases the destination: tell the sender, as a router would (ICMP net
+        unreachable, or ICMPv6 no route to destination)."""
         self.c[C["drop_no_route"]] += 1
         n = len(pkt)
-        if wants_icmp_error(pkt, n):
-            reply = icmp_net_unreachable(pkt, n, self.icmp_src)
+        if n and pkt[0] >> 4 == 6:
+            reply = (icmpv6_no_route(pkt, n, self.icmp_src6)
+                     if self.icmp_src6 is not None and wants_icmpv6_error(pkt, n) else None)
+        else:
+            reply = (icmp_net_unreachable(pkt, n, self.icmp_src)
+                     if wants_icmp_error(pkt, n) else None)
+        if reply is not None:
             try:
                 os.write(self.tun_fd, ZERO_VNET + reply if self.vnet else reply)
                 self.c[C["icmp_unreachable_sent"]] += 1

@@ -202,10 +202,7 @@ class WgSend(WgBase):
             pkt = mv[DATA_PAYLOAD:end]
             peer = route(pkt)
             if peer is None:
-                if buf[DATA_PAYLOAD] >> 4 == 4:
-                    self.unreachable(pkt)
-                else:
-                    c[C["drop_no_route"]] += 1
+                self.unreachable(pkt)
                 continue
             if vnet and (buf[READ_AT + VNET_FLAGS] or buf[READ_AT + VNET_GSO_TYPE]):
                 flags, gso_type, _hl, gso_size, csum_start, csum_off = VNET.unpack_from(
@@ -505,9 +502,13 @@ class WgForwarder(WgSend, WgReceive):
         except ValueError:
             self.dev.psk = old_psk  # the old table stays in force, whole
             raise
-        # ICMP errors (IPv4 only) come from the overlay network's own address
-        self.icmp_src = int(msg["icmp_src"]).to_bytes(16 if msg.get("family") == 6 else 4,
-                                                      "big")
+        # ICMP errors come from the overlay network's own address, per family
+        if msg.get("family") == 6:
+            self.icmp_src6 = int(msg["icmp_src"]).to_bytes(16, "big")
+        else:
+            self.icmp_src = int(msg["icmp_src"]).to_bytes(4, "big")
+        if msg.get("icmp_src6") is not None:
+            self.icmp_src6 = int(msg["icmp_src6"]).to_bytes(16, "big")
         self.wg_stats = {p: self.wg_stats.get(p) or [0, 0, 0, 0, 0.0, 0]
                          for p in self.dev.peers.values()}
         self.generation += 1
