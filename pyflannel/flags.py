@@ -278,6 +278,9 @@ FLAGS: tuple[FlagSpec, ...] = (
              "measurement only: send with UDP segmentation offload", hidden=True),
     FlagSpec("udp-gro", "udp_gro", BOOL, True,
              "measurement only: receive with UDP receive offload", hidden=True),
+    FlagSpec("udp-coalesce", "udp_coalesce", BOOL, True,
+             "measurement only: join plain packets of one TCP flow before the TUN write",
+             hidden=True),
     FlagSpec("v", "verbosity", LEVEL, 0, "log verbosity level (bare -v means 1)",
              _int_range(0), env=False),
     FlagSpec("version", "version", BOOL, False, "print the version and exit", env=False),
@@ -326,6 +329,7 @@ class Options:
     fastpath_mode: str = "process"
     udp_gso: bool = True
     udp_gro: bool = True
+    udp_coalesce: bool = True
     verbosity: int = 0
     version: bool = False
     help: bool = False

@@ -329,3 +329,22 @@ def test_flannel_framed_segments_of_one_flow_reach_the_tun_as_one_super_packet()
     assert fwd.c[counters.INDEX["coalesced"]] == 5 and fwd.c[counters.INDEX["rx_packets"]] == 5
     for s in (tun_app, tun_fwd, udp, peer, ctl, fwd_ctl):
         s.close()
+
+
+def test_flannel_framing_on_a_vnet_tun_never_sends_or_takes_vnet1():
+    """-udp-framing=flannel keeps virtio-net headers on the TUN only to join packets: a
+    peer that advertises vnet1 still gets, and may only send, plain packets."""
+    from pyflannel.fastpath.frames import encode_train
+
+    rig = Rig(vnet=True)
+    try:
+        rig.fwd.vnet1 = False
+        rig.configure()  # the peer's rows say vnet1
+        rig.tun_app.send(bytes(10) + ipv4(src="10.1.1.5", dst="10.1.2.7", payload=b"x"))
+        assert rig.peer.recvfrom(65536)[0][0] == 0x45  # a plain packet
+        for d in encode_train(bytes(10) + bytes(ipv4(src="10.1.2.7", dst="10.1.1.5")), 1, 1472):
+            rig.peer.sendto(d, rig.udp.getsockname())
+        time.sleep(0.1)
+        assert rig.counters()["drop_unexpected_framing"] == 1
+    finally:
+        rig.close()

@@ -16,7 +16,7 @@ def make_backend(cfg: NetworkConfig, ext: ExternalInterface,
         from pyflannel.backend.udp import UdpBackend
 
         return UdpBackend(cfg, ext, framing=opts.udp_framing, mode=opts.fastpath_mode,
-                          gso=opts.udp_gso, gro=opts.udp_gro)
+                          gso=opts.udp_gso, gro=opts.udp_gro, coalesce=opts.udp_coalesce)
     if cfg.backend_type == "vxlan":
         from pyflannel.backend.vxlan import VxlanBackend
 

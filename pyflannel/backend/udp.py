@@ -56,14 +56,18 @@ class UdpBackend(Backend):
     type = "udp"
 
     def __init__(self, cfg, ext, framing: str = "", *, mode: str = "process",
-                 gso: bool = True, gro: bool = True) -> None:
+                 gso: bool = True, gro: bool = True, coalesce: bool = True) -> None:
         super().__init__(cfg, ext)
-        self.fastpath_mode, self.gso, self.gro = mode, gso, gro
+        self.fastpath_mode, self.gso, self.gro, self.coalesce = mode, gso, gro, coalesce
         self.port = int(cfg.backend_option("Port", 8285))
         # "auto": vnet1 towards peers that advertise it, flannel's framing to the rest;
         # "flannel": plain packets only, as flanneld (for benchmarks and old kernels).
         self.framing = framing or str(cfg.backend_option("Framing", "auto"))
         self.vnet = self.framing == "auto"
+        # The TUN carries virtio-net headers for vnet1 (TSO super-packets both ways) and,
+        # in either framing, so that plain packets from a peer can be joined per TCP flow
+        # into one super-packet write; flannel's framing reads plain packets all the same.
+        self.vnet_tun = self.vnet or coalesce
         # The underlay: IPv4 wherever the network has it (IPv6 rides inside), else IPv6.
         self.underlay = 4 if cfg.enable_ipv4 else 6
         self.tun = None
@@ -85,7 +89,8 @@ class UdpBackend(Backend):
         gone = await run_netlink(netlink.remove_stale_devices, DEVICE)
         if gone:
             log.info("removed devices of an earlier backend: %s", ", ".join(gone))
-        self.tun = await asyncio.to_thread(open_tun, DEVICE, vnet=self.vnet)
+        self.tun = await asyncio.to_thread(open_tun, DEVICE, vnet=self.vnet_tun,
+                                           offloads=self.vnet)
         if v6:
             # no link-local address or router solicitations on the overlay device
             _sysctl(DEVICE, "addr_gen_mode", "1")
@@ -94,7 +99,8 @@ class UdpBackend(Backend):
             _sysctl(DEVICE, "disable_ipv6", "1")
         self.sock = self._bind()
         self.fastpath = FastPath(self.tun.fileno(), self.sock, mode=self.fastpath_mode,
-                                 vnet=self.vnet, gso=self.gso, gro=self.gro,
+                                 vnet=self.vnet_tun, vnet1=self.vnet,
+                                 coalesce=self.coalesce, gso=self.gso, gro=self.gro,
                                  datagram_size=self.mtu)
         self.fastpath.start()
         log.info("udp framing %s%s", "auto (vnet1 to peers that take it)" if self.vnet

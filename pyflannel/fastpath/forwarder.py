@@ -592,9 +592,14 @@ class Forwarder(UdpSend, UdpReceive):
 
     def __init__(self, tun_fd: int, sock: socket.socket, ctl: socket.socket,
                  mem: counters.mmap.mmap | None, *, vnet: bool = False, gso: bool = True,
-                 gro: bool = True, datagram_size: int = 1472) -> None:
+                 gro: bool = True, datagram_size: int = 1472, vnet1: bool = True,
+                 coalesce: bool = True) -> None:
         super().__init__(tun_fd, sock, ctl, mem, vnet=vnet, gso=gso, gro=gro,
                          datagram_size=datagram_size)
+        # vnet1: send and accept the fast framing where a peer advertises it (never in
+        # flannel-framing mode, whose TUN may still carry virtio-net headers to coalesce)
+        self.vnet1 = vnet and vnet1
+        self.coalesce = vnet and coalesce
         self.peers = {}  # IPv4 key -> (addr, vnet1?)
         self.peers6 = {}  # IPv6 key -> (addr, vnet1?)
         # ip -> (IPv4 keys of every subnet routed to it, vnet1 from any of its routes?,
@@ -651,7 +656,8 @@ class Forwarder(UdpSend, UdpReceive):
         """One family's peer table: subnet key -> ((address, port), vnet1?)."""
         table = {}
         for net, ip, port, *rest in rows:
-            table[int(net) >> shift] = ((str(ip), int(port)), bool(rest and rest[0]) and self.vnet)
+            table[int(net) >> shift] = ((str(ip), int(port)),
+                                        bool(rest and rest[0]) and self.vnet1)
         return table
 
 
@@ -664,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datagram-size", type=int, default=1472)
     ap.add_argument("--no-gso", action="store_true")
     ap.add_argument("--no-gro", action="store_true")
+    ap.add_argument("--no-vnet1", action="store_true", help="flannel's framing only")
+    ap.add_argument("--no-coalesce", action="store_true",
+                    help="write plain packets to the TUN one by one")
     ap.add_argument("--framing", choices=("udp", "wireguard"), default="udp")
     ap.add_argument("--wg-key-file", help="the node's WireGuard private key (read here, "
                     "so the secret never crosses the command line or the control socket)")
@@ -695,7 +704,8 @@ def main(argv: list[str] | None = None) -> int:
         fwd = WgForwarder(args.tun_fd, sock, ctl, counters.attach(args.counters_fd),
                           private_key=key, mtu=args.wg_mtu, **options)
     else:
-        fwd = Forwarder(args.tun_fd, sock, ctl, counters.attach(args.counters_fd), **options)
+        fwd = Forwarder(args.tun_fd, sock, ctl, counters.attach(args.counters_fd),
+                        vnet1=not args.no_vnet1, coalesce=not args.no_coalesce, **options)
     fwd.run()
     return 0
 

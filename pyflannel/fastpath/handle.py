@@ -65,7 +65,8 @@ class FastPath:
 
     def __init__(self, tun_fd: int, sock: socket.socket, mode: str = "process", *,
                  vnet: bool = False, gso: bool = True, gro: bool = True,
-                 datagram_size: int = 1472, framing: str = "udp",
+                 datagram_size: int = 1472, framing: str = "udp", vnet1: bool = True,
+                 coalesce: bool = True,
                  wg_key_file: str | None = None, wg_mtu: int = 1420,
                  wg_public_key: str | None = None) -> None:
         if mode not in ("process", "thread"):
@@ -78,6 +79,8 @@ class FastPath:
         self.wg_mtu = wg_mtu
         self.wg_public_key = wg_public_key
         self.options = {"vnet": vnet, "gso": gso, "gro": gro, "datagram_size": datagram_size}
+        if framing == "udp":
+            self.options.update(vnet1=vnet1, coalesce=coalesce)
         self.tun_fd = tun_fd
         self.sock = sock
         self._ctl, self._child_ctl = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -117,6 +120,8 @@ class FastPath:
              *(["--vnet"] if self.options["vnet"] else []),
              *(["--no-gso"] if not self.options["gso"] else []),
              *(["--no-gro"] if not self.options["gro"] else []),
+             *(["--no-vnet1"] if not self.options.get("vnet1", True) else []),
+             *(["--no-coalesce"] if not self.options.get("coalesce", True) else []),
              *(["--framing", "wireguard", "--wg-mtu", str(self.wg_mtu)]
                + (["--wg-key-file", self.wg_key_file] if self.wg_key_file else [])
                + (["--wg-public-key", self.wg_public_key] if self.wg_public_key else [])

@@ -20,12 +20,15 @@ class TunError(RuntimeError):
     """The TUN device could not be created (no /dev/net/tun, no permission, name in use)."""
 
 
-def open_tun(name: str, *, vnet: bool = False, wait_busy_s: float = 3.0) -> pytun.TunTapDevice:
+def open_tun(name: str, *, vnet: bool = False, offloads: bool = True,
+             wait_busy_s: float = 3.0) -> pytun.TunTapDevice:
     """Create (or attach to) TUN ``name`` without the packet-information header.
 
     With ``vnet`` every read and write carries a 10-byte virtio-net header and the kernel may
     hand us TCP super-packets of up to 64 KiB with partial checksums (TSO/checksum offload),
-    which is how the fast framing moves a 64 KiB TCP burst in one system call.
+    which is how the fast framing moves a 64 KiB TCP burst in one system call. Without
+    ``offloads`` the header stays (writes may still be super-packets) but reads are plain,
+    finished packets.
 
     A daemon restarted right after a crash may find the name still held by the old fast
     path for a moment (EBUSY); wait for it rather than fail.
@@ -42,7 +45,7 @@ def open_tun(name: str, *, vnet: bool = False, wait_busy_s: float = 3.0) -> pytu
                 time.sleep(0.1)
                 continue
             raise TunError(f"cannot create TUN device {name}: {msg}") from None
-        if vnet:
+        if vnet and offloads:
             try:
                 fcntl.ioctl(dev.fileno(), TUNSETOFFLOAD,
                             TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN)
