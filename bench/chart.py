@@ -30,9 +30,13 @@ if TYPE_CHECKING:
 # run can be read against them; keep them here, in one place.
 REFERENCE_GBPS: dict[str, float] = {
     "kernel vxlan": 15.5,  # measured 15-16 Gbit/s
-    "flanneld udp backend (C)": 0.37,
+    "flanneld udp (C)": 0.37,  # flanneld's own udp backend
     "wireguard-go (Debian)": 0.55,
 }
+# Each reference line takes the colour of the setup it stands for, so a label is tied to
+# its line at a glance.
+REFERENCE_COLOURS = {"kernel vxlan": "#b35f12", "flanneld udp (C)": "#163f73",
+                     "wireguard-go (Debian)": "#8e2f29"}
 
 MISSING_MATPLOTLIB = "matplotlib is not installed: pip install '.[bench]'"
 
@@ -213,7 +217,7 @@ def figure(doc: dict) -> Figure:
     for ax in axes[1:]:
         ax.tick_params(labelleft=False)
     for label in axes[0].get_yticklabels():
-        label.set_color(colour.get(label.get_text(), "black"))
+        label.set_color(_dark(colour.get(label.get_text(), "#222222")))
         label.set_fontweight("bold" if is_pyflannel(label.get_text()) else "normal")
 
     fig.text(0.01, 0.975, "pyflannel benchmark — medians of one run", fontsize=20,
@@ -229,20 +233,22 @@ def figure(doc: dict) -> Figure:
     fig.text(0.01, 0.012, footer, fontsize=9, color="#555555", va="bottom", gid="footer")
     bottom = 0.03 + 0.018 * footer.count("\n")
     fig.tight_layout(rect=(0, bottom, 1, 0.9), w_pad=1.5)
-    _place_references(axes[0])
+    raised = _place_references(axes[0])
+    for ax, panel in zip(axes, PANELS, strict=True):  # titles level, above the labels
+        ax.set_title(panel.title, fontsize=14, fontweight="bold", loc="left",
+                     pad=8 + raised * 14)
     fig.tight_layout(rect=(0, bottom, 1, 0.9), w_pad=1.5)
     return fig
 
 
 def _footer(doc: dict, data: list[Row]) -> str:
-    refs = ", ".join(f"{k} {v:g}" for k, v in REFERENCE_GBPS.items())
-    lines = [f"Dashed lines: reference figures (one TCP stream, Gbit/s) from the project brief, "
-             f"not measured in this run: {refs}.  Error bars: min–max over samples.  "
-             f"Packet rate labels: delivered (loss)."]
+    lines = ["Dashed lines: reference figures for one TCP stream, from the project brief, "
+             "not measured in this run.   Error bars: min–max over samples.   "
+             "Packet rate: delivered packets/s (loss at the offered rate)."]
     notes = [f"{r.setup}: {n}" for r in data for n in r.notes]
     if notes:
-        shown = notes[:3] + ([f"... and {len(notes) - 3} more notes"] if len(notes) > 3 else [])
-        lines.append("Notes: " + ";  ".join(shown))
+        line = "Notes: " + ";  ".join(notes)
+        lines.append(line if len(line) <= 220 else line[:217] + "...")
     return "\n".join(lines)
 
 
@@ -310,7 +316,8 @@ def _panel(ax: Axes, panel: Panel, data: list[Row], colour: dict[str, str]) -> N
         from matplotlib.ticker import FuncFormatter
 
         if panel.fmt is _fmt_pps:
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: _fmt_pps(v)))
+            ax.xaxis.set_major_formatter(
+                FuncFormatter(lambda v, _p: f"{v / 1000:g}k" if v else "0"))
     from matplotlib.patches import Patch
 
     ax.legend(handles=[Patch(facecolor="#555555", edgecolor="#555555",
@@ -370,8 +377,6 @@ def _place_references(ax: Axes) -> None:
         ax.text(value, 1.0, label, fontsize=9.5, ha=ha, va="bottom", transform=at,
                 color="#333333", gid=f"reference-label:{name}")
         if row:  # a leader from the top of the panel up to a raised label
-            ax.plot([value, value], [1.0, 1.0], transform=trans)  # placeholder for layout
-            ax.lines[-1].remove()
             ax.annotate("", xy=(value, 1.0), xycoords=trans,
                         xytext=(0, 3 + row * 14 + 8), textcoords="offset points",
                         arrowprops={"arrowstyle": "-", "color": "#333333", "linewidth": 0.8,

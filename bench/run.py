@@ -1,7 +1,8 @@
 """Encapsulation throughput, side by side in one run: the bare underlay, pyflannel udp with
-flannel's framing, pyflannel udp with the vnet1 fast framing, pyflannel's wireguard
-backend, wireguard-go (set up as flanneld sets up its device: the encrypted peer to beat),
-vxlan and host-gw.
+flannel's framing (with and without joining received packets per TCP flow), pyflannel udp
+with the vnet1 fast framing, pyflannel's wireguard backend, wireguard-go (set up as
+flanneld sets up its device: the encrypted peer to beat), vxlan and host-gw; then TCP over
+IPv6 inner packets on udp-fast, vxlan and host-gw (a dual-stack network, "-v6" rows).
 
     python -m bench.run            # the full run (about 6-8 minutes on 2 vCPUs)
     python -m bench.run --quick    # a smoke run (about a minute)
@@ -39,17 +40,24 @@ class Setup:
     backend: str | None  # None: no overlay at all (or, with ``wireguard_go``, not ours)
     extra: tuple[str, ...] = ()
     wireguard_go: bool = False  # wireguard-go devices instead of pyflannel daemons
+    ipv6: bool = False  # measure between the nodes' IPv6 pod addresses (dual-stack)
 
 
 SETUPS = [
     Setup("underlay", None),
+    # flannel's framing before and after joining received packets per TCP flow
+    Setup("udp-flannel-nocoalesce", "udp", ("-udp-framing=flannel", "-udp-coalesce=false")),
     Setup("udp-flannel", "udp", ("-udp-framing=flannel",)),
     Setup("udp-fast", "udp"),
     Setup("wireguard", "wireguard"),
     Setup("wireguard-go", None, wireguard_go=True),
     Setup("vxlan", "vxlan"),
     Setup("host-gw", "host-gw"),
+    Setup("udp-fast-v6", "udp", ipv6=True),
+    Setup("vxlan-v6", "vxlan", ipv6=True),
+    Setup("host-gw-v6", "host-gw", ipv6=True),
 ]
+IPV6_NETWORK = "fc00:10:1::/48"
 _wggo: wg.WireguardGo | None = None
 
 
@@ -63,7 +71,7 @@ class Plan:
 
     @classmethod
     def of(cls, quick: bool) -> Plan:
-        return cls(1, 2, 1, 20) if quick else cls(3, 8, 4, 200)
+        return cls(1, 1, 0.5, 20) if quick else cls(3, 8, 4, 200)
 
 
 @dataclass
@@ -98,8 +106,10 @@ def endpoints(lab: Lab, setup: Setup) -> tuple[LabNode, LabNode, str, str]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{setup.name}: nodes cannot reach each other")
         return a, b, src, dst
-    lab.etcdctl("put", CONFIG_KEY,
-                json.dumps({"Network": "10.1.0.0/16", "Backend": {"Type": setup.backend}}))
+    config = {"Network": "10.1.0.0/16", "Backend": {"Type": setup.backend}}
+    if setup.ipv6:
+        config.update(EnableIPv6=True, IPv6Network=IPV6_NETWORK)
+    lab.etcdctl("put", CONFIG_KEY, json.dumps(config))
     for node in (a, b):
         if node.subnet_file.exists():
             node.subnet_file.unlink()
@@ -107,8 +117,9 @@ def endpoints(lab: Lab, setup: Setup) -> tuple[LabNode, LabNode, str, str]:
         lab.start_daemon(node, *setup.extra, env=env)
     for node in (a, b):
         env = lab.wait_subnet_file(node, timeout=30)
-        lab.add_docker0(node, env["FLANNEL_SUBNET"])
-        subnets.append(env["FLANNEL_SUBNET"].split("/")[0])
+        lab.add_docker0(node, env["FLANNEL_SUBNET"], env.get("FLANNEL_IPV6_SUBNET"))
+        subnet = env["FLANNEL_IPV6_SUBNET"] if setup.ipv6 else env["FLANNEL_SUBNET"]
+        subnets.append(subnet.split("/")[0])
     deadline = time.monotonic() + 10
     while not (lab.ping(a, subnets[1], src_ip=subnets[0], timeout=1)
                and lab.ping(b, subnets[0], src_ip=subnets[1], timeout=1)):
