@@ -54,6 +54,7 @@ OTHER_SPARE = ["#a0522d", "#c9a227", "#6e6e6e", "#e07b67", "#8c6d46", "#d4a373"]
 
 WIDTH_IN, HEIGHT_IN, DPI = 16.0, 9.0, 100  # 1600 x 900 pixels
 BAR = 0.38  # height of one bar; two bars per setup row
+REFERENCE_ROW_PTS = 14  # height of a row of reference labels above the throughput panel
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,12 @@ def _light(colour: str) -> tuple[float, float, float]:
     return tuple(c + (1 - c) * 0.55 for c in to_rgb(colour))  # type: ignore[return-value]
 
 
+def _dark(colour: str) -> str:
+    from matplotlib.colors import to_hex, to_rgb
+
+    return to_hex(tuple(c * 0.8 for c in to_rgb(colour)))
+
+
 def subtitle(doc: dict) -> str:
     """The machine and the caveat: figures are only comparable within one run."""
     m = doc.get("machine") if isinstance(doc.get("machine"), dict) else {}
@@ -232,13 +239,19 @@ def figure(doc: dict) -> Figure:
     footer = _footer(doc, data)
     fig.text(0.01, 0.012, footer, fontsize=9, color="#555555", va="bottom", gid="footer")
     bottom = 0.03 + 0.018 * footer.count("\n")
+    _title_pads(axes, 1)  # room for one row of reference labels: the usual case
     fig.tight_layout(rect=(0, bottom, 1, 0.9), w_pad=1.5)
     raised = _place_references(axes[0])
+    if raised > 1:  # labels stacked higher: lift the titles and lay out again
+        _title_pads(axes, raised)
+        fig.tight_layout(rect=(0, bottom, 1, 0.9), w_pad=1.5)
+    return fig
+
+
+def _title_pads(axes: Any, rows: int) -> None:
     for ax, panel in zip(axes, PANELS, strict=True):  # titles level, above the labels
         ax.set_title(panel.title, fontsize=14, fontweight="bold", loc="left",
-                     pad=8 + raised * 14)
-    fig.tight_layout(rect=(0, bottom, 1, 0.9), w_pad=1.5)
-    return fig
+                     pad=8 + rows * REFERENCE_ROW_PTS)
 
 
 def _footer(doc: dict, data: list[Row]) -> str:
@@ -295,12 +308,13 @@ def _panel(ax: Axes, panel: Panel, data: list[Row], colour: dict[str, str]) -> N
                 text += f" ({loss:.0f}% lost)" if loss >= 1 else f" ({loss:.1f}% lost)"
             x = max(end, lo) * 1.07 if panel.log else max(end, 0) + hi * 0.012
             ax.text(x, yy, text, va="center", ha="left", fontsize=9, color="#222222",
-                    gid=f"value:{row.setup}:{metric.key}")
+                    bbox={"boxstyle": "square,pad=0.1", "facecolor": "white",
+                          "edgecolor": "none", "alpha": 0.85},  # readable over a dashed line
+                    zorder=3, gid=f"value:{row.setup}:{metric.key}")
 
     ax.set_yticks(ys, [r.setup for r in data], fontsize=11)
     ax.tick_params(axis="y", length=0)
     ax.set_xlabel(panel.xlabel, fontsize=11)
-    ax.set_title(panel.title, fontsize=14, fontweight="bold", loc="left", pad=8)
     ax.grid(axis="x", color="#dddddd", linewidth=0.8)
     ax.set_axisbelow(True)
     for side in ("top", "right"):
@@ -328,12 +342,13 @@ def _panel(ax: Axes, panel: Panel, data: list[Row], colour: dict[str, str]) -> N
               fontsize=10, handlelength=1.4)
 
 
-def _place_references(ax: Axes) -> None:
-    """Dashed reference lines, each labelled just above the panel at its own x.
+def _place_references(ax: Axes) -> int:
+    """Draw the dashed reference lines, each labelled just above the panel at its own x.
 
-    A label sits to the left of its line when it fits there, else to the right; labels
-    that would collide go up a row. Widths are measured with the renderer, once the
-    layout is known, so the labels never overlap whatever the reference values are.
+    A label goes left of its line if it fits there, else right; in the first row it may
+    not cross another reference line, and a label that fits nowhere goes up a row with a
+    dotted leader. Widths are measured with the renderer once the layout is known, so the
+    labels do not overlap whatever the reference values are. Returns the rows used.
     """
     from matplotlib.transforms import blended_transform_factory, offset_copy
 
@@ -341,48 +356,48 @@ def _place_references(ax: Axes) -> None:
     renderer = fig.canvas.get_renderer()
     lo, hi = ax.get_xlim()
     trans = blended_transform_factory(ax.transData, ax.transAxes)
-    ax_left, ax_right = ax.get_window_extent(renderer).x0, ax.get_window_extent(renderer).x1
-    row_ends: list[float] = []  # the right edge, in pixels, of the last label in each row
-    rows_used = 0
-    for name, value in sorted(REFERENCE_GBPS.items(), key=lambda kv: kv[1]):
-        if not lo < value < hi:
-            continue
-        ax.axvline(value, color="#333333", linestyle=(0, (5, 3)), linewidth=1.2, zorder=1.5,
+    box = ax.get_window_extent(renderer)
+    refs = sorted(((v, k) for k, v in REFERENCE_GBPS.items() if lo < v < hi))
+    xs = [ax.transData.transform((v, 1.0))[0] for v, _k in refs]
+    taken: list[list[tuple[float, float]]] = []  # per row: pixel spans already used
+    gap, row_pts = 3.0, REFERENCE_ROW_PTS
+    for (value, name), x in zip(refs, xs, strict=True):
+        colour = REFERENCE_COLOURS.get(name, "#333333")
+        ax.axvline(value, color=colour, linestyle=(0, (5, 3)), linewidth=1.3, zorder=1.5,
                    gid=f"reference:{name}")
         label = f"{name} {value:g}"
         probe = ax.text(value, 1.0, label, fontsize=9.5, transform=trans)
-        width = probe.get_window_extent(renderer).width
+        width = probe.get_window_extent(renderer).width + 2
         probe.remove()
-        x = ax.transData.transform((value, 0))[0]
-        gap = 3.0
-        placed = None
-        for row in range(len(row_ends) + 1):
-            end = row_ends[row] if row < len(row_ends) else ax_left - 1e9
-            for ha, x0 in (("right", x - gap - width), ("left", x + gap)):
-                if x0 >= max(end + 6, ax_left - 40) and x0 + width <= ax_right + 40:
-                    placed = (row, ha, x0 + width)
-                    break
-            if placed:
+
+        def fits(a: float, b: float, row: int, x: float = x) -> bool:
+            if a < box.x0 - 30 or b > box.x1 + 30:
+                return False
+            if row == 0 and any(a - 2 <= o <= b + 2 for o in xs if o != x):
+                return False
+            return all(b + 6 <= s0 or a >= s1 + 6 for s0, s1 in taken[row])
+
+        for row in range(len(taken) + 1):
+            if row == len(taken):
+                taken.append([])
+            spans = (("right", x - gap - width, x - gap), ("left", x + gap, x + gap + width))
+            choice = next((c for c in spans if fits(c[1], c[2], row)), None)
+            if choice is not None or row > len(refs):
                 break
-        if placed is None:
-            placed = (len(row_ends), "left", x + gap + width)
-        row, ha, right = placed
-        if row == len(row_ends):
-            row_ends.append(right)
-        else:
-            row_ends[row] = right
-        rows_used = max(rows_used, row + 1)
-        at = offset_copy(trans, fig=fig, x=-gap if ha == "right" else gap, y=3 + row * 14,
-                         units="points")
+        ha, a, b = choice or ("left", x + gap, x + gap + width)
+        taken[row].append((a, b))
+        at = offset_copy(trans, fig=fig, x=-gap if ha == "right" else gap,
+                         y=3 + row * row_pts, units="points")
         ax.text(value, 1.0, label, fontsize=9.5, ha=ha, va="bottom", transform=at,
-                color="#333333", gid=f"reference-label:{name}")
+                color=colour, gid=f"reference-label:{name}")
         if row:  # a leader from the top of the panel up to a raised label
             ax.annotate("", xy=(value, 1.0), xycoords=trans,
-                        xytext=(0, 3 + row * 14 + 8), textcoords="offset points",
-                        arrowprops={"arrowstyle": "-", "color": "#333333", "linewidth": 0.8,
-                                    "linestyle": ":"})
-    ax.set_title(ax.get_title(loc="left"), fontsize=14, fontweight="bold", loc="left",
-                 pad=8 + rows_used * 14)
+                        xytext=(0, 3 + row * row_pts + 8), textcoords="offset points",
+                        arrowprops={"arrowstyle": "-", "color": colour, "linewidth": 0.9,
+                                    "linestyle": ":", "shrinkA": 0, "shrinkB": 0})
+    while taken and not taken[-1]:
+        taken.pop()
+    return len(taken)
 
 
 def render(doc: dict, path: str | Path) -> None:

@@ -64,14 +64,14 @@ _wggo: wg.WireguardGo | None = None
 @dataclass
 class Plan:
     tcp_runs: int
-    tcp_seconds: float
-    udp_seconds: float
+    tcp_seconds: int  # iperf3 takes whole seconds (0 would mean "forever")
+    udp_seconds: int
     pings: int
     udp_pps: int = 100_000
 
     @classmethod
     def of(cls, quick: bool) -> Plan:
-        return cls(1, 1, 0.5, 20) if quick else cls(3, 8, 4, 200)
+        return cls(1, 1, 1, 20) if quick else cls(3, 8, 4, 200)
 
 
 @dataclass

@@ -348,3 +348,25 @@ def test_flannel_framing_on_a_vnet_tun_never_sends_or_takes_vnet1():
         assert rig.counters()["drop_unexpected_framing"] == 1
     finally:
         rig.close()
+
+
+def test_held_tcp_segments_keep_their_place_before_other_packets():
+    """On a vnet TUN only TCP segments wait to be joined; anything else is written at once,
+    after whatever was held before it, so the order on the wire is the order in the TUN."""
+    from pyflannel.fastpath.frames import VNET_LEN
+
+    rig = Rig(vnet=True)
+    try:
+        port = rig.peer.getsockname()[1]
+        rig.configure(peers=[[int(IPv4Address("10.1.2.0")), "127.0.0.2", port, False]])
+        first = tcp_segment(1000, b"a" * 100)
+        other = ipv4(src="10.1.2.7", dst="10.1.1.5", payload=b"udp!")
+        last = tcp_segment(1100, b"b" * 100)
+        rig.fwd.sock.setblocking(True)
+        for pkt in (first, other, last):
+            rig.peer.sendto(pkt, rig.udp.getsockname())
+        got = [rig.tun_app.recv(65536)[VNET_LEN:] for _ in range(3)]
+        assert [g[20:] if g[9] == 17 else g[40:] for g in got] == [
+            b"a" * 100, b"udp!", b"b" * 100]
+    finally:
+        rig.close()

@@ -54,11 +54,13 @@ from pyflannel.fastpath.frames import (
 from pyflannel.fastpath.packet import (
     IP_CSUM,
     IP_DST,
+    IP_PROTO,
     IP_SRC,
     IP_TOTAL_LEN,
     IP_TTL,
     IPV4_MIN_HEADER,
     IPV6_HEADER_LEN,
+    TCP_PROTO,
     V6_DST,
     V6_HOPS,
     V6_SRC,
@@ -329,8 +331,8 @@ class UdpReceive(Transport):
     def from_udp(self) -> None:
         rbuf, rmv, c = self._rbuf, self._rmv, self.c
         recv, sources = self.sock.recvmsg_into, self.sources
-        fd, write, vnet = self.tun_fd, os.write, self.vnet
-        shift, local_key = self.shift, self.local_key
+        fd, write, writev, vnet = self.tun_fd, os.write, os.writev, self.vnet
+        shift, local_key, coalesce = self.shift, self.local_key, self.coalesce
         bufs = [rbuf]
         rx_p = rx_b = 0
         clock = time.monotonic
@@ -373,7 +375,7 @@ class UdpReceive(Transport):
                 # The flannel framing, inline: the common case must cost little.
                 end = min(off + seg, n)
                 if (rbuf[off] & 0xF0 != 0x40 or end - off < IPV4_MIN_HEADER
-                        or rbuf[off] & 0x0F < 5 or vnet):
+                        or rbuf[off] & 0x0F < 5):
                     self.deliver(rmv[off:end], src, addr[0])
                     continue
                 total = (rbuf[off + IP_TOTAL_LEN] << 8) | rbuf[off + IP_TOTAL_LEN + 1]
@@ -396,8 +398,19 @@ class UdpReceive(Transport):
                 csum = (csum & 0xFFFF) + (csum >> 16)
                 rbuf[ck] = csum >> 8
                 rbuf[ck + 1] = csum & 0xFF
+                if coalesce and rbuf[off + IP_PROTO] == TCP_PROTO:
+                    # held, to be joined with its flow's next segments (flush_pending)
+                    self._pending.append((bytes(rmv[off:off + total]), src))
+                    rx_p += 1
+                    rx_b += total
+                    continue
+                if self._pending:
+                    self.flush_pending()  # keep the order of what came before
                 try:
-                    write(fd, rmv[off:off + total])
+                    if vnet:
+                        writev(fd, [ZERO_VNET, rmv[off:off + total]])
+                    else:
+                        write(fd, rmv[off:off + total])
                 except OSError:
                     self.drop("drop_tun_write", 1)
                     continue
