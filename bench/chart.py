@@ -121,7 +121,7 @@ def _number(value: Any, where: str) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{where}: expected a number or null, got {value!r}")
-    return None if math.isnan(value) else float(value)
+    return float(value) if math.isfinite(value) else None
 
 
 def rows(doc: dict) -> list[Row]:
@@ -268,16 +268,16 @@ def _footer(doc: dict, data: list[Row]) -> str:
 def _panel(ax: Axes, panel: Panel, data: list[Row], colour: dict[str, str]) -> None:
     n = len(data)
     ys = list(range(n))
-    tops = [hi for r in data for m in panel.metrics
-            for hi in (r.spread.get(m.key, (0, r.medians.get(m.key) or 0))[1],)]
-    top = max([0.0, *tops])
+    ends = [r.spread[m.key][1] if m.key in r.spread else r.medians.get(m.key) or 0.0
+            for r in data for m in panel.metrics]  # where each bar, or its error bar, ends
+    top = max([0.0, *ends])
     if panel.log:
         ax.set_xscale("log")
         lo, hi = LOG_MIN, max(LOG_MAX, top * 2.2, max(REFERENCE_GBPS.values(), default=0) * 2)
     else:
         lo, hi = 0.0, (top * 1.3 if top > 0 else 1.0)
     ax.set_xlim(lo, hi)
-    ax.set_ylim(n - 0.5, -0.5)  # first setup on top
+    ax.set_ylim(max(n, 1) - 0.5, -0.5)  # first setup on top
 
     for row, y in zip(data, ys, strict=True):
         for j, metric in enumerate(panel.metrics):
