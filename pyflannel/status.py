@@ -185,6 +185,14 @@ def _short_key(r: dict[str, Any]) -> str:
     return "-"
 
 
+def _transfer(c: dict | None) -> str:
+    """What crossed the wire with a WireGuard peer (encrypted, with its headers), as the
+    `transfer:` line of `wg show`: received, then sent."""
+    if not c or not isinstance(c.get("wire_rx_bytes"), int):
+        return "-"
+    return f"{_human(c['wire_rx_bytes'])}B rx, {_human(c.get('wire_tx_bytes') or 0)}B tx"
+
+
 def _handshake(c: dict | None, now: float) -> str:
     """The age of the last WireGuard handshake with a peer, as `wg show` prints it."""
     if not c:
@@ -197,14 +205,15 @@ def _handshake(c: dict | None, now: float) -> str:
 
 def render_table(rows: list[dict[str, Any]]) -> str:
     """The status table; IPv6 columns only when some lease has an IPv6 subnet, WireGuard
-    columns (short public key, age of the last handshake) only when some lease is
-    wireguard."""
+    columns (short public key, age of the last handshake, wire transfer) only when some
+    lease is wireguard."""
     v6 = any(r.get("ipv6_subnet") for r in rows)
     wg = any(r.get("backend") == "wireguard" for r in rows)
     now = time.time()
     header = ("SUBNET", *(("IPV6 SUBNET",) if v6 else ()), "PUBLIC IP",
               *(("PUBLIC IPV6",) if v6 else ()), "BACKEND", "VTEP MAC",
-              *(("VTEP MAC V6",) if v6 else ()), *(("PUBLIC KEY", "HANDSHAKE") if wg else ()),
+              *(("VTEP MAC V6",) if v6 else ()),
+              *(("PUBLIC KEY", "HANDSHAKE", "TRANSFER") if wg else ()),
               "LEASE LEFT", "TX PKTS", "TX BYTES",
               "RX PKTS", "RX BYTES", "DROPS", "LAST RX", "")
     lines = [header]
@@ -212,7 +221,7 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         if "error" in r:
             lines.append((r["subnet"], *(("-",) if v6 else ()), "-",
                           *(("-",) if v6 else ()), "-", "-", *(("-",) if v6 else ()),
-                          *(("-", "-") if wg else ()),
+                          *(("-", "-", "-") if wg else ()),
                           "-", "", "", "", "", "", "", f"malformed: {r['error']}"))
             continue
         mac = _mac(r.get("backend_data"))
@@ -227,8 +236,8 @@ def render_table(rows: list[dict[str, Any]]) -> str:
         ipv6 = (r.get("ipv6_subnet") or "-",) if v6 else ()
         pub6 = (r.get("public_ipv6") or "-",) if v6 else ()
         mac6 = (_mac(r.get("backend_v6_data")),) if v6 else ()
-        wgcols = ((_short_key(r), "-" if r["this_node"] else _handshake(c, now))
-                  if wg else ())
+        wgcols = ((_short_key(r), "-" if r["this_node"] else _handshake(c, now),
+                   "-" if r["this_node"] else _transfer(c)) if wg else ())
         lines.append((r["subnet"] or "-", *ipv6, r["public_ip"], *pub6, r["backend"], mac,
                       *mac6, *wgcols, format_duration(r["expires_in_s"]), *traffic,
                       "<- this host" if r["this_node"] else ""))

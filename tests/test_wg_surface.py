@@ -21,15 +21,17 @@ def row(subnet: str, key: str, counters: dict | None, this_node: bool = False) -
             "expires_in_s": 86000, "this_node": this_node, "counters": counters}
 
 
-def test_status_shows_a_short_key_and_the_handshake_age_per_peer():
+def test_status_shows_a_short_key_the_handshake_age_and_the_transfer_per_peer():
     peer = {"tx_packets": 5, "tx_bytes": 500, "rx_packets": 3, "rx_bytes": 300,
-            "rx_dropped": 0, "last_rx_age_s": 1.2, "latest_handshake": time.time() - 75}
+            "rx_dropped": 0, "last_rx_age_s": 1.2, "latest_handshake": time.time() - 75,
+            "wire_rx_bytes": 2_500_000, "wire_tx_bytes": 1200}
     text = render_table([row("10.1.2.0/24", KEY_A, peer),
                          row("10.1.3.0/24", KEY_B, None, this_node=True),
                          row("10.1.4.0/24", KEY_B, {**peer, "latest_handshake": None})])
     header, first, me, never = text.splitlines()
-    assert "PUBLIC KEY" in header and "HANDSHAKE" in header
+    assert "PUBLIC KEY" in header and "HANDSHAKE" in header and "TRANSFER" in header
     assert "KqXTRBS1…" in first and "1m15s ago" in first and "300B" in first
+    assert "2.5MB rx, 1.2kB tx" in first  # as `wg show` prints its transfer line
     assert "AqXTRBS1…" in me and "<- this host" in me
     assert "never" in never
     assert KEY_A not in text  # only the short form

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -238,6 +239,7 @@ def test_status_shows_each_peer_s_key_and_handshake(cluster):
     assert "PUBLIC KEY" in header and "HANDSHAKE" in header
     go_line = next(line for line in lines if line.startswith(GO_SUBNET))
     assert c.go_key.public_base64[:8] + "…" in go_line and " ago" in go_line
+    assert re.search(r"\d+(\.\d)?[kMG]?B rx, \d+(\.\d)?[kMG]?B tx", go_line), go_line
     assert metric(c.lab, n1.lab_node, "pyflannel_wireguard_handshakes_total") >= 1
     assert metric(c.lab, n1.lab_node, "pyflannel_wireguard_last_handshake_timestamp_seconds",
                   peer=GO_SUBNET) > 0
