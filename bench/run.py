@@ -8,7 +8,8 @@ IPv6 inner packets on udp-fast, vxlan and host-gw (a dual-stack network, "-v6" r
     python -m bench.run --quick    # a smoke run (about a minute)
 
 Prints a table of medians (min-max), ratios to the underlay and to vxlan, and writes JSON
-and a PNG chart to bench/results/. Timings are figures to compare, never test assertions.
+and (with the ``bench`` extra, matplotlib) a PNG chart to bench/results/. Timings are
+figures to compare, never test assertions.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import png, wg
+from bench import chart, wg
 from bench.measure import (
     cpu_percent_during,
     idle_fraction,
@@ -219,16 +220,6 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines + (["notes:", *notes] if notes else []))
 
 
-def chart(results: list[Result]) -> bytes:
-    groups = [("tcp1_gbps", "TCP 1 STREAM", "Gbit/s"), ("tcp4_gbps", "TCP 4 STREAMS", "Gbit/s"),
-              ("udp1400_pps", "UDP 1400B DELIVERED", "pkt/s"),
-              ("ping_p99_ms", "PING P99 (LOWER IS BETTER)", "ms")]
-    return png.bar_chart("PYFLANNEL BENCHMARK (MEDIANS, ONE RUN)", [g[1] for g in groups],
-                         [r.setup for r in results],
-                         [[r.median(g[0]) for r in results] for g in groups],
-                         [g[2] for g in groups])
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -260,8 +251,14 @@ def main(argv: list[str] | None = None) -> int:
            "results": [{"setup": r.setup, "samples": r.samples, "notes": r.notes,
                         "medians": {k: r.median(k) for k in r.samples}} for r in results]}
     (out / f"bench-{stamp}.json").write_text(json.dumps(doc, indent=2))
-    (out / f"bench-{stamp}.png").write_bytes(chart(results))
-    print(f"wrote {out}/bench-{stamp}.json and .png ({time.time() - started:.0f}s)")
+    wrote = "json"
+    if chart.available():
+        chart.render(doc, out / f"bench-{stamp}.png")
+        wrote = "json and .png"
+    else:
+        print("bench: no chart: matplotlib is not installed (pip install '.[bench]')",
+              file=sys.stderr)
+    print(f"wrote {out}/bench-{stamp}.{wrote} ({time.time() - started:.0f}s)")
     return 0
 
 

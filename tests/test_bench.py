@@ -1,4 +1,5 @@
-"""The benchmark's quick mode runs end to end and leaves its table, JSON and chart."""
+"""The benchmark's quick mode runs end to end and leaves its table, JSON and chart
+(matplotlib, the bench extra, is a CI dependency)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ def test_quick_benchmark_runs_every_setup(tmp_path):
     out = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(tmp_path)],
                          cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
-    setups = {"underlay", "udp-flannel", "udp-fast", "vxlan", "host-gw", "wireguard",
-              "wireguard-go"}
+    setups = {"underlay", "udp-flannel-nocoalesce", "udp-flannel", "udp-fast", "vxlan",
+              "host-gw", "wireguard", "wireguard-go", "udp-fast-v6", "vxlan-v6", "host-gw-v6"}
     for setup in setups:
         assert setup in out.stdout
     (doc_path,) = tmp_path.glob("bench-*.json")
