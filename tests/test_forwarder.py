@@ -64,6 +64,18 @@ class Rig:
             assert time.monotonic() < deadline, "forwarder did not take the table"
             time.sleep(0.005)
 
+    def receive_train(self) -> memoryview:
+        """The payload of the next vnet1 train the peer receives (no datagram over 1472)."""
+        from pyflannel.fastpath.frames import Reassembler
+
+        r = Reassembler()
+        payload = None
+        while payload is None:
+            dgram, _ = self.peer.recvfrom(65536)
+            assert len(dgram) <= 1472
+            payload = r.feed("p", dgram)
+        return payload
+
     def counters(self) -> dict:
         time.sleep(0.05)
         return counters.read(self.mem)
@@ -182,18 +194,13 @@ def vnet_rig():
 
 
 def test_vnet1_super_packets_travel_as_trains_both_ways(vnet_rig):
-    from pyflannel.fastpath.frames import VNET, Reassembler, encode_train
+    from pyflannel.fastpath.frames import VNET, encode_train
 
     rig = vnet_rig
     big = ipv4(src="10.1.1.5", dst="10.1.2.7", payload=bytes(range(256)) * 20)  # 5140 bytes
     hdr = VNET.pack(0, 0, 0, 0, 0, 0)
     rig.tun_app.send(hdr + big)  # what a vnet TUN hands up
-    r = Reassembler()
-    payload = None
-    while payload is None:
-        dgram, _ = rig.peer.recvfrom(65536)
-        assert len(dgram) <= 1472
-        payload = r.feed("p", dgram)
+    payload = rig.receive_train()
     assert bytes(payload[:10]) == hdr and bytes(payload[10:])[12:] == bytes(big)[12:]
     # and back: a train arriving chunk by chunk is joined and written with its header
     back = ipv4(src="10.1.2.7", dst="10.1.1.5", payload=b"z" * 4000)
