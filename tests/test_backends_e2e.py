@@ -201,7 +201,10 @@ def test_switching_backends_leaves_no_stale_device_or_route():
 
 def test_a_peer_on_another_backend_is_ignored_with_one_warning(vxlan_cluster):
     _kind, lab, nodes = vxlan_cluster
-    key = "/coreos.com/network/subnets/10.1.250.0-24"
+    # a subnet no node holds (a fixed one is some run's own lease)
+    other = next(f"10.1.{i}.0/24" for i in range(250, 0, -1)
+                 if f"10.1.{i}.0/24" not in {n.network for n in nodes.values()})
+    key = "/coreos.com/network/subnets/" + other.replace("/", "-")
     value = '{"PublicIP":"198.18.0.77","PublicIPv6":null,"BackendType":"host-gw"}'
     lab.etcdctl("put", key, value)
     lab.etcdctl("put", key, value)  # the same lease again: still one warning
@@ -209,11 +212,11 @@ def test_a_peer_on_another_backend_is_ignored_with_one_warning(vxlan_cluster):
 
     def warnings() -> list[str]:
         return [line for line in lab.tail_log(n1, 400).splitlines()
-                if "10.1.250.0/24 uses backend host-gw" in line]
+                if f"{other} uses backend host-gw" in line]
 
     wait_until(lambda: len(warnings()) == 1, 5, "one warning")
     time.sleep(0.5)
     assert len(warnings()) == 1
     routes = ns_json(lab, n1.ns, "route", "show", "proto", "120")
-    assert not any(r["dst"] == "10.1.250.0/24" for r in routes)
+    assert not any(r["dst"] == other for r in routes)
     lab.etcdctl("del", key)

@@ -22,7 +22,11 @@ def test_a_lease_naming_a_nodes_own_address_on_another_subnet_changes_nothing():
         n1, n2 = (start_node(lab, n) for n in lab.nodes)
         assert lab.ping(n1.lab_node, n2.gw, src_ip=n1.gw, count=2, timeout=2)
         hostile = {"PublicIP": n1.lab_node.underlay_ip, "BackendType": "udp"}
-        lab.etcdctl("put", "/coreos.com/network/subnets/10.1.77.0-24", json.dumps(hostile))
+        # a subnet neither node holds (a fixed one is some run's own lease)
+        other = next(f"10.1.{i}.0/24" for i in range(77, 255)
+                     if f"10.1.{i}.0/24" not in (n1.network, n2.network))
+        lab.etcdctl("put", "/coreos.com/network/subnets/" + other.replace("/", "-"),
+                    json.dumps(hostile))
         time.sleep(1)  # the watch delivers it to both nodes
         for a, b in ((n1, n2), (n2, n1)):
             assert lab.ping(a.lab_node, b.gw, src_ip=a.gw, count=5, timeout=2), \

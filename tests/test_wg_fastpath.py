@@ -415,3 +415,28 @@ def test_persistent_keepalives_start_a_session_and_keep_it_warm():
     finally:
         a.stop()
         b.stop()
+
+
+def test_no_peer_for_an_ipv6_destination_answers_icmpv6_no_route():
+    """As the udp backend does: a destination nobody's AllowedIPs cover gets ICMPv6
+    destination unreachable / no route, from the IPv6 network's own address."""
+    from ipaddress import IPv6Address
+
+    from tests.test_packet import icmpv6_checksum_ok, ipv6
+
+    node = WgNode("127.0.0.1", "10.1.1.0", vnet=True)
+    try:
+        msg = {"op": "config", "family": 6, "subnet_len": 64,
+               "local_net": int(IPv6Address("fc00:1::")), "icmp_src": int(IPv6Address("fc00::")),
+               "psk": None, "keepalive": 0, "peers": []}
+        generation = node.fwd.generation
+        node.ctl.sendall(json.dumps(msg).encode() + b"\n")
+        wait_for(lambda: node.fwd.generation > generation, "table taken")
+        node.app.send(bytes(VNET_LEN) + ipv6(src="fc00:1::5", dst="fc00:77::1", nxt=58,
+                                             payload=bytes([128, 0]) + bytes(6)))
+        reply = node.app.recv(70000)[VNET_LEN:]
+        assert reply[40] == 1 and reply[41] == 0 and icmpv6_checksum_ok(reply)
+        assert reply[8:24] == IPv6Address("fc00::").packed
+        assert node.counters()["icmp_unreachable_sent"] == 1
+    finally:
+        node.stop()

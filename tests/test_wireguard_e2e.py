@@ -111,14 +111,20 @@ class WgCluster:
 
     # --- the wireguard-go node, as flanneld would set it up ----------------------------
 
-    def start_go(self) -> None:
-        lab, node = self.lab, self.go_node
-        # our lease, as flanneld writes it (no TTL: a reservation the test owns)
-        lease = {"PublicIP": node.underlay_ip, "PublicIPv6": None,
+    def reserve_go(self) -> None:
+        """The wireguard-go node's lease, as flanneld writes it (no TTL: a reservation the
+        test owns), put before any pyflannel node starts so none can have taken its
+        subnet (one run in 250 did, and lost its lease to it)."""
+        lease = {"PublicIP": self.go_node.underlay_ip, "PublicIPv6": None,
                  "BackendType": "wireguard",
                  "BackendData": {"PublicKey": self.go_key.public_base64}}
-        lab.etcdctl("put", "/coreos.com/network/subnets/" + GO_SUBNET.replace("/", "-"),
-                    json.dumps(lease, separators=(",", ":")))
+        self.lab.etcdctl("put", "/coreos.com/network/subnets/" + GO_SUBNET.replace("/", "-"),
+                         json.dumps(lease, separators=(",", ":")))
+
+    def start_go(self) -> None:
+        """wireguard-go on its node, configured as flanneld configures its device (the
+        lease must be reserved first)."""
+        lab, node = self.lab, self.go_node
         log = open(node.workdir / "wireguard-go.log", "ab")  # noqa: SIM115 - child's
         node.workdir.mkdir(parents=True, exist_ok=True)
         self.go_proc = lab.popen(node.ns, ["wireguard-go", "-f", self.go_dev],
@@ -177,6 +183,7 @@ def cluster():
                     '{"Network": "10.1.0.0/16", "Backend": {"Type": "wireguard"}}')
         c = WgCluster(lab)
         try:
+            c.reserve_go()
             for node in lab.nodes[:2]:
                 c.start(node)
             c.start_go()
