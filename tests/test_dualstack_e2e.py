@@ -374,6 +374,41 @@ def test_daemons_ping_over_ipv4_and_ipv6(kind, config, flags):
             check_udp_ipv6(lab, kind, n1, n2)
 
 
+def tcp6_transfer(lab: Lab, src: Node, dst: Node, size: int, port: int = 5001) -> None:
+    """``size`` seeded random bytes over TCP between the nodes' IPv6 pod addresses,
+    arriving intact (length and SHA-256 as sent)."""
+    sink = lab.popen(dst.lab_node.ns, [sys.executable, "-c", TCP_SINK, dst.gw6, str(port)],
+                     stdout=subprocess.PIPE)
+    assert sink.stdout.readline().strip() == b"listening"
+    sent = lab.run(src.lab_node.ns, [sys.executable, "-c", TCP_SOURCE, dst.gw6, str(port),
+                                     str(size), src.gw6], timeout=60, text=True)
+    got = sink.stdout.readline().decode().strip()
+    sink.wait(10)
+    assert got == sent.stdout.strip() and got.startswith(f"{size} ")
+
+
+def test_udp_ipv6_between_a_vnet1_node_and_a_plain_framing_node():
+    """A mixed udp cluster on a dual-stack network: the vnet1 node cuts its TSO6
+    super-packets into checked TCPv6 segments for the plain node, which joins them again
+    before its TUN write; TCP over IPv6 arrives intact both ways."""
+    require_lab()
+    with Lab(2) as lab:
+        lab.etcdctl("put", CONFIG_KEY, UDP["dual"])
+        auto = start_node(lab, lab.nodes[0])
+        plain = start_node(lab, lab.nodes[1], "-udp-framing=flannel")
+        wait_ping(lab, auto, plain.gw6, auto.gw6, "auto -> plain over IPv6")
+        finished = metric(lab, auto.lab_node, "pyflannel_offload_finished_total")
+        joined = metric(lab, plain.lab_node, "pyflannel_coalesced_segments_total")
+        tcp6_transfer(lab, auto, plain, 8 << 20)
+        tcp6_transfer(lab, plain, auto, 8 << 20, port=5002)
+        wait_until(lambda: metric(lab, auto.lab_node, "pyflannel_offload_finished_total")
+                   > finished and metric(lab, plain.lab_node,
+                                         "pyflannel_coalesced_segments_total") > joined,
+                   5, "super-packets cut on the vnet1 node and joined on the plain node")
+        assert metric(lab, auto.lab_node, "pyflannel_dropped_packets_total",
+                      reason="bad_offload") == 0
+
+
 def check_udp_ipv6(lab: Lab, kind: str, n1: Node, n2: Node) -> None:
     """The udp lease says which framing each family takes; TCP over IPv6 arrives intact
     (TSO6 super-packets in vnet1 trains, or one packet per datagram); a destination
@@ -385,14 +420,7 @@ def check_udp_ipv6(lab: Lab, kind: str, n1: Node, n2: Node) -> None:
     assert lines(lab, n1.lab_node, "ip", "-6", "-o", "addr", "show", "dev", "flannel0",
                  "scope", "global")[0].split()[3] == n1.network6.split("/")[0] + "/128"
     size = 8 << 20
-    sink = lab.popen(n1.lab_node.ns, [sys.executable, "-c", TCP_SINK, n1.gw6, "5001"],
-                     stdout=subprocess.PIPE)
-    assert sink.stdout.readline().strip() == b"listening"
-    sent = lab.run(n2.lab_node.ns, [sys.executable, "-c", TCP_SOURCE, n1.gw6, "5001",
-                                    str(size), n2.gw6], timeout=60, text=True)
-    got = sink.stdout.readline().decode().strip()
-    sink.wait(10)
-    assert got == sent.stdout.strip() and got.startswith(f"{size} ")
+    tcp6_transfer(lab, n2, n1, size)
     reply = lab.run(n1.lab_node.ns, ["ping", "-6", "-c", "1", "-W", "2", "-I", n1.gw6,
                                      "fc00:10:1:ff00::1"], check=False, text=True).stdout
     assert "No route" in reply, reply
