@@ -58,6 +58,7 @@ CHUNK_TRAIN_HI = 4  # train id, big-endian
 CHUNK_TRAIN_LO = 5
 MAX_CHUNKS = 64
 INNER_OFFSET = CHUNK_HDR_LEN + VNET_LEN  # where the packet starts in a one-chunk datagram
+BUF_SIZE = 65536 + INNER_OFFSET  # a read or receive buffer: 64 KiB after the headers
 MAX_DATAGRAM = 65507  # the largest UDP payload over IPv4 (also a whole GSO send)
 FRAMING_NAME = "vnet1"  # as advertised in the lease's BackendData
 

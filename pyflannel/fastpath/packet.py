@@ -142,6 +142,11 @@ FRAGMENT_HEADER = 44
 IPV6_MIN_MTU = 1280  # an ICMPv6 error never exceeds this (RFC 4443 2.4 c)
 
 
+def ipv6_key(pkt: bytes | bytearray | memoryview, at: int, shift: int) -> int:
+    """The peer-table key of the IPv6 address at ``pkt[at:at + 16]``: its top bits."""
+    return int.from_bytes(pkt[at:at + 16], "big") >> shift
+
+
 def check_ipv6(buf: bytes | bytearray | memoryview, n: int) -> str | None:
     """Why the first ``n`` bytes are not a usable IPv6 packet, or None if they are."""
     if n < 1 or buf[IP_VER_IHL] >> 4 != 6:
