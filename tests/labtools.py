@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 import urllib.request  # noqa: F401 - used by the snippets below, run in other processes
@@ -161,6 +162,27 @@ def status_json(lab: Lab, node: LabNode) -> list[dict]:
                             f"-etcd-endpoints={lab.etcd_endpoint}",
                             f"-subnet-file={node.subnet_file}"], text=True)
     return json.loads(out.stdout)
+
+
+def tcp_transfer(lab: Lab, src: LabNode, src_ip: str, dst: LabNode, dst_ip: str, size: int,
+                 port: int = 5001, timeout: float = 120) -> None:
+    """``size`` seeded random bytes over one TCP connection from ``src_ip`` (in ``src``'s
+    namespace) to ``dst_ip``, IPv4 or IPv6; fails unless they arrive intact (the length
+    and SHA-256 the sink counted are the ones sent)."""
+    sink = lab.popen(dst.ns, [sys.executable, "-c", TCP_SINK, dst_ip, str(port)],
+                     stdout=subprocess.PIPE)
+    try:
+        assert sink.stdout.readline().strip() == b"listening"
+        sent = lab.run(src.ns, [sys.executable, "-c", TCP_SOURCE, dst_ip, str(port),
+                                str(size), src_ip], timeout=timeout, text=True)
+        received = sink.stdout.readline().decode().strip()
+        sink.wait(10)
+    finally:
+        if sink.poll() is None:
+            sink.kill()
+            sink.wait(5)
+    assert received == sent.stdout.strip(), (received, sent.stdout)
+    assert received.startswith(f"{size} "), received
 
 
 def wait_until(cond, timeout: float = 10, what: str = "condition") -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
@@ -13,11 +11,10 @@ import pytest
 from pyflannel.lab import Lab
 from tests.labtools import (
     CONFIG_KEY,
-    TCP_SINK,
-    TCP_SOURCE,
     require_lab,
     restart_node,
     start_node,
+    tcp_transfer,
     wait_until,
 )
 
@@ -73,12 +70,7 @@ def test_every_ordered_pair_pings(cluster):
 def test_a_50mb_transfer_arrives_intact(cluster):
     _kind, lab, nodes = cluster
     a, b = nodes["n1"], nodes["n3"]
-    sink = lab.popen(b.lab_node.ns, [sys.executable, "-c", TCP_SINK, b.gw, "5002"],
-                     stdout=subprocess.PIPE)
-    assert sink.stdout.readline().strip() == b"listening"
-    sent = lab.run(a.lab_node.ns, [sys.executable, "-c", TCP_SOURCE, b.gw, "5002",
-                                   str(50 * 1024 * 1024), a.gw], timeout=120, text=True)
-    assert sink.stdout.readline().decode().strip() == sent.stdout.strip()
+    tcp_transfer(lab, a.lab_node, a.gw, b.lab_node, b.gw, 50 * 1024 * 1024, port=5002)
 
 
 def test_mtu_rule(cluster):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,12 +22,11 @@ import pytest
 from pyflannel.lab import Lab, LabNode
 from tests.labtools import (
     CONFIG_KEY,
-    TCP_SINK,
-    TCP_SOURCE,
     Node,
     metric,
     require_lab,
     start_node,
+    tcp_transfer,
     wait_until,
 )
 
@@ -377,14 +375,7 @@ def test_daemons_ping_over_ipv4_and_ipv6(kind, config, flags):
 def tcp6_transfer(lab: Lab, src: Node, dst: Node, size: int, port: int = 5001) -> None:
     """``size`` seeded random bytes over TCP between the nodes' IPv6 pod addresses,
     arriving intact (length and SHA-256 as sent)."""
-    sink = lab.popen(dst.lab_node.ns, [sys.executable, "-c", TCP_SINK, dst.gw6, str(port)],
-                     stdout=subprocess.PIPE)
-    assert sink.stdout.readline().strip() == b"listening"
-    sent = lab.run(src.lab_node.ns, [sys.executable, "-c", TCP_SOURCE, dst.gw6, str(port),
-                                     str(size), src.gw6], timeout=60, text=True)
-    got = sink.stdout.readline().decode().strip()
-    sink.wait(10)
-    assert got == sent.stdout.strip() and got.startswith(f"{size} ")
+    tcp_transfer(lab, src.lab_node, src.gw6, dst.lab_node, dst.gw6, size, port, timeout=60)
 
 
 def test_udp_ipv6_between_a_vnet1_node_and_a_plain_framing_node():

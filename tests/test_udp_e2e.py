@@ -15,8 +15,6 @@ from hypothesis import strategies as st
 from pyflannel.lab import Lab
 from tests.labtools import (
     CONFIG_KEY,
-    TCP_SINK,
-    TCP_SOURCE,
     UDP_SPRAY,
     metric,
     ready,
@@ -24,6 +22,7 @@ from tests.labtools import (
     restart_node,
     start_node,
     status_json,
+    tcp_transfer,
     wait_until,
 )
 
@@ -64,14 +63,7 @@ def test_each_node_wrote_flanneld_s_subnet_file(cluster):
 def test_a_50mb_tcp_transfer_arrives_intact(cluster):
     lab, nodes = cluster
     a, b = nodes["n1"], nodes["n2"]
-    sink = lab.popen(b.lab_node.ns, [sys.executable, "-c", TCP_SINK, b.gw, "5001"],
-                     stdout=subprocess.PIPE)
-    assert sink.stdout.readline().strip() == b"listening"
-    sent = lab.run(a.lab_node.ns, [sys.executable, "-c", TCP_SOURCE, b.gw, "5001",
-                                   str(50 * 1024 * 1024), a.gw], timeout=120, text=True)
-    received = sink.stdout.readline().decode().strip()
-    assert received == sent.stdout.strip()
-    assert received.startswith(str(50 * 1024 * 1024) + " ")
+    tcp_transfer(lab, a.lab_node, a.gw, b.lab_node, b.gw, 50 * 1024 * 1024)
 
 
 def test_status_lists_every_node_and_marks_this_host(cluster):

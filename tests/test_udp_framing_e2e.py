@@ -12,13 +12,12 @@ import pytest
 from pyflannel.lab import Lab
 from tests.labtools import (
     CONFIG_KEY,
-    TCP_SINK,
-    TCP_SOURCE,
     UDP_SEND_FROM,
     UDP_SOURCE_OF,
     metric,
     require_lab,
     start_node,
+    tcp_transfer,
     wait_until,
 )
 
@@ -39,13 +38,7 @@ def mixed():
 
 
 def transfer(lab: Lab, src, dst, port: int) -> None:
-    sink = lab.popen(dst.lab_node.ns, [sys.executable, "-c", TCP_SINK, dst.gw, str(port)],
-                     stdout=subprocess.PIPE)
-    assert sink.stdout.readline().strip() == b"listening"
-    sent = lab.run(src.lab_node.ns, [sys.executable, "-c", TCP_SOURCE, dst.gw, str(port),
-                                     str(SIZE), src.gw], timeout=240, text=True)
-    got = sink.stdout.readline().decode().strip()
-    assert got == sent.stdout.strip() and got.startswith(f"{SIZE} ")
+    tcp_transfer(lab, src.lab_node, src.gw, dst.lab_node, dst.gw, SIZE, port, timeout=240)
 
 
 def test_the_leases_advertise_the_framings_each_node_accepts(mixed):

@@ -34,6 +34,7 @@ from tests.labtools import (
     ready,
     require_lab,
     status_json,
+    tcp_transfer,
     wait_until,
 )
 
@@ -255,30 +256,13 @@ def test_status_shows_each_peer_s_key_and_handshake(cluster):
 def test_a_tcp_transfer_arrives_intact(cluster):
     c = cluster
     a, b = c.nodes["n1"], c.nodes["n2"]
-    size = 30 * 1024 * 1024
-    sink = c.lab.popen(b.lab_node.ns, [sys.executable, "-c", TCP_SINK, b.gw, "5001"],
-                       stdout=subprocess.PIPE)
-    assert sink.stdout.readline().strip() == b"listening"
-    sent = c.lab.run(a.lab_node.ns, [sys.executable, "-c", TCP_SOURCE, b.gw, "5001",
-                                     str(size), a.gw], timeout=120, text=True)
-    received = sink.stdout.readline().decode().strip()
-    sink.wait(10)
-    assert received == sent.stdout.strip()
-    assert received.startswith(f"{size} ")
+    tcp_transfer(c.lab, a.lab_node, a.gw, b.lab_node, b.gw, 30 * 1024 * 1024)
 
 
 def test_a_tcp_transfer_to_wireguard_go_arrives_intact(cluster):
     c = cluster
     a = c.nodes["n2"]
-    size = 10 * 1024 * 1024
-    sink = c.lab.popen(c.go_node.ns, [sys.executable, "-c", TCP_SINK, GO_DOCKER0, "5002"],
-                       stdout=subprocess.PIPE)
-    assert sink.stdout.readline().strip() == b"listening"
-    sent = c.lab.run(a.lab_node.ns, [sys.executable, "-c", TCP_SOURCE, GO_DOCKER0, "5002",
-                                     str(size), a.gw], timeout=120, text=True)
-    received = sink.stdout.readline().decode().strip()
-    sink.wait(10)
-    assert received == sent.stdout.strip()
+    tcp_transfer(c.lab, a.lab_node, a.gw, c.go_node, GO_DOCKER0, 10 * 1024 * 1024, port=5002)
 
 
 def test_garbage_on_the_port_is_counted_and_harmless(cluster):
