@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import time
 
@@ -18,31 +19,40 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--nodes", type=int, default=3, help="how many nodes (default 3)")
     ap.add_argument("--backend", default="udp", help="backend type (default udp)")
     ap.add_argument("--network", default="10.1.0.0/16", help="overlay network")
+    ap.add_argument("--ipv6", metavar="NETWORK", help="dual-stack: also this IPv6 overlay "
+                    "network (e.g. fc00:10:1::/48), pinged over IPv6 as well")
     args = ap.parse_args(argv)
     reason = require_root_and_tools()
     if reason:
         print(f"pyflannel demo: {reason}", file=sys.stderr)
         return 1
-    config = f'{{"Network": "{args.network}", "Backend": {{"Type": "{args.backend}"}}}}'
+    doc: dict = {"Network": args.network, "Backend": {"Type": args.backend}}
+    if args.ipv6:
+        doc.update(EnableIPv6=True, IPv6Network=args.ipv6)
+    config = json.dumps(doc)
     with Lab(args.nodes) as lab:
         say(f"lab {lab.prefix}: etcd at {lab.etcd_endpoint}, {args.nodes} nodes on 198.18.0.0/24")
         lab.etcdctl("put", "/coreos.com/network/config", config)
         say(f"network config: {config}")
-        gateways = {}
+        gateways: dict[str, list[str]] = {}
         for node in lab.nodes:
             lab.start_daemon(node)
         for node in lab.nodes:
             env = lab.wait_subnet_file(node)
-            lab.add_docker0(node, env["FLANNEL_SUBNET"])
-            gateways[node.name] = env["FLANNEL_SUBNET"].split("/")[0]
+            subnet6 = env.get("FLANNEL_IPV6_SUBNET")
+            lab.add_docker0(node, env["FLANNEL_SUBNET"], subnet6)
+            gateways[node.name] = [s.split("/")[0] for s in (env["FLANNEL_SUBNET"], subnet6)
+                                   if s]
             say(f"{node.name} ({node.underlay_ip}): FLANNEL_SUBNET={env['FLANNEL_SUBNET']} "
-                f"FLANNEL_MTU={env['FLANNEL_MTU']}")
+                + (f"FLANNEL_IPV6_SUBNET={subnet6} " if subnet6 else "")
+                + f"FLANNEL_MTU={env['FLANNEL_MTU']}")
         failures = 0
         for a, b in itertools.permutations(lab.nodes, 2):
-            ok = lab.ping(a, gateways[b.name], src_ip=gateways[a.name], count=2)
-            failures += not ok
-            say(f"ping {a.name} docker0 {gateways[a.name]} -> {b.name} docker0 "
-                f"{gateways[b.name]}: {'ok' if ok else 'FAILED'}")
+            for src, dst in zip(gateways[a.name], gateways[b.name], strict=True):
+                ok = lab.ping(a, dst, src_ip=src, count=2)
+                failures += not ok
+                say(f"ping {a.name} docker0 {src} -> {b.name} docker0 {dst}: "
+                    f"{'ok' if ok else 'FAILED'}")
         time.sleep(2.5)  # the daemons publish per-peer counters every 2 s
         say("pyflannel status (from n1):")
         out = lab.run(lab.nodes[0].ns, [sys.executable, "-m", "pyflannel", "status",
