@@ -695,14 +695,18 @@ class Lab:
         """Start pyflannel in ``node.ns``; output is appended to ``node.log_file``.
 
         This source tree's pyflannel is put first on PYTHONPATH so the code under test
-        runs even if another copy is installed. ``env`` is merged over os.environ.
+        runs even if another copy is installed. ``env`` is merged over os.environ. Each
+        node keeps its WireGuard key in its own work directory, as each host has its own
+        /run (the default /run/flannel/wgkey would be one key for every namespace).
         """
         if node.process is not None and node.process.poll() is None:
             raise LabError(f"{node.name}: a daemon is already running (pid {node.process.pid})")
         pypath = os.pathsep.join(
             p for p in (str(_REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
         )
-        full_env: dict[str, str | None] = {"PYTHONUNBUFFERED": "1", "PYTHONPATH": pypath}
+        full_env: dict[str, str | None] = {
+            "PYTHONUNBUFFERED": "1", "PYTHONPATH": pypath,
+            "WIREGUARD_KEY_FILE": str(node.workdir / "wgkey")}
         full_env.update(env or {})
         argv = self.daemon_argv(node, *extra)
         node.workdir.mkdir(parents=True, exist_ok=True)

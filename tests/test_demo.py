@@ -20,15 +20,31 @@ def namespaces() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
-def test_the_dual_stack_demo_pings_every_pair_over_both_families_and_cleans_up():
-    require_lab()
+def demo(*args: str) -> list[str]:
+    """Run the demo on two nodes; its ping lines, after checking it succeeded and left no
+    namespace behind."""
     before = namespaces()
-    out = subprocess.run([sys.executable, "-m", "pyflannel", "demo", "--nodes", "2",
-                          "--ipv6", "fc00:10:1::/48"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "pyflannel", "demo", "--nodes", "2", *args],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    pings = [line for line in out.stdout.splitlines() if line.startswith("== ping")]
+    assert "all pairs reachable" in out.stdout
+    assert namespaces() == before
+    return [line for line in out.stdout.splitlines() if line.startswith("== ping")]
+
+
+def test_the_dual_stack_demo_pings_every_pair_over_both_families():
+    require_lab()
+    pings = demo("--ipv6", "fc00:10:1::/48")
     assert len(pings) == 4 and all(line.endswith(": ok") for line in pings), pings
     assert sum(":" in line.split("docker0 ")[1] for line in pings) == 2  # two over IPv6
-    assert "IPV6 SUBNET" in out.stdout and "all pairs reachable" in out.stdout
-    assert namespaces() == before
+
+
+def test_the_wireguard_demo_gives_each_node_its_own_key():
+    """Every namespace shares the host's /run: the lab keeps each node's key apart, or
+    all nodes would hold one key and none would be the other's peer."""
+    require_lab()
+    host_key = Path("/run/flannel/wgkey")
+    before = host_key.read_bytes() if host_key.exists() else None
+    pings = demo("--backend", "wireguard")
+    assert len(pings) == 2 and all(line.endswith(": ok") for line in pings), pings
+    assert (host_key.read_bytes() if host_key.exists() else None) == before  # untouched
