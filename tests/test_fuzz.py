@@ -20,6 +20,7 @@ from pyflannel.fastpath.frames import CHUNK_HDR_LEN, FrameError, Reassembler, ch
 from pyflannel.flags import FlagError, parse_flags
 from pyflannel.lease.model import LeaseAttrs, LeaseFormatError, parse_subnet_key
 from tests.test_forwarder import Rig, ipv4
+from tests.test_packet import ipv6
 
 N = int(os.environ.get("PYFLANNEL_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(max_examples=N, deadline=None,
@@ -94,6 +95,10 @@ def rig():
     st.binary(max_size=120),
     st.binary(min_size=0, max_size=40).map(lambda b: bytes(ipv4("10.1.2.7", "10.1.1.5"))[:20] + b),
     st.binary(min_size=7, max_size=60).map(lambda b: b"\xf7\x01\x00\x01" + b),
+    # IPv6 headers from the peer's /64 to ours, with any length field and any rest
+    st.binary(min_size=0, max_size=60).map(
+        lambda b: bytes(ipv6("fc00:10:1:2::7", "fc00:10:1:1::5", payload=b"")) + b),
+    st.binary(min_size=0, max_size=60).map(lambda b: b"\x60" + b),
 ))
 def test_every_datagram_from_a_peer_is_delivered_or_counted(rig, data):
     """The receive path accounts for each datagram: delivered, or dropped with a reason."""
