@@ -70,12 +70,13 @@ class Plan:
     pings: int
     udp_pps: int = 100_000
     idle_check_s: float = 1.0  # how long to watch the machine idle before each setup
-    tcp4: bool = True  # the 4-stream runs (the smoke run leaves them out)
+    tcp4: bool = True  # the 4-stream runs (the smoke run leaves them out) ...
+    udp_sizes: tuple[int, ...] = (1400, 64)  # ... and the 64-byte flood
 
     @classmethod
     def of(cls, quick: bool) -> Plan:
         if quick:
-            return cls(1, 1, 1, 20, idle_check_s=0.25, tcp4=False)
+            return cls(1, 1, 1, 20, idle_check_s=0.25, tcp4=False, udp_sizes=(1400,))
         return cls(3, 8, 4, 200)
 
 
@@ -170,7 +171,7 @@ def _measure(lab: Lab, setup: Setup, plan: Plan) -> Result:
             res.add("daemon_cpu_pct", cpu)
     for _ in range(plan.tcp_runs if plan.tcp4 else 0):
         res.add("tcp4_gbps", iperf_tcp(lab, client, server, dst, src, plan.tcp_seconds, 4))
-    for size in (1400, 64):
+    for size in plan.udp_sizes:
         delivered, loss = iperf_udp(lab, client, server, dst, src, plan.udp_seconds, size,
                                     plan.udp_pps)
         res.add(f"udp{size}_pps", delivered)
