@@ -148,12 +148,15 @@ async def gather(opts: Options, local: set[IPv4Address | IPv6Address] | None = N
 
 
 def _counters(view: dict[str, dict] | None, lease: Lease) -> dict | None:
-    """The local daemon's counters for a peer: by key name, or (IPv4) by subnet."""
+    """The local daemon's counters for a peer: by key name, or by its IPv4 subnet, or (an
+    IPv6-only lease) by its IPv6 subnet, as the backends name their peers."""
     if view is None:
         return None
     got = view.get(lease.key_name)
     if got is None and lease.has_ipv4:
         got = view.get(str(lease.subnet))
+    if got is None and lease.ipv6_subnet is not None:
+        got = view.get(str(lease.ipv6_subnet))
     return got
 
 

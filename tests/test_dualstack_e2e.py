@@ -26,6 +26,7 @@ from tests.labtools import (
     metric,
     require_lab,
     start_node,
+    status_json,
     tcp_transfer,
     wait_until,
 )
@@ -419,6 +420,9 @@ def check_udp_ipv6(lab: Lab, kind: str, n1: Node, n2: Node) -> None:
     wait_until(lambda: (c := metric_counters(lab, n1.lab_node))["rx_ipv6"] > 0
                and c["tx_ipv6"] > 0, 5, "IPv6 counted apart")
     c = metric_counters(lab, n1.lab_node)
+    wait_until(lambda: any(r["counters"] and r["counters"]["rx_packets"] > 0
+                           for r in status_json(lab, n1.lab_node) if not r["this_node"]),
+               5, "pyflannel status shows the peer's traffic")
     if kind.endswith("v6only"):
         assert c["rx"] == c["rx_ipv6"], c
     else:

@@ -7,7 +7,13 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 from pyflannel.lease.model import NO_IPV4_SUBNET, NO_PUBLIC_IP, Lease, LeaseAttrs
-from pyflannel.status import local_ipv6_addresses, render_table, subnet_file_key, this_host
+from pyflannel.status import (
+    _counters,
+    local_ipv6_addresses,
+    render_table,
+    subnet_file_key,
+    this_host,
+)
 
 V4 = Lease(IPv4Network("10.1.5.0/24"), LeaseAttrs(IPv4Address("198.18.0.1"), "vxlan"))
 DUAL = Lease(IPv4Network("10.1.6.0/24"),
@@ -78,3 +84,13 @@ def test_local_ipv6_addresses_come_from_the_kernel_table(tmp_path: Path):
                  "garbage\n")
     assert local_ipv6_addresses(str(f)) == {IPv6Address("fd00:198::1"), IPv6Address("::1")}
     assert local_ipv6_addresses(str(tmp_path / "none")) == set()
+
+
+def test_an_ipv6_only_peer_s_counters_are_found_by_its_ipv6_subnet():
+    """The udp and wireguard backends name an IPv6-only peer by its IPv6 subnet (the IPv4
+    placeholder is every such lease's): status finds its traffic there."""
+    traffic = {"tx_packets": 1, "tx_bytes": 2, "rx_packets": 3, "rx_bytes": 4}
+    view = {"fc00:10:1:7::/64": traffic, "10.1.6.0/24": {**traffic, "tx_packets": 9}}
+    assert _counters(view, V6A) == traffic
+    assert _counters(view, V6B) is None
+    assert _counters(view, DUAL)["tx_packets"] == 9  # IPv4 first, as before
