@@ -1,4 +1,5 @@
-"""Pure IPv4 packet helpers for the udp backend: validation, TTL, ICMP errors.
+"""Pure IP packet helpers for the fast paths: IPv4 and IPv6 validation, TTL and hop
+limit, ICMP and ICMPv6 errors.
 
 Functions work on a buffer plus a length so the loop can reuse one preallocated buffer.
 """
