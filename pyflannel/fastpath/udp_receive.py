@@ -290,14 +290,7 @@ class UdpReceive(Transport):
                     or (pkt[0] & 0x0F) < 5):
                 self.drop("drop_bad_header_length", 1)
                 return True
-            if _u32(pkt, IP_DST)[0] >> self.shift != self.local_key:
-                self.drop("drop_wrong_subnet", 1)
-                return True
-            if _u32(pkt, IP_SRC)[0] >> self.shift not in src[0]:
-                self.drop("drop_spoofed_source", 1)
-                return True
-            if not decrement_ttl(pkt):
-                self.drop("drop_ttl_exceeded", 1)
+            if not self.admit4(pkt, src[0]):
                 return True
         try:
             os.writev(self.tun_fd, iov)
@@ -309,6 +302,21 @@ class UdpReceive(Transport):
         if v6:
             c[RX6_P] += 1
             c[RX6_B] += size
+        return True
+
+    def admit4(self, pkt, src_keys: frozenset[int]) -> bool:
+        """The IPv4 rules of :meth:`to_tun` (for us, from the sending peer's subnet, TTL
+        left), the TTL counted down; a refusal is counted. (The flannel framing's inline
+        loop in :meth:`from_udp` applies the same rules without the call.)"""
+        if _u32(pkt, IP_DST)[0] >> self.shift != self.local_key:
+            self.drop("drop_wrong_subnet", 1)
+            return False
+        if _u32(pkt, IP_SRC)[0] >> self.shift not in src_keys:
+            self.drop("drop_spoofed_source", 1)
+            return False
+        if not decrement_ttl(pkt):
+            self.drop("drop_ttl_exceeded", 1)
+            return False
         return True
 
     def admit6(self, pkt, src6_keys: frozenset[int]) -> bool:
@@ -331,48 +339,35 @@ class UdpReceive(Transport):
         flow's next (:meth:`flush_pending`)."""
         c = self.c
         v6 = len(pkt) > 0 and pkt[0] >> 4 == 6
+        bad = check_ipv6(pkt, len(pkt)) if v6 else check_ipv4(pkt, len(pkt))
+        if bad is not None:
+            self.drop("drop_" + bad)
+            return
         if v6:
-            bad = check_ipv6(pkt, len(pkt))
-            if bad is not None:
-                self.drop("drop_" + bad)
-                return
             if not self.admit6(pkt, src[3]):
                 return
             total = ipv6_total(pkt)
         else:
-            bad = check_ipv4(pkt, len(pkt))
-            if bad is not None:
-                self.drop("drop_" + bad)
-                return
-            if _u32(pkt, IP_DST)[0] >> self.shift != self.local_key:
-                self.drop("drop_wrong_subnet", 1)
-                return
-            if _u32(pkt, IP_SRC)[0] >> self.shift not in src[0]:
-                self.drop("drop_spoofed_source", 1)
-                return
-            if not decrement_ttl(pkt):
-                self.drop("drop_ttl_exceeded", 1)
+            if not self.admit4(pkt, src[0]):
                 return
             total = (pkt[IP_TOTAL_LEN] << 8) | pkt[IP_TOTAL_LEN + 1]
+        if hold:  # a plain packet: held for merging with its flow's next
+            self._pending.append((bytes(pkt[:total]), src))
+        else:
+            self.flush_pending()  # keep the order of what came before
+            try:
+                if self.vnet:
+                    os.writev(self.tun_fd, [vnet_hdr, pkt[:total]])
+                else:
+                    os.write(self.tun_fd, pkt[:total])
+            except OSError:
+                self.drop("drop_tun_write", 1)
+                return
+        c[RX_P] += 1
+        c[RX_B] += total
         if v6:
             c[RX6_P] += 1
             c[RX6_B] += total
-        if hold:  # a plain packet: held for merging with its flow's next
-            self._pending.append((bytes(pkt[:total]), src))
-            c[RX_P] += 1
-            c[RX_B] += total
-            return
-        self.flush_pending()  # keep the order of what came before
-        try:
-            if self.vnet:
-                os.writev(self.tun_fd, [vnet_hdr, pkt[:total]])
-            else:
-                os.write(self.tun_fd, pkt[:total])
-        except OSError:
-            self.drop("drop_tun_write", 1)
-            return
-        c[RX_P] += 1
-        c[RX_B] += total
 
 
 def _settle(st: list, before: tuple[int, int, int], after: tuple[int, int, int]) -> None:
