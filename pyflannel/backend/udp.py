@@ -24,7 +24,7 @@ from pyflannel.fastpath.handle import FastPath, Route
 from pyflannel.host import netlink
 from pyflannel.host.nlsession import run_netlink
 from pyflannel.host.routes import IPNetwork, RouteSpec
-from pyflannel.host.tun import open_tun
+from pyflannel.host.tun import open_tun, set_overlay_ipv6
 from pyflannel.lease.model import NO_PUBLIC_IP, Lease, LeaseAttrs
 
 log = logging.getLogger("pyflannel.udp")
@@ -91,12 +91,7 @@ class UdpBackend(Backend):
             log.info("removed devices of an earlier backend: %s", ", ".join(gone))
         self.tun = await asyncio.to_thread(open_tun, DEVICE, vnet=self.vnet_tun,
                                            offloads=self.vnet)
-        if v6:
-            # no link-local address or router solicitations on the overlay device
-            _sysctl(DEVICE, "addr_gen_mode", "1")
-            _sysctl(DEVICE, "accept_ra", "0")
-        else:  # keep the kernel's IPv6 chatter out of the drop counters
-            _sysctl(DEVICE, "disable_ipv6", "1")
+        set_overlay_ipv6(DEVICE, v6)
         self.sock = self._bind()
         self.fastpath = FastPath(self.tun.fileno(), self.sock, mode=self.fastpath_mode,
                                  vnet=self.vnet_tun, vnet1=self.vnet,
@@ -212,12 +207,3 @@ class UdpBackend(Backend):
         if self.tun is not None:
             self.tun.close()  # a non-persistent TUN disappears, with its routes
             self.tun = None
-
-
-def _sysctl(device: str, name: str, value: str) -> None:
-    """Best effort: a missing knob (no IPv6 in this kernel) changes nothing we need."""
-    try:
-        with open(f"/proc/sys/net/ipv6/conf/{device}/{name}", "w") as f:
-            f.write(value)
-    except OSError:
-        pass

@@ -51,6 +51,7 @@ from pyflannel.host.tun import (
     TUN_F_TSO_ECN,
     TUNSETOFFLOAD,
     open_tun,
+    set_overlay_ipv6,
 )
 from pyflannel.lease.model import NO_PUBLIC_IP, Lease, LeaseAttrs
 from pyflannel.wireguard.keys import (
@@ -181,12 +182,7 @@ class WireguardBackend(Backend):
         """One device: its TUN, socket (underlay ``family``) and fast path, carrying the
         ``inner`` families (flanneld: one kernel device each)."""
         tun = await asyncio.to_thread(open_tun, device, vnet=True)
-        if 6 not in inner:
-            _sysctl(device, "disable_ipv6", "1")  # carries IPv4 only
-        else:
-            # no link-local address or router solicitations on the overlay device
-            _sysctl(device, "addr_gen_mode", "1")
-            _sysctl(device, "accept_ra", "0")
+        set_overlay_ipv6(device, 6 in inner)
         if 4 not in inner:  # TSO for the family it carries (open_tun turned on both)
             fcntl.ioctl(tun.fileno(), TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO6 | TUN_F_TSO_ECN)
         af = socket.AF_INET if family == 4 else socket.AF_INET6
@@ -386,12 +382,3 @@ def _port(value: object, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
         raise BackendError(f"Backend.{name} must be a port number 1..65535")
     return value
-
-
-def _sysctl(device: str, key: str, value: str) -> None:
-    """An IPv6 setting of our device (IPv4-only flannel-wg: no IPv6 chatter at all)."""
-    try:
-        with open(f"/proc/sys/net/ipv6/conf/{device}/{key}", "w") as f:
-            f.write(value)
-    except OSError:
-        pass

@@ -54,3 +54,17 @@ def open_tun(name: str, *, vnet: bool = False, offloads: bool = True,
                 raise TunError(f"cannot enable offloads on {name}: {e.strerror}") from None
         os.set_blocking(dev.fileno(), False)
         return dev
+
+
+def set_overlay_ipv6(name: str, carries_ipv6: bool) -> None:
+    """IPv6 on an overlay TUN: with IPv6 inside, no link-local address and no router
+    solicitations of its own; without, IPv6 off, so the kernel's chatter stays out of the
+    drop counters. Best effort: a kernel without IPv6 has no knob to turn."""
+    settings = {"addr_gen_mode": "1", "accept_ra": "0"} if carries_ipv6 else {
+        "disable_ipv6": "1"}
+    for key, value in settings.items():
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{name}/{key}", "w") as f:
+                f.write(value)
+        except OSError:
+            pass
