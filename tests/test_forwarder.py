@@ -24,6 +24,16 @@ LOCAL = IPv4Network("10.1.1.0/24")
 LOCAL6 = IPv6Network("fc00:10:1:1::/64")
 
 
+def install(ctl: socket.socket, fwd, msg: dict) -> None:
+    """Send a forwarder a control message and wait until it has taken the table."""
+    generation = fwd.generation
+    ctl.sendall(json.dumps(msg).encode() + b"\n")
+    deadline = time.monotonic() + 2
+    while fwd.generation == generation:
+        assert time.monotonic() < deadline, "forwarder did not take the table"
+        time.sleep(0.005)
+
+
 class Rig:
     """A forwarder between a fake TUN (socketpair) and a UDP socket on 127.0.0.1."""
 
@@ -57,12 +67,7 @@ class Rig:
                "icmp_src": int(IPv4Address("10.1.0.0")), "peers": peers,
                "subnet6_len": 64, "local_net6": int(LOCAL6.network_address),
                "icmp_src6": int(IPv6Address("fc00:10:1::")), "peers6": peers6}
-        generation = self.fwd.generation
-        self.ctl.sendall(json.dumps(msg).encode() + b"\n")
-        deadline = time.monotonic() + 2
-        while self.fwd.generation == generation:
-            assert time.monotonic() < deadline, "forwarder did not take the table"
-            time.sleep(0.005)
+        install(self.ctl, self.fwd, msg)
 
     def receive_train(self) -> memoryview:
         """The payload of the next vnet1 train the peer receives (no datagram over 1472)."""

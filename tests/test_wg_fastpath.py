@@ -31,6 +31,7 @@ from pyflannel.fastpath.wg import WgForwarder
 from pyflannel.wireguard.device import Device
 from pyflannel.wireguard.keys import PrivateKey
 from pyflannel.wireguard.peer import PeerConfig
+from tests.test_forwarder import install
 from tests.test_packet import ipv4
 
 
@@ -62,12 +63,7 @@ class WgNode:
         msg = {"op": "config", "subnet_len": 24, "local_net": int(IPv4Address(self.net)),
                "icmp_src": int(IPv4Address("10.1.0.0")), "psk": psk, "keepalive": 0,
                "peers": [[k, [s], ip, port] for k, s, ip, port in peers]}
-        generation = self.fwd.generation
-        self.ctl.sendall(json.dumps(msg).encode() + b"\n")
-        deadline = time.monotonic() + 2
-        while self.fwd.generation == generation:
-            assert time.monotonic() < deadline, "forwarder did not take the table"
-            time.sleep(0.005)
+        install(self.ctl, self.fwd, msg)
 
     def peer_row(self) -> tuple[str, str, str, int]:
         return (self.key.public_base64, self.net + "/24", self.ip, self.port)
@@ -429,9 +425,7 @@ def test_no_peer_for_an_ipv6_destination_answers_icmpv6_no_route():
         msg = {"op": "config", "family": 6, "subnet_len": 64,
                "local_net": int(IPv6Address("fc00:1::")), "icmp_src": int(IPv6Address("fc00::")),
                "psk": None, "keepalive": 0, "peers": []}
-        generation = node.fwd.generation
-        node.ctl.sendall(json.dumps(msg).encode() + b"\n")
-        wait_for(lambda: node.fwd.generation > generation, "table taken")
+        install(node.ctl, node.fwd, msg)
         node.app.send(bytes(VNET_LEN) + ipv6(src="fc00:1::5", dst="fc00:77::1", nxt=58,
                                              payload=bytes([128, 0]) + bytes(6)))
         reply = node.app.recv(70000)[VNET_LEN:]
