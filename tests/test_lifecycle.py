@@ -227,6 +227,35 @@ async def test_losing_the_lease_with_a_full_pool_waits_quietly_and_recovers(reg,
     await node.stop()
 
 
+async def test_a_re_acquisition_revokes_the_old_etcd_lease_once_and_says_so_once(reg, caplog):
+    caplog.set_level("INFO")
+    node = Node(reg)
+    first = await node.start()
+    reg.delete_raw(subnet_key(PREFIX, first.subnet))
+    await until(lambda: node.m.holds_subnet() and node.programmed)
+    assert first.lease_id not in reg.live_leases()
+    assert reg.calls["revoke"] == 1
+    said = [r.getMessage() for r in caplog.records if "revoked etcd lease" in r.getMessage()]
+    assert said == [f"revoked etcd lease {first.lease_id:x}, which no longer holds our key"]
+    await node.stop()
+
+
+async def test_a_create_whose_answer_is_lost_is_adopted_and_leaves_no_etcd_lease(reg):
+    node = Node(reg)
+    first = await node.start()
+    # etcd commits the create of our new key, and the answer never comes back
+    reg.fail_after("create", EtcdUnavailable("etcd unreachable (connection reset)"))
+    creates = reg.calls["create"]
+    reg.delete_raw(subnet_key(PREFIX, first.subnet))
+    await until(lambda: node.m.holds_subnet() and node.programmed)
+    assert reg.calls["create"] == creates + 1  # the key it made is adopted, not made anew
+    assert reg.calls["reclaim"] == 1
+    mine = [kv for kv in reg.kvs.values() if b"198.18.0.1" in kv.value]
+    assert len(mine) == 1 and mine[0].lease_id == node.m.lease.lease_id
+    assert reg.live_leases() == {node.m.lease.lease_id}  # the lost create's lease is gone
+    await node.stop()
+
+
 # -- session expiry ----------------------------------------------------------------------
 
 
@@ -243,6 +272,46 @@ async def test_refused_credentials_during_renewal_are_retried_not_a_crash(reg, c
     await node.stop()
 
 
+class FakeClock:
+    """The manager's wall clock, moved on only by its own waits."""
+
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def time(self) -> float:
+        return self.now
+
+    def __getattr__(self, name: str):
+        import time
+        return getattr(time, name)
+
+
+async def test_renewal_failing_through_an_outage_is_one_line(reg, caplog, monkeypatch):
+    caplog.set_level("INFO")
+    clock = FakeClock()
+    monkeypatch.setattr("pyflannel.lease.manager.time", clock)
+    node = Node(reg)
+
+    async def waited(seconds: float) -> bool:
+        clock.now += seconds
+        await asyncio.sleep(0)
+        return node.m.lease_is_lost()
+
+    node.m._wait_lost = waited  # type: ignore[method-assign]
+    # Renewal is due 30 s before the 60 s TTL runs out; it then retries sooner and sooner
+    # (every 7.5, 5.6, 4.2, ... seconds).
+    reg.fail("refresh", EtcdUnavailable("etcd unreachable (test)"), 5)
+    await node.start()
+    await until(lambda: node.m.renewals >= 1)
+    await node.stop()
+    assert reg.calls["refresh"] >= 6
+    said = [r.getMessage() for r in caplog.records if "renewal" in r.getMessage()]
+    assert len(said) == 2, said
+    assert said[0].startswith("lease renewal failed, retrying until the lease runs out at "
+                              "2027-01-15T08:01:00Z: etcd unreachable")
+    assert said[1] == "lease renewal works again"
+
+
 async def test_an_expired_etcd_lease_is_noticed_at_renewal_and_replaced(reg, monkeypatch):
     monkeypatch.setattr("pyflannel.lease.manager.renew_delay", lambda *a: 0.001)
     node = Node(reg)
@@ -257,14 +326,21 @@ async def test_a_broken_watch_is_re_established_and_said_once(reg, caplog):
     caplog.set_level("INFO")
     node = Node(reg)
     await node.start()
-    for _ in range(3):
+
+    def said(text: str) -> int:
+        return sum(text in r.getMessage() for r in caplog.records)
+
+    for breaks in (1, 2, 3):
         reg.break_watches()
-        await settle()
+        await until(lambda n=breaks: said("watching leases again") == n)
+    assert said("lease watch interrupted: memory registry: watch broken") == 3  # one each
     reg.down = True
     reg.break_watches()
-    await asyncio.sleep(0.05)
+    retries = reg.calls["list_leases"]
+    await until(lambda: reg.calls["list_leases"] >= retries + 5)
     reg.down = False
-    await until(lambda: any("watching leases again" in r.getMessage() for r in caplog.records))
+    await until(lambda: said("watching leases again") == 4)
+    assert said("lease watch interrupted: etcd unreachable") == 1  # one for the outage
     reg.put_lease_raw(net("10.1.60.0/24"), attrs("198.18.0.6"))
     await until(lambda: key("10.1.60.0/24") in node.m.peers)
     await node.stop()

@@ -162,14 +162,13 @@ class Daemon:
     async def on_peers(self, diff: PeerDiff) -> None:
         assert self.backend is not None
         started = time.monotonic()
-        for lease in diff.removed:
-            if self._compatible(lease):
-                await self.backend.remove_peer(lease)
-                log.info("peer removed: %s (%s)", describe(lease), _peer_address(lease))
-        for lease in diff.added:
-            if self._compatible(lease):
-                await self.backend.add_peer(lease)
-                log.info("peer added: %s via %s", describe(lease), _peer_address(lease))
+        removed = [lease for lease in diff.removed if self._compatible(lease)]
+        added = [lease for lease in diff.added if self._compatible(lease)]
+        for lease in removed:
+            await self.backend.remove_peer(lease)
+        for lease in added:
+            await self.backend.add_peer(lease)
+        log_peer_changes(removed, added)
         await self.backend.commit()
         self.metrics.programming.observe(time.monotonic() - started)
 
@@ -263,6 +262,27 @@ def _addresses(ext: netlink.ExternalInterface, cfg: NetworkConfig) -> str:
     if cfg.enable_ipv6:
         parts.append(f"IPv6 address {ext.address6}, public IPv6 address {ext.public_ipv6}")
     return "; ".join(parts)
+
+
+PEER_LINES = 10  # a batch with more peer changes than this is summed up in one line
+
+
+def log_peer_changes(removed: list[Lease], added: list[Lease]) -> None:
+    """A line per peer for a few changes, one line for a large batch: a range delete of a
+    thousand keys must not write two thousand lines."""
+    if len(removed) + len(added) <= PEER_LINES:
+        for lease in removed:
+            log.info("peer removed: %s (%s)", describe(lease), _peer_address(lease))
+        for lease in added:
+            log.info("peer added: %s via %s", describe(lease), _peer_address(lease))
+        return
+
+    def some(leases: list[Lease]) -> str:
+        named = ", ".join(describe(lease) for lease in leases[:3])
+        return f" ({named}{', ...' if len(leases) > 3 else ''})" if leases else ""
+
+    log.info("peers changed in one batch: %d removed%s, %d added%s",
+             len(removed), some(removed), len(added), some(added))
 
 
 def _peer_address(lease: Lease) -> str:

@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import TypeVar
 
 from pyflannel.backoff import Backoff
 from pyflannel.config import NetworkConfig
@@ -45,7 +47,9 @@ log = logging.getLogger("pyflannel.lease")
 ACQUIRE_ATTEMPTS = 20
 EtcdTrouble = (EtcdUnavailable, EtcdAuthError)
 
-__all__ = ["Backoff", "LeaseManager"]
+__all__ = ["Backoff", "LeaseManager", "batches"]
+
+T = TypeVar("T")
 
 
 class LeaseManager:
@@ -192,10 +196,12 @@ class LeaseManager:
         try:
             ttl = await self.registry.refresh(lease.lease_id)
         except EtcdTrouble as e:
-            # Every minute, as flanneld; sooner when the lease is about to run out.
+            # Every minute, as flanneld; sooner when the lease is about to run out. The
+            # line names the expiry, which stays put, not the delay, which shrinks: one
+            # line for the outage, not one per retry.
             retry = min(RENEW_RETRY_S, max(1.0, (self.expires_at - time.time()) / 4))
-            self._errors.error("renew", "lease renewal failed, retrying in %.0fs: %s",
-                               retry, e)
+            self._errors.error("renew", "lease renewal failed, retrying until the lease runs "
+                               "out at %s: %s", _clock(self.expires_at), e)
             await self._wait_lost(retry)
             return
         if self.lease is not lease:
@@ -239,8 +245,7 @@ class LeaseManager:
         log.warning("%s: acquiring a lease again", self._loss_reason)
         self.lease, self.active = None, False
         self._epoch += 1
-        if old is not None:
-            await self._drop(old)
+        revoked = old is not None and await self._drop(old)
         backoff = self._backoff()
         while True:
             self._pool_changed.clear()
@@ -257,12 +262,13 @@ class LeaseManager:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._pool_changed.wait(), backoff.next())
         self._errors.clear("reacquire", f"lease re-acquired: {describe(lease)}")
-        if old is not None and old.lease_id and old.lease_id != lease.lease_id:
+        if old is not None and old.lease_id and old.lease_id != lease.lease_id and not revoked:
             await self._revoke(old.lease_id)
 
-    async def _drop(self, old: Lease) -> None:
+    async def _drop(self, old: Lease) -> bool:
         """The subnet is no longer ours: stop using it, and give back its etcd lease unless
-        the key still hangs on it (then the next acquisition adopts it)."""
+        the key still hangs on it (then the next acquisition adopts it). True once that
+        etcd lease is given back."""
         if self.on_lease_lost is not None:
             try:
                 await self.on_lease_lost(old)
@@ -271,20 +277,24 @@ class LeaseManager:
             except Exception as e:  # noqa: BLE001 - tearing down must not stop re-acquiring
                 log.error("cannot tear down subnet %s: %s", describe(old), _one_line(e))
         if old.reserved:
-            return
+            return False
         try:
             current = await self.registry.get_lease(old.subnet, old.ipv6_subnet)
         except EtcdTrouble:
-            return  # revoked after the next acquisition instead
+            return False  # revoked after the next acquisition instead
         if current is None or current.lease_id != old.lease_id:
-            await self._revoke(old.lease_id)
+            return await self._revoke(old.lease_id)
+        return False
 
-    async def _revoke(self, lease_id: int) -> None:
+    async def _revoke(self, lease_id: int) -> bool:
+        """Give an etcd lease back; True if etcd took it (else it expires by itself)."""
         try:
             await self.registry.revoke(lease_id)
-            log.info("revoked etcd lease %x, which no longer holds our key", lease_id)
         except EtcdTrouble as e:
             log.warning("cannot revoke etcd lease %x (it expires by itself): %s", lease_id, e)
+            return False
+        log.info("revoked etcd lease %x, which no longer holds our key", lease_id)
+        return True
 
     async def republish(self, attrs: LeaseAttrs) -> None:
         """Publish changed attributes (a new VtepMAC) on the lease we hold."""
@@ -392,8 +402,9 @@ class LeaseManager:
                 events = await self.registry.watch(revision)
                 backoff.reset()
                 self._errors.clear("watch", "watching leases again")
-                async for ev in events:
-                    await self._on_event(ev)
+                async with contextlib.aclosing(batches(events)) as stream:
+                    async for batch in stream:
+                        await self._on_events(batch)
             except WatchCompacted as e:
                 log.warning("watch revision compacted (%s); listing leases again", e)
                 continue
@@ -401,7 +412,16 @@ class LeaseManager:
                 self._errors.error("watch", "lease watch interrupted: %s", e)
             await asyncio.sleep(backoff.next())
 
-    async def _on_event(self, ev: WatchEvent) -> None:
+    async def _on_events(self, batch: list[WatchEvent]) -> None:
+        """Apply every event that arrived together as one change of the table: a range
+        delete of N keys is one diff and one backend commit, not N of each over a table
+        of N (which took minutes for a thousand host-gw peers)."""
+        table = dict(self.peers)
+        for ev in batch:
+            self._take_event(ev, table)
+        await self._apply(table)
+
+    def _take_event(self, ev: WatchEvent, table: dict[str, Lease]) -> None:
         if ev.rejected is not None:
             self._report_rejected([ev.rejected])
         name = ev.key_name
@@ -415,12 +435,49 @@ class LeaseManager:
             return
         if ev.lease is None and ev.rejected is None:
             self._pool_changed.set()
-        table = dict(self.peers)
         if ev.lease is not None and self._usable_peer(ev.lease):
             table[name] = ev.lease
         else:
             table.pop(name, None)
-        await self._apply(table)
+
+
+async def batches(events: AsyncIterator[T]) -> AsyncIterator[list[T]]:
+    """The items of ``events`` in lists of all that arrived while the last list was being
+    handled. A reader task keeps taking items meanwhile, so a burst (one etcd response of a
+    thousand deletes, or changes trickling in during a slow commit) becomes one list; an
+    error from ``events`` is raised after the items that came before it."""
+    pending: deque[T] = deque()
+    arrived = asyncio.Event()
+    ended: list[BaseException] = []
+
+    async def read() -> None:
+        try:
+            async for item in events:
+                pending.append(item)
+                arrived.set()
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, in order
+            ended.append(e)
+        else:
+            ended.append(StopAsyncIteration())
+        arrived.set()
+
+    reader = asyncio.create_task(read(), name="watch-reader")
+    try:
+        while True:
+            if pending:
+                batch = list(pending)
+                pending.clear()
+                yield batch
+            elif ended:
+                if isinstance(ended[0], StopAsyncIteration):
+                    return
+                raise ended[0]
+            else:
+                arrived.clear()
+                await arrived.wait()
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
 
 
 def describe(lease: Lease) -> str:
@@ -434,6 +491,11 @@ def describe(lease: Lease) -> str:
 def _fits(pool, subnet) -> bool:
     return (pool is not None and subnet is not None and subnet.version == pool.version
             and subnet.prefixlen == pool.subnet_len and subnet.subnet_of(pool.network))
+
+
+def _clock(when: float) -> str:
+    """A wall-clock time (UTC) for a log line."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
 def _one_line(e: BaseException) -> str:

@@ -2,7 +2,8 @@
 
 It keeps etcd's semantics that the manager relies on (revisions, create-if-absent
 transactions, leases that take their keys with them, watches from a revision, compaction)
-and lets a test break it at any await point: queue a failure for an operation, run a
+and lets a test break it at any await point: queue a failure for an operation (before it
+takes effect, or after, as when etcd commits and the answer is lost on the way back), run a
 callback just before an operation takes effect, take the whole store down, or break the
 watches. The idea is flannel's mock registry and Faucet's fake tables: the races live in the
 life cycle, so the life cycle is driven deterministically, in milliseconds.
@@ -47,6 +48,7 @@ class MemoryRegistry:
         self.calls: dict[str, int] = defaultdict(int)
         self._ids = itertools.count(0x1000)
         self._failures: dict[str, deque[BaseException]] = defaultdict(deque)
+        self._lost_answers: dict[str, deque[BaseException]] = defaultdict(deque)
         self._hooks: dict[str, deque[Hook]] = defaultdict(deque)
         self._watchers: list[asyncio.Queue] = []
         self.endpoint = "memory://"
@@ -56,6 +58,11 @@ class MemoryRegistry:
     def fail(self, op: str, exc: BaseException, times: int = 1) -> None:
         """The next ``times`` calls of ``op`` raise ``exc`` (after their await point)."""
         self._failures[op].extend([exc] * times)
+
+    def fail_after(self, op: str, exc: BaseException, times: int = 1) -> None:
+        """The next ``times`` calls of ``op`` take effect, then raise ``exc``: the caller
+        cannot tell whether its write happened."""
+        self._lost_answers[op].extend([exc] * times)
 
     def before(self, op: str, hook: Hook) -> None:
         """Run ``hook`` once, at the await point just before the next ``op`` takes effect."""
@@ -75,6 +82,18 @@ class MemoryRegistry:
     def delete_raw(self, key: str | bytes) -> bool:
         k = key.encode() if isinstance(key, str) else key
         return self._delete(k)
+
+    def delete_range_raw(self, prefix: str | bytes) -> int:
+        """Delete every key under ``prefix`` in one revision, as one etcd range delete
+        does: watchers get all the events at once. Returns how many keys went."""
+        p = prefix.encode() if isinstance(prefix, str) else prefix
+        keys = [k for k in self.kvs if k.startswith(p)]
+        if keys:
+            self.revision += 1
+            for k in keys:
+                del self.kvs[k]
+                self._publish(RawKV(k, b"", 0, self.revision), deleted=True)
+        return len(keys)
 
     def expire(self, lease_id: int) -> None:
         """The etcd lease runs out: its keys go with it."""
@@ -141,6 +160,12 @@ class MemoryRegistry:
             self.errors += 1
             raise self._failures[op].popleft()
 
+    def _answer(self, op: str) -> None:
+        """After ``op`` took effect: its answer may still be lost."""
+        if self._lost_answers[op]:
+            self.errors += 1
+            raise self._lost_answers[op].popleft()
+
     # -- the Registry interface --------------------------------------------------------
 
     async def get_config(self) -> bytes | None:
@@ -173,6 +198,7 @@ class MemoryRegistry:
         lease_id = next(self._ids)
         self.lease_ttl[lease_id] = ttl
         rev = self._put(key, attrs.to_json().encode(), lease_id)
+        self._answer("create")
         return Lease(subnet, attrs, lease_id=lease_id, mod_revision=rev,
                      ipv6_subnet=ipv6_subnet)
 
@@ -189,20 +215,24 @@ class MemoryRegistry:
         rev = self._put(key, attrs.to_json().encode(), lease_id)
         if existing.lease_id:
             self.lease_ttl.pop(existing.lease_id, None)
+        self._answer("reclaim")
         return replace(existing, attrs=attrs, lease_id=lease_id, mod_revision=rev)
 
     async def refresh(self, lease_id: int) -> int:
         await self._enter("refresh")
+        self._answer("refresh")
         return self.lease_ttl.get(lease_id, 0)
 
     async def revoke(self, lease_id: int) -> None:
         await self._enter("revoke")
         self.expire(lease_id)
+        self._answer("revoke")
 
     async def put_lease(self, subnet: IPv4Network, attrs: LeaseAttrs, lease_id: int = 0,
                         ipv6_subnet: IPv6Network | None = None) -> None:
         await self._enter("put_lease")
         self.put_lease_raw(subnet, attrs, lease_id, ipv6_subnet)
+        self._answer("put_lease")
 
     async def delete_if_unchanged(self, lease: Lease) -> bool:
         await self._enter("delete_if_unchanged")
@@ -210,7 +240,9 @@ class MemoryRegistry:
         kv = self.kvs.get(key)
         if kv is None or kv.mod_revision != lease.mod_revision:
             return False
-        return self._delete(key)
+        deleted = self._delete(key)
+        self._answer("delete_if_unchanged")
+        return deleted
 
     async def watch(self, start_revision: int) -> AsyncIterator[WatchEvent]:
         await self._enter("watch")
