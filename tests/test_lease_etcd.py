@@ -6,6 +6,8 @@ import asyncio
 import json
 from ipaddress import IPv4Address, IPv4Network
 
+import aetcd
+import aetcd.exceptions
 import pytest
 
 from pyflannel.config import parse_config
@@ -278,4 +280,58 @@ async def test_delete_if_unchanged_spares_a_key_rewritten_meanwhile(registry):
     fresh = (await registry.list_leases()).leases[0]
     assert await registry.delete_if_unchanged(fresh) is True
     assert (await registry.list_leases()).leases == []
+    await registry.close()
+
+
+def cut_next_create(monkeypatch, *, committed: bool) -> list[int]:
+    """The next create's transaction fails on the wire, before it reaches etcd or after
+    etcd committed it: either way the node only sees a broken connection. Returns the etcd
+    leases granted meanwhile."""
+    grants: list[int] = []
+    real_grant, real_transaction = aetcd.Client.lease, aetcd.Client.transaction
+
+    async def grant(self, ttl, lease_id=None):
+        got = await real_grant(self, ttl, lease_id)
+        grants.append(got.id)
+        return got
+
+    async def transaction(self, *args, **kwargs):
+        monkeypatch.setattr(aetcd.Client, "transaction", real_transaction)  # only once
+        if committed:
+            await real_transaction(self, *args, **kwargs)
+        raise aetcd.exceptions.ConnectionFailedError("connection reset by peer (test)")
+
+    monkeypatch.setattr(aetcd.Client, "lease", grant)
+    monkeypatch.setattr(aetcd.Client, "transaction", transaction)
+    return grants
+
+
+async def test_a_grant_whose_create_never_landed_is_revoked_once_etcd_answers(registry,
+                                                                             monkeypatch):
+    grants = cut_next_create(monkeypatch, committed=False)
+    me = LeaseManager(registry, CFG, node(1))
+    with pytest.raises(EtcdUnavailable, match="connection reset"):
+        await me.acquire()
+    (orphan,) = grants
+    assert await registry.lease_ttl(orphan) > 0  # granted for a day, holding no key
+    lease = await me.acquire()
+    assert lease.lease_id != orphan
+    assert await registry.lease_ttl(orphan) == -1  # given back before the next create
+    await registry.close()
+
+
+async def test_a_create_committed_but_unanswered_keeps_its_key_and_is_adopted(registry,
+                                                                             monkeypatch):
+    grants = cut_next_create(monkeypatch, committed=True)
+    me = LeaseManager(registry, CFG, node(1))
+    with pytest.raises(EtcdUnavailable, match="connection reset"):
+        await me.acquire()
+    (orphan,) = grants
+    (made,) = (await registry.list_leases()).leases
+    assert made.lease_id == orphan
+    await registry.refresh(orphan)  # a renewal looks at the orphans: this one holds our key
+    assert await registry.get_lease(made.subnet) is not None
+    lease = await me.acquire()
+    assert lease.subnet == made.subnet and lease.lease_id != orphan  # adopted, on a new lease
+    assert await registry.lease_ttl(orphan) == -1
     await registry.close()
