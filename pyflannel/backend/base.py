@@ -134,6 +134,15 @@ class Backend(abc.ABC):
         """False when the data path has died and the daemon must not claim readiness."""
         return True
 
+    async def follow_address(self, ext: ExternalInterface) -> LeaseAttrs | None:
+        """The external interface's address or index changed: carry traffic on ``ext`` from
+        now on. Returns the lease attributes to publish when more than the addresses change
+        (None: the daemon puts the new addresses into the ones it published). Here nothing
+        is bound to the address (host-gw): the routes follow the new index."""
+        self.ext = ext
+        await self.commit()
+        return None
+
     def counters(self) -> dict[str, int]:
         return {}
 

@@ -22,6 +22,7 @@ from pyflannel.fastpath.forwarder import tune_socket
 from pyflannel.fastpath.frames import FRAMING_NAME, MAX_DATAGRAM, VNET_LEN
 from pyflannel.fastpath.handle import FastPath, Route
 from pyflannel.host import netlink
+from pyflannel.host.netlink import ExternalInterface
 from pyflannel.host.nlsession import run_netlink
 from pyflannel.host.routes import IPNetwork, RouteSpec
 from pyflannel.host.tun import open_tun, set_overlay_ipv6
@@ -93,11 +94,7 @@ class UdpBackend(Backend):
                                            offloads=self.vnet)
         set_overlay_ipv6(DEVICE, v6)
         self.sock = self._bind()
-        self.fastpath = FastPath(self.tun.fileno(), self.sock, mode=self.fastpath_mode,
-                                 vnet=self.vnet_tun, vnet1=self.vnet,
-                                 coalesce=self.coalesce, gso=self.gso, gro=self.gro,
-                                 datagram_size=self.mtu)
-        self.fastpath.start()
+        self.fastpath = self._start_fastpath(self.sock)
         log.info("udp framing %s%s", "auto (vnet1 to peers that take it)" if self.vnet
                  else "flannel (one packet per datagram)",
                  {(True, True): ", IPv4 and IPv6 inside IPv4", (False, True): ", IPv6 only",
@@ -108,6 +105,15 @@ class UdpBackend(Backend):
             backend_data=framings if v4 and self.vnet else None,
             public_ipv6=self.ext.public_ipv6 if v6 else None,
             backend_v6_data=framings if v6 else None)
+
+    def _start_fastpath(self, sock: socket.socket) -> FastPath:
+        """A forwarder between the TUN and ``sock``."""
+        assert self.tun is not None
+        fastpath = FastPath(self.tun.fileno(), sock, mode=self.fastpath_mode,
+                            vnet=self.vnet_tun, vnet1=self.vnet, coalesce=self.coalesce,
+                            gso=self.gso, gro=self.gro, datagram_size=self.mtu)
+        fastpath.start()
+        return fastpath
 
     def _bind(self) -> socket.socket:
         """The underlay socket on our own address, port 8285 (flanneld's)."""
@@ -181,6 +187,35 @@ class UdpBackend(Backend):
 
     def healthy(self) -> bool:
         return self.fastpath is not None and self.fastpath.alive()
+
+    async def follow_address(self, ext: ExternalInterface) -> LeaseAttrs | None:
+        """The socket is bound to the address the node no longer has: bind one to the new
+        address, start a fast path on it, hand it the table, and only then stop the old
+        one (both read the one TUN meanwhile, so the device is never left unread)."""
+        self.ext = ext
+        if self.sock is not None and self.sock.getsockname()[0] == self._bind_address():
+            await self.commit()  # a retry after the rebind worked
+            return None
+        sock = self._bind()
+        try:
+            fastpath = await asyncio.to_thread(self._start_fastpath, sock)
+        except BaseException:
+            sock.close()
+            raise
+        old_fastpath, old_sock = self.fastpath, self.sock
+        self.fastpath, self.sock = fastpath, sock
+        try:
+            await self.commit()
+        finally:
+            if old_fastpath is not None:
+                await asyncio.to_thread(old_fastpath.stop)
+            if old_sock is not None:
+                old_sock.close()
+        log.info("udp socket bound to %s port %d", self._bind_address(), self.port)
+        return None
+
+    def _bind_address(self) -> str:
+        return str(self.ext.address if self.underlay == 4 else self.ext.address6)
 
     def counters(self) -> dict[str, int]:
         return self.fastpath.counters() if self.fastpath is not None else {}

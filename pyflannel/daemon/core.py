@@ -12,17 +12,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from pyflannel.backend import Backend, BackendError, make_backend
 from pyflannel.config import NetworkConfig
 from pyflannel.daemon import startup
+from pyflannel.daemon.address_watch import AddressWatch
 from pyflannel.daemon.config_watcher import ConfigWatcher
 from pyflannel.daemon.iptables_keeper import IptablesKeeper
 from pyflannel.daemon.snapshot import NodeSnapshot, StatePublisher
 from pyflannel.daemon.supervise import Fatal, supervise
 from pyflannel.flags import Options
 from pyflannel.host import netlink, systemd
+from pyflannel.host.extaddr import Pins
 from pyflannel.host.subnetfile import (
     SubnetEnv,
     first_host,
@@ -31,7 +34,7 @@ from pyflannel.host.subnetfile import (
 from pyflannel.host.tun import TunError
 from pyflannel.lease.etcd import EtcdAuthError, EtcdUnavailable, registry_for
 from pyflannel.lease.manager import LeaseManager, describe
-from pyflannel.lease.model import Lease
+from pyflannel.lease.model import NO_PUBLIC_IP, Lease
 from pyflannel.lease.policy import LEASE_TTL_S, PeerDiff
 from pyflannel.logutil import RateLimitedLog, WarnOnce
 from pyflannel.metrics import HealthServer, Metrics
@@ -51,6 +54,7 @@ class Daemon:
         self.manager: LeaseManager | None = None
         self.cfg: NetworkConfig | None = None
         self.iptables: IptablesKeeper | None = None
+        self.address_watch: AddressWatch | None = None
         self.ready = asyncio.Event()
         self.peer_counters: dict[str, dict] = {}
         self.task_restarts: dict[str, int] = {}
@@ -64,7 +68,8 @@ class Daemon:
         """Ready while we hold a lease and the data path it needs is programmed and running."""
         m, b = self.manager, self.backend
         return (self.ready.is_set() and m is not None and m.holds_subnet()
-                and b is not None and b.healthy())
+                and b is not None and b.healthy()
+                and (self.address_watch is None or self.address_watch.settled))
 
     def snapshot(self) -> NodeSnapshot:
         m, b = self.manager, self.backend
@@ -118,6 +123,10 @@ class Daemon:
             log.warning("-test-lease-ttl=%d: lease TTL shortened for testing",
                         opts.test_lease_ttl)
         self.backend.publish = self.manager.republish
+        self.address_watch = AddressWatch(
+            ext, Pins.from_flags(opts.iface, opts.public_ip, opts.public_ipv6),
+            self.follow_address, want_ipv4=cfg.enable_ipv4, want_ipv6=cfg.enable_ipv6,
+            patterns=opts.iface_regex)
         await self.iptables.remove_disabled()
         lease = await startup.acquire_first(self.manager, opts.subnet_file, self.errors)
         try:
@@ -150,6 +159,21 @@ class Daemon:
         said = [f"FLANNEL_SUBNET={env.subnet}"] if env.subnet else []
         said += [f"FLANNEL_IPV6_SUBNET={env.ipv6_subnet}"] if env.ipv6_subnet else []
         log.info("wrote %s (%s)", self.opts.subnet_file, ", ".join(said))
+
+    async def follow_address(self, ext: netlink.ExternalInterface) -> None:
+        """The node's address changed (the address watch decided so): close the etcd
+        connections made from the old address (they hang rather than fail), move the data
+        path to the new one, then republish the lease so peers send there."""
+        assert self.backend is not None and self.manager is not None and self.cfg
+        await self.registry.close()  # the next request connects again, from the new address
+        changed = await self.backend.follow_address(ext)
+        attrs = replace(changed or self.manager.attrs,
+                        public_ip=ext.public_ip if self.cfg.enable_ipv4 else NO_PUBLIC_IP,
+                        public_ipv6=ext.public_ipv6 if self.cfg.enable_ipv6 else None)
+        await self.manager.republish(attrs)
+        lease = self.manager.lease  # None or lost: re-acquiring publishes the new attrs
+        if lease is not None and not self.manager.lease_is_lost() and lease.attrs != attrs:
+            raise EtcdUnavailable("the lease could not be republished")
 
     async def on_lease_lost(self, old: Lease) -> None:
         """The subnet is no longer ours: stop routing for it. The subnet file stays, so a
@@ -207,6 +231,7 @@ class Daemon:
             starter.result()
             m, b, ipt, cfg = self.manager, self.backend, self.iptables, self.cfg
             assert m is not None and b is not None and ipt is not None and cfg is not None
+            assert self.address_watch is not None
             state = StatePublisher(self.state_file(), self.snapshot, self.poll_peer_counters)
             parts = {
                 "watch": m.watch_forever,
@@ -215,6 +240,7 @@ class Daemon:
                 "iptables": ipt.keep,
                 "state": state.run,
                 "config": ConfigWatcher(self.registry, cfg).run,
+                "address": self.address_watch.run,
             }
             tasks = [asyncio.create_task(supervise(run, name, self.task_restarts), name=name)
                      for name, run in parts.items()]

@@ -18,23 +18,33 @@ import socket
 import threading
 from collections.abc import Callable
 
-from pyroute2.netlink.rtnl import RTMGRP_IPV4_ROUTE, RTMGRP_IPV6_ROUTE, RTMGRP_LINK
+from pyroute2.netlink.rtnl import (
+    RTMGRP_IPV4_IFADDR,
+    RTMGRP_IPV4_ROUTE,
+    RTMGRP_IPV6_IFADDR,
+    RTMGRP_IPV6_ROUTE,
+    RTMGRP_LINK,
+)
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 log = logging.getLogger("pyflannel.monitor")
 
 RCVBUF = 4 << 20  # a burst of route changes (a peer table of hundreds) must not overflow
 OVERFLOW = "overflow"  # events were lost (ENOBUFS): the listener must check everything
+ROUTE_EVENTS = RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE  # what backends keep
+ADDRESS_EVENTS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR  # the node's address
 
 
 class NetlinkMonitor:
-    """Calls ``on_event(kind, name_or_dst)`` in the loop for every link or route event (both
-    families: dual-stack backends keep IPv6 routes too)."""
+    """Calls ``on_event(kind, name_or_dst)`` in the loop for every event of ``groups``: by
+    default link and route events (both families: dual-stack backends keep IPv6 routes
+    too); ``ADDRESS_EVENTS`` for links and addresses."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop,
-                 on_event: Callable[[str, str], None]) -> None:
+                 on_event: Callable[[str, str], None], groups: int = ROUTE_EVENTS) -> None:
         self.loop = loop
         self.on_event = on_event
+        self.groups = groups
         self._stop = threading.Event()
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._sock: socket.socket | None = None
@@ -50,7 +60,7 @@ class NetlinkMonitor:
             try:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
-                sock.bind((0, RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
+                sock.bind((0, self.groups))
             except OSError:
                 sock.close()
                 raise

@@ -85,6 +85,7 @@ class LeaseManager:
         self.peers: dict[str, Lease] = {}  # by Lease.key_name
         self.renewals = 0
         self._epoch = 0  # bumped whenever self.lease changes
+        self._publishing = 0  # republish calls in flight: etcd may show either form
         self._lost = asyncio.Event()
         self._loss_reason = "own lease lost"
         self._pool_changed = asyncio.Event()  # a key went away: a subnet may be free
@@ -297,8 +298,16 @@ class LeaseManager:
         return True
 
     async def republish(self, attrs: LeaseAttrs) -> None:
-        """Publish changed attributes (a new VtepMAC) on the lease we hold."""
+        """Publish changed attributes (a new VtepMAC, a new PublicIP) on the lease we hold.
+        Until it is done, a listing that shows our key in its old form is no loss."""
         self.attrs = attrs
+        self._publishing += 1
+        try:
+            await self._republish(attrs)
+        finally:
+            self._publishing -= 1
+
+    async def _republish(self, attrs: LeaseAttrs) -> None:
         backoff = Backoff(0.5, 5.0)
         for _attempt in range(10):
             lease = self.lease
@@ -313,6 +322,7 @@ class LeaseManager:
                 continue
             if self.lease is lease:
                 self.lease = replace(lease, attrs=attrs)
+                self._epoch += 1
             log.info("published new lease attributes for %s", describe(lease))
             return
 
@@ -382,7 +392,7 @@ class LeaseManager:
         self._report_rejected(listing.rejected)
         own = self.lease
         # A listing begun before our lease changed says nothing about the new one.
-        if own is not None and epoch == self._epoch and not any(
+        if own is not None and epoch == self._epoch and not self._publishing and not any(
             lease.key_name == own.key_name and self._names_us(lease)
             for lease in listing.leases
         ):
