@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.flood import Flood, ping_loss
 from pyflannel.lab import Lab, LabNode
 from pyflannel.wireguard.keys import PrivateKey
 from tests.labtools import (
@@ -269,7 +270,7 @@ def test_garbage_on_the_port_is_counted_and_harmless(cluster):
     c = cluster
     n1 = c.nodes["n1"]
     before = {r: metric(c.lab, n1.lab_node, "pyflannel_dropped_packets_total", reason=r)
-              for r in ("malformed", "unknown_index", "bad_mac1")}
+              for r in ("malformed", "unknown_index", "bad_mac1", "socket")}
     junk = [b"", b"\x04\x00\x00\x00" + bytes(40), b"\x01\x00\x00\x00" + bytes(144),
             b"hello", bytes(range(256)) * 4, b"\x04\x00\x00\x00" + os.urandom(60)]
     lines = "".join(d.hex() + "\n" for d in junk if d)
@@ -296,6 +297,25 @@ def test_a_handshake_from_a_key_without_lease_is_refused(cluster):
                              str(PORT)], text=True)
     wait_until(lambda: metric(c.lab, n1.lab_node, "pyflannel_dropped_packets_total",
                               reason="unknown_peer") > before, 10, "handshake refused")
+
+
+def test_a_handshake_flood_leaves_established_sessions_their_pings(cluster):
+    """One host on the underlay sends n1 initiations with a correct mac1 (it needs only
+    n1's public key, from the lease) at up to 100k a second, for a few seconds and no
+    more: pings from n2, whose session is up, still lose under 10%; the kernel sheds
+    most of the flood (socket drops)."""
+    c = cluster
+    n1, n2 = c.nodes["n1"], c.nodes["n2"]
+    assert pings(c, n2.lab_node, n2.gw, n1.gw)  # the session is established
+    key = c.leases()[n1.network.replace("/", "-")]["BackendData"]["PublicKey"]
+    flood = Flood("mac1", n1.lab_node.underlay_ip, PORT, key, rate=100_000, seconds=4)
+    (loss, p50), sent = flood.during(
+        c.lab, c.go_node.ns, lambda: ping_loss(c.lab, n2.lab_node, n1.gw, n2.gw, 3.0))
+    print(f"flood {sent}: ping loss {loss}%, p50 {p50} ms")
+    assert sent["sent"] > 50_000, sent  # the flood did run
+    assert loss < 10, f"{loss}% of pings lost during a flood of {sent}"
+    shed = metric(c.lab, n1.lab_node, "pyflannel_dropped_packets_total", reason="socket")
+    assert shed > 0.5 * sent["sent"], shed
 
 
 def test_a_peer_restarted_with_a_new_key_is_replaced(cluster):

@@ -68,6 +68,12 @@ NAMES = (
     "tx_bytes_ipv6",
     "rx_packets_ipv6",
     "rx_bytes_ipv6",
+    # WireGuard under a handshake flood: handshake messages over the loop's per-turn
+    # budget, datagrams the kernel dropped for the socket (its filter refused their shape
+    # or shed them, or the queue was full), and cookie replies not sent (global limit).
+    "drop_handshake_budget",
+    "drop_socket",
+    "wg_cookie_replies_limited",
 )
 INDEX = {name: i for i, name in enumerate(NAMES)}
 FORMAT = f"={len(NAMES)}Q"

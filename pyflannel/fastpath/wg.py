@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import sys
 import time
 
 from pyflannel.fastpath import counters
@@ -64,6 +65,7 @@ from pyflannel.fastpath.packet import (
     V6_PAYLOAD_LEN,
     V6_SRC,
 )
+from pyflannel.fastpath.sockfilter import Shedding, attach, socket_drops, wireguard_filter
 from pyflannel.fastpath.transport import (
     ANC_SIZE,
     BATCH,
@@ -77,6 +79,7 @@ from pyflannel.wireguard.constants import (
     DATA_COUNTER,
     DATA_MIN_LEN,
     DATA_PAYLOAD,
+    MSG_TRANSPORT,
     PAD_MULTIPLE,
     TAG_LEN,
 )
@@ -98,6 +101,11 @@ TCP_AT = IPV4_MIN_HEADER  # the TCP header, after an IPv4 header without options
 TCP_FIN_PSH = 0x09  # only on the last segment of a super-packet
 TCP_CWR = 0x80  # only on the first
 COALESCED = counters.INDEX["coalesced"]
+HANDSHAKE_OVER_BUDGET = C["drop_handshake_budget"]
+SOCKET_DROPS = C["drop_socket"]
+# Handshake messages looked at per loop turn (after the turn's transport data); a flood
+# beyond this is dropped unread, and the socket filter sheds most of it in the kernel.
+HANDSHAKE_BUDGET = 16
 IPV4_VERSION_IHL5 = 0x45  # a joined super-packet stays below 64 KiB with its headers
 
 PAD_ROUND = PAD_MULTIPLE - 1
@@ -414,18 +422,43 @@ class WgReceive(WgBase):
         super().__init__(tun_fd, sock, ctl, mem, **options)
         self.coalesce = coalesce and self.vnet
         self._rbuf = bytearray(BUF_SIZE)
+        self.shedding = Shedding()
+        self._filtered = self._set_filter(0)
+        self._kernel_drops = socket_drops(sock)
+
+    def _set_filter(self, shed_shift: int) -> bool:
+        """The socket filter (sockfilter.py): shapes WireGuard cannot use, and under a
+        flood all but one handshake message in 2^shed_shift, die in the kernel."""
+        try:
+            attach(self.sock, wireguard_filter(shed_shift))
+            return True
+        except OSError as e:  # the loop's own checks still refuse them, at more cost
+            print(f"pyflannel-fastpath: no socket filter on the WireGuard port: {e}",
+                  file=sys.stderr, flush=True)
+            return False
 
     def from_udp(self) -> None:
+        """Transport data first, as it is read; handshake messages after the batch, at
+        most HANDSHAKE_BUDGET a turn (the rest dropped: the peer retries), their rate
+        also steering how many the kernel sheds."""
         rbuf = self._rbuf
         recv = self.sock.recvmsg_into
         receive_many = self.dev.receive_many
         bufs = [rbuf]
+        handshakes: list[tuple[bytes, tuple]] = []
+        over = 0
         for _ in range(BATCH):
             try:
                 n, anc, _flags, addr = recv(bufs, ANC_SIZE, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
             except OSError:  # e.g. ECONNREFUSED from an earlier ICMP: nothing lost here
+                continue
+            if n and rbuf[0] != MSG_TRANSPORT:
+                if len(handshakes) < HANDSHAKE_BUDGET:
+                    handshakes.append((bytes(rbuf[:n]), addr))
+                else:
+                    over += 1
                 continue
             seg = gro_size(anc, n)
             try:
@@ -437,7 +470,28 @@ class WgReceive(WgBase):
                                   for off in range(0, n, seg)])
             except Exception:  # a bug must not take the data path down: count, go on
                 self.dev.drops["internal_error"] += 1
+        if handshakes:
+            self.pump()  # the sessions' data leaves before any handshake is looked at
+            receive = self.dev.receive
+            for msg, addr in handshakes:
+                receive(msg, addr)
+            self.c[HANDSHAKE_OVER_BUDGET] += over
+            self._shed(self.shedding.seen(len(handshakes) + over, time.monotonic()))
         self.pump()
+
+    def _shed(self, shift: int | None) -> None:
+        if shift is not None and self._filtered:
+            self._set_filter(shift)
+
+    def on_timer(self) -> None:
+        super().on_timer()
+        self._shed(self.shedding.tick(time.monotonic()))
+
+    def publish_counters(self) -> None:
+        now = socket_drops(self.sock)
+        self.c[SOCKET_DROPS] += (now - self._kernel_drops) & 0xFFFFFFFF  # a u32 that wraps
+        self._kernel_drops = now
+        super().publish_counters()
 
     def write_tun(self, packets: list) -> None:
         """Decrypted packets into the TUN; runs of one TCP flow's segments as one

@@ -105,6 +105,8 @@ _index_counter = struct.Struct("<IQ").unpack_from  # receiver index, counter
 _v4_length_source = struct.Struct(  # IPv4 total length and source address
     f"!{V4_TOTAL_LEN.start}xH{V4_SRC.start - V4_TOTAL_LEN.stop}xI").unpack_from
 _NONCE_PAD = b"\0\0\0\0"  # the transport nonce: four zero bytes, then the LE64 counter
+COOKIE_REPLIES_PER_SECOND = 500.0  # for the whole device
+COOKIE_REPLY_BURST = 50.0
 
 
 DROP_REASONS = (
@@ -159,6 +161,9 @@ class Device:
         self._load_count = 0
         self._load_until = float("-inf")
         self._limiter = SourceLimiter()
+        # cookie replies, from every source together: a flood of initiations must not
+        # turn the node into a sender of as many replies (one bucket, the key b"")
+        self._cookie_replies = SourceLimiter(COOKIE_REPLIES_PER_SECOND, COOKIE_REPLY_BURST)
 
     def __repr__(self) -> str:
         return f"Device({short_key(self.local.public)}, peers={len(self.peers)})"
@@ -499,9 +504,12 @@ class Device:
                 return True
             self.drops["rate_limited"] += 1
             return False
+        self.drops["bad_mac2"] += 1
+        if not self._cookie_replies.allow(b"", now):
+            self.stats["cookie_replies_limited"] += 1
+            return False
         self.to_net.append((self._cookies.make_reply(msg, receiver, source, now), src))
         self.stats["cookie_replies_sent"] += 1
-        self.drops["bad_mac2"] += 1
         return False
 
     def _receive_initiation(self, msg: bytes, src: Endpoint) -> None:
