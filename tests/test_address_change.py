@@ -10,10 +10,14 @@ from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 
-from pyflannel.daemon import address_watch
+from pyflannel.backend.hostgw import HostGwBackend
+from pyflannel.config import parse_config
+from pyflannel.daemon import Daemon, address_watch
 from pyflannel.daemon.address_watch import AddressWatch
+from pyflannel.flags import Options
 from pyflannel.host.extaddr import Pins, Seen, judge, pick
 from pyflannel.host.netlink import NO_IPV4, ExternalInterface
+from pyflannel.lease.manager import LeaseManager
 from pyflannel.lease.memory import MemoryRegistry
 from pyflannel.lease.model import LeaseAttrs
 from tests.test_lifecycle import Node, fast_retries, settle  # noqa: F401 - fixture
@@ -23,6 +27,7 @@ B1, B2 = IPv6Address("fd00:198::1"), IPv6Address("fd00:198::51")
 ETH0 = ExternalInterface("eth0", 2, A1, A1, 1500)
 ETH0_DUAL = replace(ETH0, address6=B1, public_ipv6=B1)
 AUTO = Pins()
+CFG = parse_config(b'{"Network": "10.1.0.0/16", "Backend": {"Type": "host-gw"}}')
 
 
 def seen(*v4: IPv4Address, v6: tuple[IPv6Address, ...] = (), index: int = 2) -> Seen:
@@ -202,3 +207,36 @@ async def test_the_lease_is_republished_with_the_new_public_ip_and_stays_ours():
     assert node.m.holds_subnet() and not node.torn_down and not node.m.peers
     await asyncio.sleep(0)
     await node.stop()
+
+
+# -- the daemon: readiness, and the move carried out end to end in memory -------------
+
+
+class QuietHostGw(HostGwBackend):
+    """host-gw without the kernel: routes are only computed."""
+
+    async def reconcile(self) -> None:
+        self.routes = self.desired_routes()
+
+
+async def test_the_daemon_is_not_ready_while_moving_and_republishes_the_new_public_ip(host):
+    reg = MemoryRegistry()
+    daemon = Daemon(Options())
+    daemon.registry = reg  # type: ignore[assignment]
+    backend = QuietHostGw(CFG, ETH0)
+    manager = LeaseManager(reg, CFG, LeaseAttrs(A1, "host-gw"))
+    daemon.backend, daemon.cfg, daemon.manager = backend, CFG, manager
+    lease = await manager.acquire()
+    manager.activated(lease)
+    daemon.ready.set()
+    daemon.address_watch = w = AddressWatch(ETH0, AUTO, daemon.follow_address,
+                                            want_ipv4=True, want_ipv6=False)
+    assert daemon.is_ready()
+    host.now = seen()  # the old address removed, the new one not there yet
+    await w.check()
+    assert not daemon.is_ready()
+    host.now = seen(A2, index=3)
+    await w.check()
+    assert daemon.is_ready() and backend.ext == replace(ETH0, index=3, address=A2, public_ip=A2)
+    assert reg.lease_of(lease.subnet).attrs == LeaseAttrs(A2, "host-gw")
+    assert manager.lease.subnet == lease.subnet and manager.holds_subnet()
