@@ -19,6 +19,9 @@ from pyflannel import __version__
 log = logging.getLogger("pyflannel.http")
 
 DROP_PREFIX = "drop_"
+# Drop reasons renamed, by their old names: each is also shown under its old name (the
+# same count twice, so a sum over every reason leaves the old names out).
+DROP_ALIASES = {"not_ip": "not_ipv4"}
 
 
 class DaemonCollector(Collector):
@@ -65,11 +68,15 @@ class DaemonCollector(Collector):
             octets6.add_metric([direction], c.get(f"{direction}_bytes_ipv6", 0))
         yield packets6
         yield octets6
-        drops = CounterMetricFamily("pyflannel_dropped_packets", "packets dropped, by reason",
-                                    labels=["reason"])
+        drops = CounterMetricFamily("pyflannel_dropped_packets", "packets dropped, by reason "
+                                    "(not_ipv4 is not_ip under its old name: leave it out of "
+                                    "sums)", labels=["reason"])
         for name, value in sorted(c.items()):
             if name.startswith(DROP_PREFIX):
-                drops.add_metric([name[len(DROP_PREFIX):]], value)
+                reason = name[len(DROP_PREFIX):]
+                drops.add_metric([reason], value)
+                if reason in DROP_ALIASES:
+                    drops.add_metric([DROP_ALIASES[reason]], value)
         yield drops
         yield CounterMetricFamily(
             "pyflannel_offload_finished", "super-packets segmented or partial checksums "

@@ -136,7 +136,7 @@ def test_datagrams_from_hosts_without_a_lease_are_dropped(rig):
 
 
 @pytest.mark.parametrize(("payload", "reason"), [
-    (bytes([0x50]) + bytes(39), "drop_not_ipv4"),  # neither IPv4 nor IPv6
+    (bytes([0x50]) + bytes(39), "drop_not_ip"),  # neither IPv4 nor IPv6
     (ipv4(src="10.1.2.7", dst="10.1.1.5")[:15], "drop_truncated"),
     (ipv4(src="10.1.2.7", dst="10.1.3.5"), "drop_wrong_subnet"),
     (ipv4(src="10.1.2.7", dst="10.1.1.5", ttl=1), "drop_ttl_exceeded"),
@@ -382,3 +382,89 @@ def test_held_tcp_segments_keep_their_place_before_other_packets():
             b"a" * 100, b"udp!", b"b" * 100]
     finally:
         rig.close()
+
+
+class Unthreaded:
+    """A vnet-TUN forwarder whose loop the test turns itself (``fwd.from_udp()``), so
+    that datagrams sent before the turn are read in one batch, as under load."""
+
+    def __init__(self, peers: list | None = None, peers6: list | None = None) -> None:
+        self.tun_app, tun_fwd = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        tun_fwd.setblocking(False)
+        self.tun_app.settimeout(1)
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.peer.bind(("127.0.0.2", 0))
+        ctl, fwd_ctl = socket.socketpair()
+        self.fwd = Forwarder(tun_fwd.fileno(), self.udp, fwd_ctl, None, vnet=True)
+        self.fwd.apply({
+            "op": "config", "subnet_len": 24, "local_net": int(LOCAL.network_address),
+            "icmp_src": int(IPv4Address("10.1.0.0")), "subnet6_len": 64,
+            "local_net6": int(LOCAL6.network_address),
+            "peers": [[int(IPv4Address("10.1.2.0")), "127.0.0.2", 1, False]]
+            if peers is None else peers, "peers6": peers6 or []})
+        self._sockets = (self.tun_app, tun_fwd, self.udp, self.peer, ctl, fwd_ctl)
+
+    def turn(self, datagrams: list) -> list[tuple[tuple, bytes]]:
+        """Send the datagrams, let the forwarder read them in one turn: what it wrote to
+        the TUN, as (virtio-net header fields, packet)."""
+        from pyflannel.fastpath.frames import VNET, VNET_LEN
+
+        for d in datagrams:
+            self.peer.sendto(d, self.udp.getsockname())
+        time.sleep(0.05)
+        self.fwd.from_udp()
+        out = []
+        self.tun_app.setblocking(False)
+        while True:
+            try:
+                got = self.tun_app.recv(70000)
+            except BlockingIOError:
+                return out
+            out.append((VNET.unpack(got[:VNET_LEN]), got[VNET_LEN:]))
+
+    def close(self) -> None:
+        for s in self._sockets:
+            s.close()
+
+
+def test_a_corrupted_segment_that_came_alone_is_never_joined():
+    """A joined super-packet is written for a fresh TCP checksum, so only segments whose
+    integrity is known are joined. A datagram that came alone may have had a zero UDP
+    checksum (none at all): its segment is verified first. A corrupted one goes to the
+    TUN on its own, as it came, for the kernel to refuse; the rest are still joined."""
+    from pyflannel.fastpath.frames import F_NEEDS_CSUM, segment_tcp4
+
+    u = Unthreaded()
+    try:
+        mss = 1000
+        segs = [bytearray(tcp_segment(1000 + i * mss, bytes([i]) * mss)) for i in range(5)]
+        segs[2][700] ^= 0x40  # one bit flipped on the way; its checksum no longer matches
+        written = u.turn(segs)
+        joined = [bytearray(p) for hdr, p in written if hdr[0] & F_NEEDS_CSUM]
+        alone = [p for hdr, p in written if hdr == (0, 0, 0, 0, 0, 0)]
+        assert len(joined) + len(alone) == len(written) == 3
+        payloads = [bytes(s[40:]) for sp in joined for s in segment_tcp4(sp, mss)]
+        assert payloads == [bytes([i]) * mss for i in (0, 1, 3, 4)]
+        segs[2][8] -= 1  # the TTL the forwarder counted down
+        assert [p[20:] for p in alone] == [bytes(segs[2][20:])]
+        c = u.fwd.c
+        assert c[counters.INDEX["coalesced"]] == 4 and c[counters.INDEX["rx_packets"]] == 5
+    finally:
+        u.close()
+
+
+def test_a_peer_s_row_is_named_fields_in_slots():
+    """What an address may send us is one small object per address, read by name."""
+    from pyflannel.fastpath.udp_receive import PeerSource
+
+    r = Rig()
+    try:
+        row = r.fwd.sources["127.0.0.2"]
+        assert isinstance(row, PeerSource) and not hasattr(row, "__dict__")
+        assert row.keys4 == {int(IPv4Address("10.1.2.0")) >> 8} and row.vnet1 is False
+        assert row.keys6 == {int(IPv6Address("fc00:10:1:2::")) >> 64}
+        assert row.stats is r.fwd.peer_stats["127.0.0.2"]
+    finally:
+        r.close()

@@ -21,7 +21,7 @@ from pyflannel.fastpath.frames import (
     segment_tcp6,
     to_plain,
 )
-from tests.test_forwarder import Rig
+from tests.test_forwarder import Rig, Unthreaded
 from tests.test_packet import icmpv6_checksum_ok, ipv4, ipv6
 
 OURS = "fc00:10:1:1::5"
@@ -217,3 +217,25 @@ def test_to_plain_cuts_tcpv6_as_segment_tcp6_does():
     hdr, big = tso6(5, mss=1000)
     want = segment_tcp6(big, 1000)
     assert [bytes(p) for p in to_plain(hdr, bytearray(big))] == [bytes(w) for w in want]
+
+
+def test_a_corrupted_ipv6_segment_that_came_alone_is_never_joined():
+    """As for IPv4: a segment from a datagram that came alone is verified before joining;
+    a corrupted one is written on its own, as it came."""
+    u = Unthreaded(peers=[], peers6=[[int(IPv6Address("fc00:10:1:2::")), "127.0.0.2", 1,
+                                      False]])
+    try:
+        segs = [bytearray(tcp6(THEIRS, OURS, 1000 + i * 1000, bytes([i]) * 1000))
+                for i in range(4)]
+        segs[1][500] ^= 0x01
+        written = u.turn(segs)
+        assert [(hdr[:2], len(p)) for hdr, p in written] == [
+            ((0, 0), 1060), ((0, 0), 1060), ((1, GSO_TCPV6), 2060)]
+        first, corrupted, joined = (p for _hdr, p in written)
+        assert tcp6_ok(first) and not tcp6_ok(corrupted)
+        segs[1][7] -= 1  # the hop limit the forwarder counted down
+        assert corrupted == bytes(segs[1])
+        assert [bytes(s[60:]) for s in segment_tcp6(joined, 1000)] == [
+            bytes([2]) * 1000, bytes([3]) * 1000]
+    finally:
+        u.close()

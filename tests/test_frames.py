@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pyflannel.fastpath.coalesce import joinable
 from pyflannel.fastpath.frames import (
     CHUNK_HDR_LEN,
     F_NEEDS_CSUM,
@@ -27,6 +28,9 @@ from pyflannel.fastpath.frames import (
     to_plain,
 )
 from pyflannel.fastpath.packet import checksum, header_checksum_ok
+from tests.test_forwarder import tcp_segment
+from tests.test_forwarder_ipv6 import OURS, THEIRS, tcp6
+from tests.test_packet import ipv4
 
 DGRAM = 1472  # a 1500-byte underlay
 
@@ -162,3 +166,31 @@ def test_finish_checksum_refuses_an_offset_outside_the_packet():
     with pytest.raises(FrameError):
         finish_checksum(bytearray(30), 28, 16)
     assert len(VNET.pack(0, 0, 0, 0, 0, 0)) == VNET_LEN
+
+
+@settings(max_examples=200, deadline=None)
+@given(payload=st.binary(min_size=1, max_size=1500), v6=st.booleans(),
+       where=st.integers(min_value=0), flip=st.integers(min_value=1, max_value=255))
+def test_a_segment_joins_only_while_its_tcp_checksum_holds(payload, v6, where, flip):
+    """joinable() is the kernel's GRO checksum check: an intact TCP segment passes; any
+    byte changed in its TCP header or data (so its checksum no longer matches) fails.
+    (But the data offset: a segment whose header seems to swallow its data is never
+    joined, so it needs no check.)"""
+    seg = bytearray(tcp6(THEIRS, OURS, 7, payload) if v6 else tcp_segment(7, payload))
+    assert joinable(seg) and joinable(memoryview(seg))
+    at = 40 if v6 else 20
+    i = at + where % (len(seg) - at)
+    seg[i + 1 if i == at + 12 else i] ^= flip
+    assert not joinable(seg)
+
+
+def test_what_is_never_joined_needs_no_checksum():
+    """Segments without data, fragments and other protocols are never joined: nothing to
+    verify, whatever their checksum."""
+    bare = bytearray(tcp_segment(7, b""))
+    bare[36] ^= 0xFF  # a bad checksum on a pure ACK: the kernel alone decides
+    fragment = bytearray(tcp_segment(7, b"x" * 100))
+    fragment[6:8] = b"\x20\x00"  # more fragments
+    fragment[30] ^= 1
+    assert joinable(bare) and joinable(fragment)
+    assert joinable(ipv4(src="10.1.2.7", dst="10.1.1.5", payload=b"udp")) and joinable(b"")

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from pyflannel.fastpath.packet import (
     BAD_HEADER_LENGTH,
-    NOT_IPV4,
+    NOT_IP,
     TRUNCATED,
     check_ipv4,
     check_ipv6,
@@ -63,8 +63,8 @@ def test_valid_packet_passes():
 
 def test_each_kind_of_bad_packet_has_its_reason():
     good = ipv4(payload=b"y" * 30)
-    assert check_ipv4(b"\x60" + bytes(39), 40) == NOT_IPV4  # IPv6
-    assert check_ipv4(b"", 0) == NOT_IPV4
+    assert check_ipv4(b"\x60" + bytes(39), 40) == NOT_IP  # IPv6
+    assert check_ipv4(b"", 0) == NOT_IP
     assert check_ipv4(good, 19) == TRUNCATED
     assert check_ipv4(good, len(good) - 1) == TRUNCATED  # total length beyond the datagram
     bad_ihl = bytearray(good)
@@ -77,7 +77,7 @@ def test_each_kind_of_bad_packet_has_its_reason():
 
 @given(st.binary(max_size=80))
 def test_check_never_raises_on_garbage(data):
-    assert check_ipv4(data, len(data)) in (None, NOT_IPV4, TRUNCATED, BAD_HEADER_LENGTH)
+    assert check_ipv4(data, len(data)) in (None, NOT_IP, TRUNCATED, BAD_HEADER_LENGTH)
 
 
 def test_icmp_net_unreachable_quotes_the_packet_back_to_its_sender():
@@ -117,7 +117,7 @@ def test_an_ipv6_packet_is_checked_by_its_payload_length():
     assert check_ipv6(pkt, len(pkt)) is None
     assert check_ipv6(pkt, len(pkt) - 1) == TRUNCATED
     assert check_ipv6(pkt[:39], 39) == TRUNCATED
-    assert check_ipv6(ipv4(), 28) == NOT_IPV4
+    assert check_ipv6(ipv4(), 28) == NOT_IP
 
 
 def test_the_hop_limit_counts_down_and_one_is_dropped_untouched():

@@ -204,7 +204,7 @@ def test_after_the_garbage_real_traffic_still_flows_and_drops_were_counted(clust
     time.sleep(0.6)
     unknown = metric(lab, n1, "pyflannel_dropped_packets_total", reason="unknown_source")
     malformed = sum(metric(lab, n1, "pyflannel_dropped_packets_total", reason=r)
-                    for r in ("not_ipv4", "truncated", "bad_header_length", "wrong_subnet",
+                    for r in ("not_ip", "truncated", "bad_header_length", "wrong_subnet",
                               "ttl_exceeded"))
     assert unknown > 0 and malformed > 0
     assert lab.stop_daemon  # the daemon is alive:

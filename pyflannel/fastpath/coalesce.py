@@ -3,8 +3,20 @@ super-packet with a virtio-net header, instead of one write each.
 
 The kernel then handles the super-packet as its own GRO would have made it: one trip
 through the stack (one ACK decision, one socket wake-up) for up to 64 KiB. Used by every
-framing whose datagrams carry one packet each (WireGuard, flannel's). The rules are the
-kernel's TCP GRO rules, so a merged packet is one the kernel would have merged itself.
+framing whose datagrams carry one packet each (WireGuard, flannel's).
+
+:func:`flow_run` applies the kernel's TCP GRO rules on the headers. The kernel's GRO also
+merges only segments whose checksum it has verified, and a joined super-packet is written
+for a fresh checksum (``F_NEEDS_CSUM``), so a corrupted segment would be accepted. So the
+framing passes only segments whose integrity is already known, each by what guarantees it:
+
+* WireGuard: the AEAD tag, checked on decryption, covers every byte of the inner packet;
+* flannel's framing: the outer UDP checksum, verified by the kernel, when it is not zero.
+  UDP GRO merges only datagrams with a non-zero checksum it has verified, so a GRO run's
+  packets are intact; a datagram that came alone may have had a zero checksum (none at all
+  over IPv4), so its segment must pass :func:`joinable` first, or is not joined.
+
+Under these, a merged packet is one the kernel would have merged itself.
 
 ``packets`` is a list of ``(packet bytes, owner)``; only packets of the same owner (the
 peer they came from, compared by identity) are merged.
@@ -83,6 +95,31 @@ def _shared(pkt, at: int) -> bytes | None:
     if pkt[IP_VER_IHL] >> 4 != 6 or pkt[V6_NEXT] != TCP_PROTO:
         return None
     return bytes(pkt[:V6_PAYLOAD_LEN]) + bytes((pkt[V6_HOPS],))
+
+
+def joinable(pkt) -> bool:
+    """False for a TCP segment with data whose checksum fails: the segment the kernel's
+    GRO would not merge. (Segments without data, and packets :func:`flow_run` never
+    joins, need no check.) Costs one pass over the data at C speed."""
+    n = len(pkt)
+    if n and pkt[IP_VER_IHL] == IPV4_VERSION_IHL5:
+        if (n < TCP_AT + 20 or pkt[IP_PROTO] != TCP_PROTO
+                or pkt[IP_FRAG] & 0x3F or pkt[IP_FRAG + 1]):
+            return True
+        at, addresses = TCP_AT, pkt[IP_SRC:IP_DST + 4]
+    elif n and pkt[IP_VER_IHL] >> 4 == 6:
+        if n < IPV6_HEADER + 20 or pkt[V6_NEXT] != TCP_PROTO:
+            return True
+        at, addresses = IPV6_HEADER, pkt[V6_SRC:IPV6_HEADER]
+    else:
+        return True
+    if n <= at + (pkt[at + TCP_DOFF] >> 4) * 4:
+        return True
+    # one's-complement sum of pseudo-header and segment, modulo 0xFFFF (as ones_sum: the
+    # data read little-endian is its byte-swapped sum, times 256 swaps it back); a correct
+    # checksum makes it 0, as the kernel's check does
+    data = int.from_bytes(pkt[at:], "little") % 0xFFFF * 256
+    return (data + int.from_bytes(addresses, "big") + TCP_PROTO + n - at) % 0xFFFF == 0
 
 
 def flow_run(packets: list, i: int) -> tuple[int, int]:

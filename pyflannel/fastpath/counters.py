@@ -18,7 +18,7 @@ NAMES = (
     "drop_no_route",
     "drop_ttl_exceeded",
     "drop_unknown_source",
-    "drop_not_ipv4",
+    "drop_not_ip",  # neither IPv4 nor IPv6, or empty (metrics also show it as not_ipv4)
     "drop_truncated",
     "drop_bad_header_length",
     "drop_wrong_subnet",

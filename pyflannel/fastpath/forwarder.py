@@ -23,7 +23,7 @@ from pyflannel.fastpath.transport import (  # noqa: F401 - tune_socket: the back
     die_with_parent,
     tune_socket,
 )
-from pyflannel.fastpath.udp_receive import UdpReceive
+from pyflannel.fastpath.udp_receive import PeerSource, UdpReceive
 from pyflannel.fastpath.udp_send import UdpSend
 
 
@@ -46,9 +46,9 @@ class Forwarder(UdpSend, UdpReceive):
         self.coalesce = vnet and coalesce
         self.peers = {}  # IPv4 key -> (addr, vnet1?)
         self.peers6 = {}  # IPv6 key -> (addr, vnet1?)
-        # ip -> (IPv4 keys of every subnet routed to it, vnet1 from any of its routes?,
-        #        stats, IPv6 keys)
-        self.sources = {}
+        # ip -> what it may send us: the keys of every subnet routed to it, per family,
+        # vnet1 if any of its routes says so, its counters
+        self.sources: dict[str, PeerSource] = {}
         self.shift, self.shift6 = 8, 64
         self.local_key = self.local_key6 = -1
 
@@ -91,7 +91,7 @@ class Forwarder(UdpSend, UdpReceive):
         self.shift6, self.local_key6 = shift6, local_key6
         self.icmp_src6 = int(icmp_src6).to_bytes(16, "big") if icmp_src6 is not None else None
         self.peer_stats = stats
-        self.sources = {ip: (frozenset(k4), fast_any[ip], stats[ip], frozenset(k6))
+        self.sources = {ip: PeerSource(frozenset(k4), frozenset(k6), fast_any[ip], stats[ip])
                         for ip, (k4, k6) in keys.items()}
         self.peers, self.peers6 = peers, peers6
         self.generation += 1

@@ -44,21 +44,22 @@ ICMP_NET_UNREACH = 0
 ICMP_ERROR_TYPES = frozenset({3, 4, 5, 11, 12})
 
 # Drop reasons: the names are part of the metrics interface.
-NOT_IPV4 = "not_ipv4"
+NOT_IP = "not_ip"  # neither IPv4 nor IPv6 (empty, or another version); once "not_ipv4"
 TRUNCATED = "truncated"
 BAD_HEADER_LENGTH = "bad_header_length"
 
 
-def check_ipv4(buf: bytes | bytearray | memoryview, n: int) -> str | None:
-    """Why the first ``n`` bytes are not a usable IPv4 packet, or None if they are."""
-    if n < 1 or buf[IP_VER_IHL] >> 4 != 4:
-        return NOT_IPV4
+def check_ipv4(buf: bytes | bytearray | memoryview, n: int, at: int = 0) -> str | None:
+    """Why the ``n`` bytes at ``buf[at:]`` are not a usable IPv4 packet, or None if they
+    are."""
+    if n < 1 or buf[at] >> 4 != 4:
+        return NOT_IP
     if n < 20:
         return TRUNCATED
-    ihl = (buf[IP_VER_IHL] & 0x0F) * 4
+    ihl = (buf[at] & 0x0F) * 4
     if ihl < 20:
         return BAD_HEADER_LENGTH
-    total = (buf[IP_TOTAL_LEN] << 8) | buf[IP_TOTAL_LEN + 1]
+    total = (buf[at + IP_TOTAL_LEN] << 8) | buf[at + IP_TOTAL_LEN + 1]
     if total < ihl:
         return BAD_HEADER_LENGTH
     if total > n or ihl > n:
@@ -66,21 +67,23 @@ def check_ipv4(buf: bytes | bytearray | memoryview, n: int) -> str | None:
     return None
 
 
-def decrement_ttl(buf: bytearray | memoryview) -> bool:
-    """Decrement the TTL in place with an incremental checksum update (RFC 1624).
+def decrement_ttl(buf: bytearray | memoryview, at: int = 0) -> bool:
+    """Decrement the TTL of the packet at ``buf[at:]`` in place with an incremental
+    checksum update (RFC 1624).
 
     Returns False, leaving the packet untouched, when the TTL would reach zero.
     """
-    ttl = buf[IP_TTL]
+    ttl = buf[at + IP_TTL]
     if ttl <= 1:
         return False
-    buf[IP_TTL] = ttl - 1
+    buf[at + IP_TTL] = ttl - 1
     # The TTL is the high byte of header word 4: the word drops by 0x0100, so the
     # one's-complement checksum rises by 0x0100 with end-around carry.
-    csum = ((buf[IP_CSUM] << 8) | buf[IP_CSUM + 1]) + 0x0100
+    ck = at + IP_CSUM
+    csum = ((buf[ck] << 8) | buf[ck + 1]) + 0x0100
     csum = (csum & 0xFFFF) + (csum >> 16)
-    buf[IP_CSUM] = csum >> 8
-    buf[IP_CSUM + 1] = csum & 0xFF
+    buf[ck] = csum >> 8
+    buf[ck + 1] = csum & 0xFF
     return True
 
 
@@ -148,29 +151,31 @@ def ipv6_key(pkt: bytes | bytearray | memoryview, at: int, shift: int) -> int:
     return int.from_bytes(pkt[at:at + 16], "big") >> shift
 
 
-def check_ipv6(buf: bytes | bytearray | memoryview, n: int) -> str | None:
-    """Why the first ``n`` bytes are not a usable IPv6 packet, or None if they are."""
-    if n < 1 or buf[IP_VER_IHL] >> 4 != 6:
-        return NOT_IPV4
+def check_ipv6(buf: bytes | bytearray | memoryview, n: int, at: int = 0) -> str | None:
+    """Why the ``n`` bytes at ``buf[at:]`` are not a usable IPv6 packet, or None if they
+    are."""
+    if n < 1 or buf[at] >> 4 != 6:
+        return NOT_IP
     if n < IPV6_HEADER_LEN:
         return TRUNCATED
-    if IPV6_HEADER_LEN + ((buf[V6_PAYLOAD_LEN] << 8) | buf[V6_PAYLOAD_LEN + 1]) > n:
+    if ipv6_total(buf, at) > n:
         return TRUNCATED
     return None
 
 
-def ipv6_total(buf: bytes | bytearray | memoryview) -> int:
-    """The length of an IPv6 packet by its header (no jumbograms here: they need 64 KiB+)."""
-    return IPV6_HEADER_LEN + ((buf[V6_PAYLOAD_LEN] << 8) | buf[V6_PAYLOAD_LEN + 1])
+def ipv6_total(buf: bytes | bytearray | memoryview, at: int = 0) -> int:
+    """The length of the IPv6 packet at ``buf[at:]`` by its header (no jumbograms here:
+    they need 64 KiB+)."""
+    return IPV6_HEADER_LEN + ((buf[at + V6_PAYLOAD_LEN] << 8) | buf[at + V6_PAYLOAD_LEN + 1])
 
 
-def decrement_hop_limit(buf: bytearray | memoryview) -> bool:
-    """Count the hop limit down in place (IPv6 has no header checksum to fix); False,
-    leaving the packet untouched, when it would reach zero."""
-    hops = buf[V6_HOPS]
+def decrement_hop_limit(buf: bytearray | memoryview, at: int = 0) -> bool:
+    """Count the hop limit of the packet at ``buf[at:]`` down in place (IPv6 has no header
+    checksum to fix); False, leaving the packet untouched, when it would reach zero."""
+    hops = buf[at + V6_HOPS]
     if hops <= 1:
         return False
-    buf[V6_HOPS] = hops - 1
+    buf[at + V6_HOPS] = hops - 1
     return True
 
 

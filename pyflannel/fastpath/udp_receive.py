@@ -3,7 +3,14 @@
 UDP GRO hands us runs of datagrams (a whole train, usually) in one ``recvmsg``; a vnet1
 super-packet goes into the TUN in one write with its offload header, and plain TCP
 segments of one flow are joined into one super-packet before the write (GRO in user space).
-Inner IPv4 and IPv6 alike, each checked by the rules of its family.
+Inner IPv4 and IPv6 alike, each admitted by the rules of its family in one place
+(:meth:`UdpReceive.admit4`, :meth:`UdpReceive.admit6`), whichever way the packet came.
+
+Only segments whose integrity is known are joined, since the super-packet is written for a
+fresh checksum (:mod:`.coalesce`): those of a GRO run, which the kernel merges only from
+datagrams with a non-zero UDP checksum it has verified; a datagram that came alone may have
+carried a zero UDP checksum (none at all), so its TCP checksum is verified first, and a
+segment that fails is written on its own for the kernel to refuse.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import struct
 import time
 
 from pyflannel.fastpath import counters
-from pyflannel.fastpath.coalesce import flow_run, join
+from pyflannel.fastpath.coalesce import flow_run, join, joinable
 from pyflannel.fastpath.frames import (
     BUF_SIZE,
     CHUNK_COUNT,
@@ -37,12 +44,10 @@ from pyflannel.fastpath.frames import (
     check_vnet,
 )
 from pyflannel.fastpath.packet import (
-    IP_CSUM,
     IP_DST,
     IP_PROTO,
     IP_SRC,
     IP_TOTAL_LEN,
-    IP_TTL,
     IPV4_MIN_HEADER,
     IPV6_HEADER_LEN,
     TCP_PROTO,
@@ -65,12 +70,26 @@ RX6_P, RX6_B = C["rx_packets_ipv6"], C["rx_bytes_ipv6"]
 COALESCED = C["coalesced"]
 
 
+class PeerSource:
+    """One address's row in the receive table: what it may send us and its counters.
+
+    ``keys4``/``keys6``: the subnets (as table keys) its inner sources may lie in, per
+    family; ``vnet1``: it may send the fast framing; ``stats``: its counters,
+    [tx_p, tx_b, rx_p, rx_b, last_rx, drops], shared with the transport's stats reply.
+    """
+
+    __slots__ = ("keys4", "keys6", "vnet1", "stats")
+
+    def __init__(self, keys4: frozenset[int], keys6: frozenset[int], vnet1: bool,
+                 stats: list) -> None:
+        self.keys4, self.keys6, self.vnet1, self.stats = keys4, keys6, vnet1, stats
+
+
 class UdpReceive(Transport):
     """UDP -> TUN for the udp backend: only from leased peers, only for our subnet, and
     only with an inner source in the sending peer's subnet of the packet's family."""
 
-    # address -> (IPv4 keys, vnet1?, stats, IPv6 keys)
-    sources: dict[str, tuple[frozenset[int], bool, list, frozenset[int]]]
+    sources: dict[str, PeerSource]  # by peer address
     shift: int
     local_key: int
     shift6: int
@@ -86,7 +105,7 @@ class UdpReceive(Transport):
         # With virtio-net headers on the TUN, flannel-framed packets (one per datagram)
         # are merged per TCP flow before the write: GRO in user space.
         self.coalesce = self.vnet
-        self._pending: list[tuple[bytes, tuple]] = []
+        self._pending: list[tuple[bytes, PeerSource]] = []
 
     def flush_pending(self) -> None:
         """Write the held plain packets: each TCP flow's run as one super-packet."""
@@ -111,13 +130,23 @@ class UdpReceive(Transport):
                 self.drop("drop_tun_write", j - i)
             i = j
 
+    def hold(self, pkt, src: PeerSource, intact: bool) -> bool:
+        """Keep a plain packet to be joined with its flow's next (:meth:`flush_pending`),
+        unless its integrity is unknown (``intact`` false: it came alone, perhaps without
+        a UDP checksum) and its TCP checksum fails: then False, and it is written alone,
+        for the kernel to verify and refuse."""
+        if intact or joinable(pkt):
+            self._pending.append((bytes(pkt), src))
+            return True
+        return False
+
     # -- UDP -> TUN --------------------------------------------------------------------
 
     def from_udp(self) -> None:
         rbuf, rmv, c = self._rbuf, self._rmv, self.c
         recv, sources = self.sock.recvmsg_into, self.sources
         fd, write, writev, vnet = self.tun_fd, os.write, os.writev, self.vnet
-        shift, local_key, coalesce = self.shift, self.local_key, self.coalesce
+        coalesce, admit4 = self.coalesce, self.admit4
         bufs = [rbuf]
         rx_p = rx_b = 0
         clock = time.monotonic
@@ -143,49 +172,35 @@ class UdpReceive(Transport):
             now = (c[RX_P] + rx_p, c[RX_B] + rx_b, self.rx_dropped)
             if prev_st is not None:
                 _settle(prev_st, prev, now)
-            prev_st, prev = src[2], now
+            prev_st, prev = src.stats, now
             prev_st[4] = clock()
-            src_keys = src[0]
             if seg <= 0:  # an empty datagram
-                self.drop("drop_not_ipv4", 1)
+                self.drop("drop_not_ip", 1)
                 continue
+            # A GRO run: the kernel merged only datagrams whose non-zero UDP checksum it
+            # verified, so their packets are intact; one that came alone is not known to be.
+            intact = seg < n
             if rbuf[0] == FAST_MAGIC:
                 self.flush_pending()
-                if seg < n and src[1] and self.whole_train(n, seg, src):
+                if intact and src.vnet1 and self.whole_train(n, seg, src):
                     continue
                 for off in range(0, n, seg):
-                    self.deliver(rmv[off:off + seg], src, addr[0])
+                    self.deliver(rmv[off:off + seg], src, addr[0], intact)
                 continue
+            keys4 = src.keys4
             for off in range(0, n, seg):
-                # The flannel framing, inline: the common case must cost little.
-                end = min(off + seg, n)
-                if (rbuf[off] & 0xF0 != 0x40 or end - off < IPV4_MIN_HEADER
-                        or rbuf[off] & 0x0F < 5):
-                    self.deliver(rmv[off:end], src, addr[0])
+                # The flannel framing's common case, IPv4, without the calls of deliver.
+                end = off + seg if off + seg < n else n
+                if rbuf[off] >> 4 != 4:
+                    self.deliver(rmv[off:end], src, addr[0], intact)
                     continue
-                total = (rbuf[off + IP_TOTAL_LEN] << 8) | rbuf[off + IP_TOTAL_LEN + 1]
-                if total > end - off or total < (rbuf[off] & 0x0F) * 4:
-                    self.deliver(rmv[off:end], src, addr[0])  # counts the reason
+                total = admit4(rbuf, off, end - off, keys4)
+                if not total:
                     continue
-                if _u32(rbuf, off + IP_DST)[0] >> shift != local_key:
-                    self.drop("drop_wrong_subnet", 1)
-                    continue
-                if _u32(rbuf, off + IP_SRC)[0] >> shift not in src_keys:
-                    self.drop("drop_spoofed_source", 1)
-                    continue
-                ttl = rbuf[off + IP_TTL]
-                if ttl <= 1:
-                    self.drop("drop_ttl_exceeded", 1)
-                    continue
-                rbuf[off + IP_TTL] = ttl - 1
-                ck = off + IP_CSUM
-                csum = ((rbuf[ck] << 8) | rbuf[ck + 1]) + 0x0100
-                csum = (csum & 0xFFFF) + (csum >> 16)
-                rbuf[ck] = csum >> 8
-                rbuf[ck + 1] = csum & 0xFF
-                if coalesce and rbuf[off + IP_PROTO] == TCP_PROTO:
-                    # held, to be joined with its flow's next segments (flush_pending)
-                    self._pending.append((bytes(rmv[off:off + total]), src))
+                if coalesce and rbuf[off + IP_PROTO] == TCP_PROTO and (
+                        intact or self.hold(rmv[off:off + total], src, intact)):
+                    if intact:  # hold, inlined for a GRO run's segments
+                        self._pending.append((bytes(rmv[off:off + total]), src))
                     rx_p += 1
                     rx_b += total
                     continue
@@ -207,18 +222,20 @@ class UdpReceive(Transport):
         c[RX_B] += rx_b
         self.flush_pending()
 
-    def deliver(self, dgram: memoryview, src: tuple, peer_ip: str) -> None:
-        """One datagram from a leased peer into the TUN, if it carries a packet for us."""
+    def deliver(self, dgram: memoryview, src: PeerSource, peer_ip: str,
+                intact: bool = False) -> None:
+        """One datagram from a leased peer into the TUN, if it carries a packet for us.
+        ``intact``: it came in a GRO run (its UDP checksum was verified)."""
         n = len(dgram)
         first = dgram[0] if n else 0
         if first >> 4 in (4, 6):
-            self.to_tun(dgram, ZERO_VNET, src, self.coalesce)
+            self.to_tun(dgram, ZERO_VNET, src, self.coalesce, intact)
             return
         if first != FAST_MAGIC or n <= CHUNK_HDR_LEN or dgram[CHUNK_VERSION] != FAST_VERSION \
                 or not dgram[CHUNK_INDEX] < dgram[CHUNK_COUNT] <= MAX_CHUNKS:
-            self.drop("drop_not_ipv4", 1)
+            self.drop("drop_not_ip", 1)
             return
-        if not src[1]:
+        if not src.vnet1:
             self.drop("drop_unexpected_framing", 1)
             return
         if dgram[CHUNK_INDEX] == 0 and dgram[CHUNK_COUNT] == 1:  # one chunk: nothing to join
@@ -242,7 +259,7 @@ class UdpReceive(Transport):
                 return
         self.to_tun(payload[VNET_LEN:], vnet_hdr, src)
 
-    def whole_train(self, n: int, seg: int, src: tuple) -> bool:
+    def whole_train(self, n: int, seg: int, src: PeerSource) -> bool:
         """GRO handed us exactly one complete train: check every chunk header with a few
         slice comparisons, then write the payload to the TUN with one gathering write."""
         rbuf = self._rbuf
@@ -279,19 +296,13 @@ class UdpReceive(Transport):
         except FrameError:
             self.drop("drop_bad_offload", 1)
             return True
-        if v6:
-            if ipv6_total(pkt) != size:
-                self.drop("drop_bad_header_length", 1)
-                return True
-            if not self.admit6(pkt, src[3]):
-                return True
-        else:
-            if (pkt[0] >> 4 != 4 or ((pkt[IP_TOTAL_LEN] << 8) | pkt[IP_TOTAL_LEN + 1]) != size
-                    or (pkt[0] & 0x0F) < 5):
-                self.drop("drop_bad_header_length", 1)
-                return True
-            if not self.admit4(pkt, src[0]):
-                return True
+        # The train is the packet: its IP header must say so, before the rules of its family.
+        if size != (ipv6_total(pkt) if v6 else (pkt[IP_TOTAL_LEN] << 8) | pkt[IP_TOTAL_LEN + 1]):
+            self.drop("drop_bad_header_length", 1)
+            return True
+        if not (self.admit6(pkt, 0, size, src.keys6) if v6
+                else self.admit4(pkt, 0, size, src.keys4)):
+            return True
         try:
             os.writev(self.tun_fd, iov)
         except OSError:
@@ -304,56 +315,57 @@ class UdpReceive(Transport):
             c[RX6_B] += size
         return True
 
-    def admit4(self, pkt, src_keys: frozenset[int]) -> bool:
-        """The IPv4 rules of :meth:`to_tun` (for us, from the sending peer's subnet, TTL
-        left), the TTL counted down; a refusal is counted. (The flannel framing's inline
-        loop in :meth:`from_udp` applies the same rules without the call.)"""
-        if _u32(pkt, IP_DST)[0] >> self.shift != self.local_key:
-            self.drop("drop_wrong_subnet", 1)
-            return False
-        if _u32(pkt, IP_SRC)[0] >> self.shift not in src_keys:
-            self.drop("drop_spoofed_source", 1)
-            return False
-        if not decrement_ttl(pkt):
-            self.drop("drop_ttl_exceeded", 1)
-            return False
-        return True
-
-    def admit6(self, pkt, src6_keys: frozenset[int]) -> bool:
-        """The IPv6 rules of :meth:`to_tun` (for us, from the sending peer's IPv6 subnet,
-        hops left), the hop limit counted down; a refusal is counted."""
-        if ipv6_key(pkt, V6_DST, self.shift6) != self.local_key6:
-            self.drop("drop_wrong_subnet", 1)
-            return False
-        if ipv6_key(pkt, V6_SRC, self.shift6) not in src6_keys:
-            self.drop("drop_spoofed_source", 1)
-            return False
-        if not decrement_hop_limit(pkt):
-            self.drop("drop_ttl_exceeded", 1)
-            return False
-        return True
-
-    def to_tun(self, pkt: memoryview, vnet_hdr, src: tuple, hold: bool = False) -> None:
-        """Check an inner packet from peer ``src``, count down its TTL (hop limit) and
-        write it to the TUN; with ``hold``, keep a plain packet to be merged with its
-        flow's next (:meth:`flush_pending`)."""
-        c = self.c
-        v6 = len(pkt) > 0 and pkt[0] >> 4 == 6
-        bad = check_ipv6(pkt, len(pkt)) if v6 else check_ipv4(pkt, len(pkt))
+    def admit4(self, buf, at: int, room: int, keys: frozenset[int]) -> int:
+        """The IPv4 rules for a packet from a peer, the one place they live: a usable
+        header within the ``room`` bytes at ``buf[at:]``, for our subnet, from one of the
+        sending peer's subnets (``keys``), TTL left. Returns the packet's length with its
+        TTL counted down, or 0 when refused (the reason counted)."""
+        bad = check_ipv4(buf, room, at)
         if bad is not None:
-            self.drop("drop_" + bad)
+            self.drop("drop_" + bad, 1)
+            return 0
+        shift = self.shift
+        if _u32(buf, at + IP_DST)[0] >> shift != self.local_key:
+            self.drop("drop_wrong_subnet", 1)
+            return 0
+        if _u32(buf, at + IP_SRC)[0] >> shift not in keys:
+            self.drop("drop_spoofed_source", 1)
+            return 0
+        if not decrement_ttl(buf, at):
+            self.drop("drop_ttl_exceeded", 1)
+            return 0
+        return (buf[at + IP_TOTAL_LEN] << 8) | buf[at + IP_TOTAL_LEN + 1]
+
+    def admit6(self, buf, at: int, room: int, keys: frozenset[int]) -> int:
+        """The IPv6 rules, as :meth:`admit4`'s: a usable header within ``room`` bytes, for
+        our IPv6 subnet, from one of the sending peer's IPv6 subnets, hops left. Returns the
+        packet's length with its hop limit counted down, or 0 when refused (counted)."""
+        bad = check_ipv6(buf, room, at)
+        if bad is not None:
+            self.drop("drop_" + bad, 1)
+            return 0
+        if ipv6_key(buf, at + V6_DST, self.shift6) != self.local_key6:
+            self.drop("drop_wrong_subnet", 1)
+            return 0
+        if ipv6_key(buf, at + V6_SRC, self.shift6) not in keys:
+            self.drop("drop_spoofed_source", 1)
+            return 0
+        if not decrement_hop_limit(buf, at):
+            self.drop("drop_ttl_exceeded", 1)
+            return 0
+        return ipv6_total(buf, at)
+
+    def to_tun(self, pkt: memoryview, vnet_hdr, src: PeerSource, hold: bool = False,
+               intact: bool = False) -> None:
+        """Admit an inner packet from peer ``src`` by its family's rules and write it to
+        the TUN; with ``hold``, keep a plain packet to be merged with its flow's next
+        (:meth:`hold`; ``intact``: it came in a GRO run)."""
+        n = len(pkt)
+        v6 = n > 0 and pkt[0] >> 4 == 6
+        total = self.admit6(pkt, 0, n, src.keys6) if v6 else self.admit4(pkt, 0, n, src.keys4)
+        if not total:
             return
-        if v6:
-            if not self.admit6(pkt, src[3]):
-                return
-            total = ipv6_total(pkt)
-        else:
-            if not self.admit4(pkt, src[0]):
-                return
-            total = (pkt[IP_TOTAL_LEN] << 8) | pkt[IP_TOTAL_LEN + 1]
-        if hold:  # a plain packet: held for merging with its flow's next
-            self._pending.append((bytes(pkt[:total]), src))
-        else:
+        if not (hold and self.hold(pkt[:total], src, intact)):
             self.flush_pending()  # keep the order of what came before
             try:
                 if self.vnet:
@@ -363,6 +375,7 @@ class UdpReceive(Transport):
             except OSError:
                 self.drop("drop_tun_write", 1)
                 return
+        c = self.c
         c[RX_P] += 1
         c[RX_B] += total
         if v6:

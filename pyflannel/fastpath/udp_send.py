@@ -112,7 +112,7 @@ class UdpSend(Transport):
                 if peer is None:
                     continue
             else:
-                c[C["drop_not_ipv4"]] += 1  # neither IPv4 nor IPv6 (the name is older)
+                c[C["drop_not_ip"]] += 1  # neither IPv4 nor IPv6
                 continue
             addr, fast = peer
             if fast:

@@ -205,7 +205,7 @@ class WgSend(WgBase):
                 break
             end = base + n
             if end - DATA_PAYLOAD < IPV4_MIN_HEADER or buf[DATA_PAYLOAD] >> 4 not in (4, 6):
-                c[C["drop_not_ipv4"]] += 1
+                c[C["drop_not_ip"]] += 1
                 continue
             pkt = mv[DATA_PAYLOAD:end]
             peer = route(pkt)
