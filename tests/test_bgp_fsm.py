@@ -38,6 +38,7 @@ from pyflannel.bgp.fsm import (
     State,
     StateChanged,
     StopTimer,
+    SweepStale,
     TcpConnectionConfirmed,
     TcpConnectionFails,
     TcpCRAcked,
@@ -46,6 +47,7 @@ from pyflannel.bgp.fsm import (
     UpdateMsg,
     UpdateMsgErr,
     check_open,
+    event_for_error,
     keep_connection_initiated_by_us,
     receive,
 )
@@ -58,6 +60,7 @@ from pyflannel.bgp.messages import (
     RouteRefresh,
     Update,
     encode,
+    split_stream,
 )
 
 ME = ipaddress.IPv4Address("198.18.0.1")
@@ -401,6 +404,44 @@ def test_connection_loss_of_a_graceful_restart_peer_keeps_its_routes():
     assert r.downs[0].graceful is False
 
 
+def test_a_gracefully_lost_peer_has_its_restart_time_then_the_stale_timer():
+    r = rig(stale_time=300)
+    r.establish()
+    r.feed(TcpConnectionFails())
+    assert r.timers[Timer.RESTART] == 120  # the peer's restart time, from its OPEN
+    r.advance(119)  # the peer comes back in time
+    r.feed(TcpCRAcked())
+    r.feed(BGPOpen(peer_open()))
+    r.feed(KeepAliveMsg())
+    assert Timer.RESTART not in r.timers and r.timers[Timer.STALE] == r.now + 300
+    assert r.feed(TimerExpired(Timer.STALE)) == [SweepStale()]  # no End-of-RIB in time
+    assert r.fsm.state is State.ESTABLISHED
+
+
+def test_restart_time_running_out_sweeps_the_stale_routes():
+    r = rig()
+    r.establish()
+    r.feed(TcpConnectionFails())
+    assert r.feed(TimerExpired(Timer.RESTART)) == [SweepStale()]
+    r = rig()
+    r.establish()
+    r.feed(TcpConnectionFails())
+    r.feed(ManualStop())  # the peer is deconfigured meanwhile: its routes go with it
+    assert not r.timers
+
+
+def test_a_session_ended_by_notification_keeps_no_stale_timers():
+    r = rig()
+    r.establish()
+    r.feed(TcpConnectionFails())
+    r.advance(1)
+    r.feed(TcpCRAcked())
+    r.feed(BGPOpen(peer_open()))
+    r.feed(KeepAliveMsg())
+    r.feed(NotifMsg(Notification(6, 4)))
+    assert set(r.timers) == {Timer.IDLE_HOLD}
+
+
 def test_manual_stop_sends_cease_or_for_our_own_restart_nothing():
     r = rig()
     r.establish()
@@ -460,6 +501,30 @@ def test_established_refuses_a_second_connection_unless_the_peer_restarted_grace
     assert r.fsm.state is State.OPENSENT and r.connected and isinstance(r.sent[-1], Open)
 
 
+def test_garbage_on_the_wire_ends_only_that_session():
+    hit, other = rig(), rig()
+    hit.establish()
+    other.establish()
+    try:
+        split_stream(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    except BgpError as error:
+        hit.feed(event_for_error(error))
+    assert hit.notifications() == [(1, 1)] and hit.fsm.state is State.IDLE
+    assert other.fsm.state is State.ESTABLISHED
+
+
+def test_malformed_attribute_withdraws_routes_but_keeps_the_session():
+    r = rig()
+    r.establish()
+    bad = b"\xff" * 16 + bytes([0, 41, 2, 0, 0, 0, 14]) + bytes([0x40, 1, 1, 9]) \
+        + bytes([0x40, 2, 0]) + bytes([0x40, 3, 4, 198, 18, 0, 2]) + bytes([24, 10, 1, 2])
+    event = receive(bad, r.fsm.negotiated.codec_options)
+    assert isinstance(event, UpdateMsg) and event.message.treat_as_withdraw
+    r.feed(event)
+    assert r.fsm.state is State.ESTABLISHED and r.notifications() == []
+    assert r.delivered == [DeliverUpdate(event.message)]
+
+
 def test_stale_timer_expiry_is_ignored():
     r = rig()
     r.establish()
@@ -482,11 +547,13 @@ events = st.one_of(
 )
 
 
-@settings(max_examples=300)
+@settings(max_examples=400)
 @given(st.lists(st.tuples(events, st.floats(0, 300)), max_size=40), st.booleans(),
-       st.floats(0, 0.999))
-def test_any_event_sequence_leaves_the_fsm_in_one_of_the_six_states(steps, passive, j):
+       st.floats(0, 0.999), st.booleans())
+def test_any_event_sequence_leaves_the_fsm_in_one_of_the_six_states(steps, passive, j, up):
     r = Rig(Fsm(config(passive=passive), jitter=lambda: j))
+    if up:
+        r.establish()
     for event, wait in steps:
         r.feed(event)
         r.advance(wait)
@@ -496,4 +563,4 @@ def test_any_event_sequence_leaves_the_fsm_in_one_of_the_six_states(steps, passi
         assert (fsm.negotiated is not None) == (fsm.state in (State.OPENCONFIRM,
                                                               State.ESTABLISHED))
         if fsm.state is State.IDLE:
-            assert set(r.timers) <= {Timer.IDLE_HOLD}
+            assert set(r.timers) <= {Timer.IDLE_HOLD, Timer.RESTART, Timer.STALE}

@@ -39,6 +39,7 @@ from pyflannel.bgp.rib import (
     LocalSpeaker,
     PeerInfo,
     Rib,
+    out_changes,
     updates_for,
 )
 
@@ -279,6 +280,19 @@ def test_exports_pack_into_updates_that_decode_to_the_same_routes():
                 else back.attributes.mp_reach.next_hop[0]
             seen[prefix] = hop
     assert seen == {p: e.next_hop for p, e in exports.items()}
+
+
+def test_out_changes_sends_only_the_difference():
+    rib = rr_rib()
+    rib.originate(OWN4)
+    sent = rib.export("c2")
+    rib.apply_update("c1", ann(["10.1.11.0/24"], next_hop="198.18.0.11"))
+    changed, withdrawn = out_changes(sent, rib.export("c2"))
+    assert list(changed) == [N("10.1.11.0/24")] and withdrawn == []
+    sent = rib.export("c2")
+    rib.apply_update("c1", gone(["10.1.11.0/24"]))
+    rib.withdraw_local(OWN4)
+    assert out_changes(sent, rib.export("c2")) == ({}, [OWN4, N("10.1.11.0/24")])
 
 
 # --- graceful restart ----------------------------------------------------------------------

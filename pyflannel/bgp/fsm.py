@@ -20,6 +20,12 @@ Where this differs from the RFC, on purpose:
 * A passive FSM (``PeerConfig.passive``: the higher address of a mesh pair) never connects.
 * A NOTIFICATION received in OpenSent closes the session without answering it (the RFC would
   send an FSM error back; a NOTIFICATION is never answered elsewhere either).
+
+Graceful restart, helper side: when a session with a peer that sent the capability ends without
+a NOTIFICATION, ``SessionDown(graceful=True)`` tells the RIB to mark its routes stale and the
+RestartTimer runs for the peer's restart time; once the peer is back the StalePathTimer bounds
+the wait for its End-of-RIB. Either running out gives ``SweepStale``. ``ManualStop(graceful=True)``
+is the restarting side: close without NOTIFICATION so that the peers keep our routes.
 """
 
 from __future__ import annotations
@@ -65,6 +71,14 @@ class Timer(enum.Enum):
     HOLD = "HoldTimer"
     KEEPALIVE = "KeepaliveTimer"
     IDLE_HOLD = "IdleHoldTimer"
+    # Graceful restart, helper side (RFC 4724 4.2): how long a restarting peer's routes are
+    # kept while its session is down, and after it is back while waiting for End-of-RIB.
+    RESTART = "RestartTimer"
+    STALE = "StalePathTimer"
+
+
+# The graceful-restart timers outlive a session: they are about the routes, not the connection.
+_ROUTE_TIMERS = frozenset({Timer.RESTART, Timer.STALE})
 
 
 # --- configuration and what was negotiated ---------------------------------------------------
@@ -87,6 +101,7 @@ class PeerConfig:
     forwarding_preserved: bool = False  # our kernel routes survived the restart
     idle_hold_first: float = 1.0
     idle_hold_max: float = 120.0
+    stale_time: float = 360.0  # after a graceful restart, the longest wait for End-of-RIB
 
     @property
     def ibgp(self) -> bool:
@@ -304,7 +319,8 @@ class DropConnection:
 
 @dataclass(frozen=True, slots=True)
 class AdoptConnection:
-    """The connection the last TcpConnectionConfirmed reported becomes the session's."""
+    """The connection the last TcpConnectionConfirmed reported becomes the session's; an
+    outgoing attempt still in progress is abandoned."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,7 +365,13 @@ class StateChanged:
     reason: str
 
 
-Action = (Send | StartTimer | StopTimer | Connect | DropConnection | AdoptConnection
+@dataclass(frozen=True, slots=True)
+class SweepStale:
+    """The peer's routes still marked stale must go now: its restart time, or the wait for
+    its End-of-RIB, ran out (RFC 4724 4.2)."""
+
+
+Action = (SweepStale | Send | StartTimer | StopTimer | Connect | DropConnection | AdoptConnection
           | RejectConnection | DeliverUpdate | DeliverRouteRefresh | SessionUp | SessionDown
           | StateChanged)
 
@@ -390,6 +412,10 @@ class Fsm:
             if event.timer not in self._running:
                 return []  # stopped while its expiry was on its way: nothing to do
             self._running.discard(event.timer)
+            if event.timer in _ROUTE_TIMERS:
+                return [SweepStale()]
+        if isinstance(event, ManualStop):
+            self._stop(*_ROUTE_TIMERS)  # stopped by hand: the routes go with the session
         handler = getattr(self, f"_in_{self.state.name.lower()}")
         handler(event)
         out, self._out = self._out, []
@@ -439,10 +465,16 @@ class Fsm:
             self._emit(Send(send))
         if self.state is not State.IDLE:
             self._emit(DropConnection())
-        self._stop(*list(self._running))
+        self._stop(*(self._running - _ROUTE_TIMERS))
         if self.state is State.ESTABLISHED:
-            gr_ok = self.negotiated is not None and self.negotiated.peer_graceful_restart
-            self._emit(SessionDown(bool(gr_ok) and graceful, reason))
+            peer_gr = self.negotiated.peer_graceful_restart if self.negotiated else None
+            kept = peer_gr is not None and graceful
+            self._emit(SessionDown(kept, reason))
+            if kept and self._started:
+                self._stop(Timer.STALE)
+                self._start(Timer.RESTART, peer_gr.restart_time)
+            else:
+                self._stop(*_ROUTE_TIMERS)
         self.negotiated = None
         self.last_error = reason
         if restart and self._started:
@@ -464,7 +496,7 @@ class Fsm:
     def _common(self, event: Event) -> bool:
         """Events handled alike in OpenSent, OpenConfirm and Established; True if handled."""
         if isinstance(event, ManualStop):
-            self._started = False
+            self._started = False  # before _to_idle: no restart, no restart timer
             self.connect_retry_counter = 0
             if event.graceful:
                 self._to_idle("stopped for a graceful restart", restart=False, graceful=True)
@@ -571,6 +603,9 @@ class Fsm:
             self.connect_retry_counter = 0
             self._goto(State.ESTABLISHED, "session established")
             self._emit(SessionUp(self.negotiated))
+            if Timer.RESTART in self._running:  # the peer is back: now wait for End-of-RIB
+                self._stop(Timer.RESTART)
+                self._start(Timer.STALE, self.config.stale_time)
         elif isinstance(event, TcpConnectionConfirmed):
             assert self.negotiated is not None
             peer_id = self.negotiated.peer_open.router_id
@@ -578,7 +613,7 @@ class Fsm:
                                                                       peer_id):
                 self._emit(Send(Notification(E.CEASE, E.CEASE_CONNECTION_COLLISION)),
                            DropConnection(), AdoptConnection())
-                self._stop(*list(self._running))
+                self._stop(*(self._running - _ROUTE_TIMERS))
                 self.negotiated = None
                 self._outgoing = False
                 self._send_open("connection collision: the peer's connection stays")

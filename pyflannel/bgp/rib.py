@@ -413,3 +413,11 @@ def updates_for(exports: dict[Prefix, Export],
         out += announce(base, prefixes, options)
     return out
 
+
+
+def out_changes(sent: dict[Prefix, Export],
+                wanted: dict[Prefix, Export]) -> tuple[dict[Prefix, Export], list[Prefix]]:
+    """What to announce and withdraw so a peer that was sent ``sent`` ends up with ``wanted``:
+    the session layer keeps ``sent`` per peer and calls this after every change of the RIB."""
+    changed = {p: e for p, e in wanted.items() if sent.get(p) != e}
+    return changed, [p for p in sent if p not in wanted]
