@@ -56,7 +56,7 @@ from .constants import (
     Limits,
 )
 from .crypto import tai64n
-from .keys import PrivateKey, short_key
+from .keys import PrivateKey, check_public_key, short_key
 from .noise import (
     ZERO_PSK,
     CookieChecker,
@@ -175,25 +175,31 @@ class Device:
 
     # --- the peer table -------------------------------------------------------------------
 
-    def set_peers(self, table: Mapping[bytes, PeerConfig]) -> None:
+    def set_peers(self, table: Mapping[bytes, PeerConfig]) -> dict[bytes, str]:
         """Replace the whole peer table (public key -> config), as flannel's leases say.
 
         A key no longer in the table loses its sessions at once; a new key starts from
-        nothing; a kept key keeps its sessions, with subnets and endpoint updated. The table
-        is checked whole first (key sizes, low-order keys, subnets), so a bad row raises
-        ValueError and leaves the old table in force.
+        nothing; a kept key keeps its sessions, with subnets and endpoint updated. Each row
+        is checked first (the key by :func:`~.keys.check_public_key`, its subnets, its
+        pre-shared key): a bad row is left out, as if absent, and never holds up the
+        others. Returns the rows left out, with why.
         """
         prepared: dict[bytes, tuple[PeerConfig, Prefixes, PeerIdentity | None]] = {}
+        refused: dict[bytes, str] = {}
         for key, config in table.items():
             psk = config.psk or self.psk
             peer = self.peers.get(key)
             identity = None
-            if peer is None or peer.identity.psk != (psk or ZERO_PSK):
-                identity = PeerIdentity.derive(self.local, key, psk)
-            prepared[key] = (config, Prefixes(config.allowed), identity)
+            try:
+                check_public_key(key, own=self.local.public)
+                if peer is None or peer.identity.psk != (psk or ZERO_PSK):
+                    identity = PeerIdentity.derive(self.local, key, psk)
+                prepared[key] = (config, Prefixes(config.allowed), identity)
+            except (ValueError, TypeError) as e:
+                refused[key] = str(e)
         now = self.clock()
         for key in list(self.peers):
-            if key not in table:
+            if key not in prepared:
                 self._forget(self.peers.pop(key))
         for key, (config, prefixes, identity) in prepared.items():
             peer = self.peers.get(key)
@@ -215,6 +221,7 @@ class Device:
             peer.prefixes = prefixes
             peer.keepalive_interval = max(0.0, config.persistent_keepalive)
         self._build_routes()
+        return refused
 
     def _forget(self, peer: Peer) -> None:
         for kp in (peer.current, peer.previous, peer.next):

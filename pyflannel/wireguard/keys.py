@@ -119,11 +119,31 @@ class PrivateKey:
         raise TypeError("PrivateKey is not picklable (it would copy the secret)")
 
 
-def public_from_base64(text: str | bytes) -> bytes:
-    """Validate a peer's public key from a lease and return its 32 raw bytes."""
-    raw = decode_key(text)
-    X25519PublicKey.from_public_bytes(raw)
+# Any clamped scalar is a multiple of the cofactor 8 and smaller than the prime orders, so
+# DH with it gives the all-zero output (which X25519 refuses) exactly for the low-order
+# points; the scalar is a probe, not a secret.
+_PROBE = X25519PrivateKey.from_private_bytes(bytes(range(1, KEY_LEN + 1)))
+
+
+def check_public_key(raw: bytes, own: bytes | None = None) -> bytes:
+    """The one rule for a usable peer public key: 32 bytes, not a low-order point (no
+    shared secret can come of it, and it would let anyone pass for that peer), and not
+    ``own``, this node's key. Raises InvalidKeyError saying which; returns ``raw``."""
+    if len(raw) != KEY_LEN:
+        raise InvalidKeyError("key must be 32 bytes")
+    try:
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError:
+        raise InvalidKeyError("key is a low-order point") from None
+    if own is not None and raw == own:
+        raise InvalidKeyError("key is this node's own public key")
     return raw
+
+
+def public_from_base64(text: str | bytes, own: bytes | None = None) -> bytes:
+    """A peer's public key from a lease, as 32 raw bytes, if :func:`check_public_key`
+    finds it usable (else InvalidKeyError)."""
+    return check_public_key(decode_key(text), own)
 
 
 def key_file_path() -> Path:
