@@ -167,7 +167,7 @@ class Metrics:
 
 
 REQUEST_DEADLINE_S = 5.0  # for the whole request (line and headers) and the answer
-MAX_CONNECTIONS = 64  # more at once are closed unanswered: probes need one or two
+MAX_CONNECTIONS = 64  # at the cap, the oldest client still sending its request is closed
 MAX_REQUEST_LINE = 8192  # the StreamReader limit: a longer line is refused with 414
 MAX_HEADER_BYTES = 16384  # all header lines together: more is refused with 431
 DISCARD_LIMIT = 1 << 20  # after an error answer, read (and drop) at most this much
@@ -180,6 +180,11 @@ class HealthServer:
     It listens on 0.0.0.0 by default (kubelet probes come from outside), so anyone who
     reaches it is held to one deadline per request, a cap on open connections and bounded
     request sizes, and nothing a client sends can make it log a traceback.
+
+    A new connection is always taken: at the cap, room is made by closing the oldest client
+    that is still sending its request (the slowest; else the oldest of all). A probe sends
+    its request at once and is answered within milliseconds, so however many slow clients
+    hold connections, they are the ones closed, never the probe.
     """
 
     def __init__(self, host: str, port: int, metrics: Metrics, ready: Callable[[], bool], *,
@@ -193,8 +198,13 @@ class HealthServer:
         self.max_request_line = max_request_line
         self.max_header_bytes = max_header_bytes
         self.server: asyncio.base_events.Server | None = None
-        self.active = 0  # connections being served now
-        self.refused = 0  # connections closed at once because of the cap
+        self._clients: dict[_Client, None] = {}  # being served, oldest first
+        self.evicted = 0  # clients closed to make room for a newer one
+
+    @property
+    def active(self) -> int:
+        """Connections being served now."""
+        return len(self._clients)
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._handle, self.host, self.port,
@@ -206,31 +216,48 @@ class HealthServer:
     async def close(self) -> None:
         if self.server is not None:
             self.server.close()
+            while self._clients:  # nobody waits for their answers now
+                self._evict()
             await self.server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.active >= self.max_connections:
-            self.refused += 1
-            writer.transport.abort()
-            return
-        self.active += 1
+        while len(self._clients) >= self.max_connections:
+            self._evict()
+        client = _Client(writer)
+        self._clients[client] = None
         done = False
         try:
             async with asyncio.timeout(self.deadline):
-                await self._serve(reader, writer)
+                await self._serve(reader, writer, client)
             done = True
         except (TimeoutError, ConnectionError):
             pass
+        except asyncio.CancelledError:
+            if not client.evicted:
+                raise
         except Exception as e:  # noqa: BLE001 - a client must never cause a traceback
             log.debug("health request failed: %r", e)
         finally:
-            self.active -= 1
+            self._clients.pop(client, None)
             if done:
                 writer.close()  # the answer is flushed first
-            else:  # too slow, or broken: nothing owed, nothing kept
+            else:  # too slow, broken or evicted: nothing owed, nothing kept
                 writer.transport.abort()
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _evict(self) -> None:
+        """Close the oldest client still sending its request, else the oldest of all."""
+        victim = next((c for c in self._clients if not c.answering), None)
+        if victim is None:
+            victim = next(iter(self._clients))
+        del self._clients[victim]
+        self.evicted += 1
+        victim.evicted = True
+        victim.writer.transport.abort()
+        if victim.task is not None:
+            victim.task.cancel()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     client: _Client) -> None:
         try:
             request = await reader.readline()
         except ValueError:  # longer than the reader's limit
@@ -264,6 +291,7 @@ class HealthServer:
             ctype = "text/plain; version=0.0.4; charset=utf-8"
         else:
             status, body, ctype = "404 Not Found", b"not found\n", "text/plain"
+        client.answering = True
         self._answer(writer, status, body, ctype, head_only=parts[:1] == ["HEAD"])
         await writer.drain()
 
@@ -289,3 +317,15 @@ class HealthServer:
             if not data:
                 break
             dropped += len(data)
+
+
+class _Client:
+    """One connection to the health port, as the cap sees it."""
+
+    __slots__ = ("writer", "task", "answering", "evicted")
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.task = asyncio.current_task()
+        self.answering = False  # its request is read: the answer is on its way
+        self.evicted = False

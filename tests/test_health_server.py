@@ -101,7 +101,7 @@ def test_slowloris_connections_are_closed_at_the_request_deadline():
     asyncio.run(main())
 
 
-def test_connections_over_the_cap_are_closed_at_once():
+def test_at_the_cap_the_oldest_idle_client_is_closed_and_the_newest_served():
     async def main() -> None:
         srv = _server(deadline=3, max_connections=4)
         await srv.start()
@@ -112,21 +112,87 @@ def test_connections_over_the_cap_are_closed_at_once():
                     break
                 await asyncio.sleep(0.01)
             assert srv.active == 4
-            extra, extra_w = await asyncio.open_connection("127.0.0.1", _port(srv))
-            assert await _closed_within(extra, 0.5)
-            extra_w.close()
-            assert srv.refused == 1 and srv.active == 4
-            for _r, w in idle:  # a slot frees up: a probe is answered again
-                w.close()
-            for _ in range(100):
-                if srv.active == 0:
-                    break
-                await asyncio.sleep(0.01)
             assert await _get(_port(srv), "/readyz") == (200, b"ready\n")
+            assert srv.evicted == 1
+            assert await _closed_within(idle[0][0], 0.5)  # the oldest made room
+            for r, _w in idle[1:]:
+                assert not await _closed_within(r, 0.05)
         finally:
+            for _r, w in idle:
+                w.close()
             await srv.close()
 
     asyncio.run(main())
+
+
+def test_probes_are_answered_at_once_however_many_clients_trickle(caplog):
+    """100 clients each send a header line every 2 s, and come back when closed (with the
+    default cap of 64 and deadline of 5 s); meanwhile /healthz and /readyz are asked every
+    50 ms for 5.5 s, past the deadline, and each answers 200 within 100 ms."""
+    async def main() -> None:
+        srv = _server()
+        await srv.start()
+        port = _port(srv)
+        stop = asyncio.Event()
+
+        async def trickle() -> None:
+            while not stop.is_set():
+                writer = None
+                try:
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.write(b"GET /healthz HTTP/1.1\r\n")
+                    i = 0
+                    while not stop.is_set():
+                        writer.write(f"X-Slow-{i}: 1\r\n".encode())
+                        await writer.drain()
+                        i += 1
+                        try:  # EOF or a reset: closed by the server, so come back
+                            if not await asyncio.wait_for(reader.read(1), 2):
+                                break
+                        except TimeoutError:
+                            continue
+                except ConnectionError:
+                    pass
+                finally:
+                    if writer is not None:
+                        writer.close()
+                await asyncio.sleep(0.2)
+
+        async def probe(path: str) -> tuple[float, object]:
+            t0 = time.monotonic()
+            try:
+                got: object = await _get(port, path)
+            except OSError as e:
+                got = repr(e)
+            return time.monotonic() - t0, got
+
+        tricklers = [asyncio.create_task(trickle()) for _ in range(100)]
+        try:
+            for _ in range(100):  # until the slow clients fill the cap
+                if srv.active >= 64:
+                    break
+                await asyncio.sleep(0.02)
+            assert srv.active >= 64
+            answers = []
+            end = time.monotonic() + 5.5
+            while time.monotonic() < end:
+                answers.append(await probe("/healthz"))
+                answers.append(await probe("/readyz"))
+                await asyncio.sleep(0.05)
+            bad = [(round(t, 3), got) for t, got in answers
+                   if t > 0.1 or got not in ((200, b"ok\n"), (200, b"ready\n"))]
+            assert not bad, f"{len(bad)} of {len(answers)} probes failed or were slow: {bad[:5]}"
+            assert srv.active <= 64
+        finally:
+            stop.set()
+            for t in tricklers:
+                t.cancel()
+            await asyncio.gather(*tricklers, return_exceptions=True)
+            await srv.close()
+
+    caplog.set_level(logging.DEBUG)
+    asyncio.run(main())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text[-2000:]
 
 
 @pytest.mark.parametrize(("request_bytes", "code"), [
@@ -155,3 +221,13 @@ def test_oversized_requests_get_a_4xx_and_no_error_log(caplog, request_bytes, co
     bad = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert not bad, [r.getMessage() for r in bad]
     assert "Traceback" not in caplog.text and "Separator" not in caplog.text
+
+
+def test_a_renamed_drop_reason_is_also_shown_under_its_old_name():
+    """drop_not_ip counts what is neither IPv4 nor IPv6 (empty datagrams too); dashboards
+    that read the old reason not_ipv4 keep their series."""
+    state = {"backend": "udp", "counters": {"drop_not_ip": 3, "drop_truncated": 1}}
+    text = Metrics(lambda: state).render().decode()
+    assert 'pyflannel_dropped_packets_total{reason="not_ip"} 3.0' in text
+    assert 'pyflannel_dropped_packets_total{reason="not_ipv4"} 3.0' in text
+    assert 'pyflannel_dropped_packets_total{reason="truncated"} 1.0' in text
