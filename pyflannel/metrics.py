@@ -38,8 +38,17 @@ class DaemonCollector(Collector):
                              "subnet": s.get("subnet", ""),
                              "ipv6_subnet": s.get("ipv6_subnet", "")})
         yield info
-        yield GaugeMetricFamily("pyflannel_peers", "peers in the routing table",
+        yield GaugeMetricFamily("pyflannel_peers", "peers in the data path",
                                 value=s.get("peers", 0))
+        yield GaugeMetricFamily("pyflannel_peers_ignored", "peer leases left out of the data "
+                                "path because a field is unusable (a low-order or repeated "
+                                "WireGuard key, a bad address or VtepMAC)",
+                                value=len(s.get("peers_ignored") or ()))
+        yield GaugeMetricFamily("pyflannel_data_path_behind", "1 while the data path has not "
+                                "confirmed the newest peer table (it is sent again)",
+                                value=1 if s.get("data_path_behind") else 0)
+        yield GaugeMetricFamily("pyflannel_fastpath_refused_rows", "rows of the last peer "
+                                "tables the fast path refused", value=s.get("refused_rows", 0))
         yield GaugeMetricFamily("pyflannel_lease_expiry_timestamp_seconds",
                                 "when our lease expires unless renewed (0: none, +Inf: reserved)",
                                 value=s.get("lease_expiry", 0.0))

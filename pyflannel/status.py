@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pyflannel.flags import Options
 from pyflannel.host.subnetfile import previous_subnets
 from pyflannel.lease.etcd import EtcdAuthError, EtcdUnavailable, registry_for
+from pyflannel.lease.manager import describe
 from pyflannel.lease.model import NO_IPV4_SUBNET, lease_key_name
 
 if TYPE_CHECKING:
@@ -62,9 +63,9 @@ def local_ipv6_addresses(path: str = "/proc/net/if_inet6") -> set[IPv6Address]:
 STATE_FRESH_S = 10.0
 
 
-def local_view(opts: Options) -> dict[str, dict] | None:
-    """Per-peer counters of the daemon on this host, from its state file (None when no
-    daemon runs here, or its file is stale)."""
+def _state(opts: Options) -> dict | None:
+    """The state file of the daemon on this host (None when no daemon runs here, or its
+    file is stale)."""
     path = Path(opts.subnet_file).with_name("pyflannel-state.json")
     try:
         doc = json.loads(path.read_text())
@@ -72,8 +73,39 @@ def local_view(opts: Options) -> dict[str, dict] | None:
         return None
     if not isinstance(doc, dict) or time.time() - float(doc.get("time", 0)) > STATE_FRESH_S:
         return None
-    peers = doc.get("peers")
+    return doc
+
+
+def local_view(opts: Options) -> dict[str, dict] | None:
+    """Per-peer counters of the daemon on this host, from its state file (None when no
+    daemon runs here, or its file is stale)."""
+    peers = (_state(opts) or {}).get("peers")
     return peers if isinstance(peers, dict) else None
+
+
+def local_ignored(opts: Options) -> dict[str, str]:
+    """The peer leases the daemon on this host leaves out of its data path, with why."""
+    ignored = (_state(opts) or {}).get("ignored")
+    return {str(k): str(v) for k, v in ignored.items()} if isinstance(ignored, dict) else {}
+
+
+def repeated_keys(leases: Iterable[Lease]) -> dict[str, list[str]]:
+    """Leases publishing a WireGuard public key another lease publishes too (a cloned
+    node), by key name: the subnets of the others."""
+    by_key: dict[str, list[Lease]] = {}
+    for lease in leases:
+        keys = {data.get("PublicKey") for data in (lease.attrs.backend_data,
+                                                    lease.attrs.backend_v6_data)
+                if isinstance(data, dict) and isinstance(data.get("PublicKey"), str)}
+        for key in keys:
+            by_key.setdefault(key, []).append(lease)
+    out: dict[str, list[str]] = {}
+    for same in by_key.values():
+        for lease in same if len(same) > 1 else ():
+            out.setdefault(lease.key_name, []).extend(
+                describe(other) for other in same if other is not lease)
+    return out
+
 
 
 def this_host(leases: Iterable[Lease], local: set[IPv4Address | IPv6Address],
@@ -119,6 +151,8 @@ async def gather(opts: Options, local: set[IPv4Address | IPv6Address] | None = N
         listing = await reg.list_leases()
         mine = this_host(listing.leases, local, subnet_file_key(opts.subnet_file))
         view = local_view(opts)
+        ignored = local_ignored(opts)
+        repeated = repeated_keys(listing.leases)
         rows = []
         for lease in sorted(listing.leases, key=_sort_key):
             ttl = None if lease.reserved else await reg.lease_ttl(lease.lease_id)
@@ -135,6 +169,8 @@ async def gather(opts: Options, local: set[IPv4Address | IPv6Address] | None = N
                 "expires_in_s": ttl if ttl is None else max(ttl, 0),
                 "this_node": lease.key_name in mine,
                 "counters": _counters(view, lease),
+                "ignored": ignored.get(lease.key_name),
+                "same_key_as": repeated.get(lease.key_name, []),
             })
         for key, reason in listing.malformed:
             name = key.rsplit("/", 1)[-1]
@@ -243,13 +279,23 @@ def render_table(rows: list[dict[str, Any]]) -> str:
                    "-" if r["this_node"] else _transfer(c)) if wg else ())
         lines.append((r["subnet"] or "-", *ipv6, r["public_ip"], *pub6, r["backend"], mac,
                       *mac6, *wgcols, format_duration(r["expires_in_s"]), *traffic,
-                      "<- this host" if r["this_node"] else ""))
+                      _note(r)))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     out = ["  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
            for line in lines]
     if not rows:
         out.append("(no leases)")
     return "\n".join(out)
+
+
+def _note(r: dict[str, Any]) -> str:
+    """The last column: this host, a lease this host's daemon leaves out, a repeated key."""
+    notes = ["<- this host"] if r["this_node"] else []
+    if r.get("ignored"):
+        notes.append(f"<- ignored here: {r['ignored']}")
+    if r.get("same_key_as"):
+        notes.append(f"<- same WireGuard key as {', '.join(r['same_key_as'])}")
+    return " ".join(notes)
 
 
 def run(opts: Options, as_json: bool = False, watch: float = 0.0) -> int:

@@ -148,3 +148,87 @@ async def test_single_device_modes_give_each_peer_both_subnets_over_one_underlay
         (row,) = be.peer_table(family, (4, 6))
         assert row.subnets == ("10.1.2.0/24", "fc00:10:1:4f::/64"), mode
         assert (row.public_ip, row.port) == (endpoint, 51820), mode  # ListenPort in both
+
+
+# -- hostile or copied keys (issue 15, items 1 and 7) ----------------------------------------
+
+LOW_ORDER = "A" * 43 + "="  # the all-zero point: no shared secret can come of it
+
+
+async def test_a_lease_with_a_low_order_key_is_left_out_with_one_warning_and_the_rest_apply(
+        caplog):
+    be = WireguardBackend(cfg(), ext())
+    bad = lease("10.1.77.0/24", "192.0.2.77", LOW_ORDER)
+    table = await _table(be, lease("10.1.2.0/24", "198.18.0.2", KEYS[0]), bad,
+                         lease("10.1.3.0/24", "198.18.0.3", KEYS[1]))
+    assert {r.public_key for r in table} == {KEYS[0], KEYS[1]}
+    be.peer_table()  # built again: not said again
+    said = [r.getMessage() for r in caplog.records if "10.1.77.0/24" in r.getMessage()]
+    assert len(said) == 1 and "192.0.2.77" in said[0] and "low-order" in said[0]
+    assert list(be.peer_problems()) == ["10.1.77.0-24"]
+
+
+async def test_a_lease_with_this_node_s_own_key_is_left_out_with_a_warning(caplog):
+    be = WireguardBackend(cfg(), ext())
+    be.public_key = KEYS[3]
+    assert await _table(be, lease("10.1.7.0/24", "198.18.0.7", KEYS[3])) == []
+    assert any("10.1.7.0/24 (198.18.0.7) ignored" in r.getMessage() and "own" in
+               r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "224.0.0.5", "255.255.255.255"])
+async def test_a_lease_whose_address_cannot_carry_traffic_is_left_out(address):
+    be = WireguardBackend(cfg(), ext())
+    table = await _table(be, lease("10.1.2.0/24", address, KEYS[0]),
+                         lease("10.1.3.0/24", "198.18.0.3", KEYS[1]))
+    assert [r.public_key for r in table] == [KEYS[1]]
+    assert list(be.peer_problems()) == ["10.1.2.0-24"]
+
+
+async def test_a_lease_repeating_another_lease_s_key_is_ignored_the_first_keeps_it(caplog):
+    """A cloned node publishes the original's key from another address: the original's
+    lease keeps its peer, the copy is said once and left out, until the original goes."""
+    be = WireguardBackend(cfg(), ext())
+    original = lease("10.1.2.0/24", "198.18.0.2", KEYS[0])
+    clone = lease("10.1.9.0/24", "198.18.0.9", KEYS[0])
+    (row,) = await _table(be, original, clone)
+    assert row.subnets == ("10.1.2.0/24",) and row.public_ip == IPv4Address("198.18.0.2")
+    be.peer_table()
+    said = [r.getMessage() for r in caplog.records if "10.1.9.0/24" in r.getMessage()]
+    assert len(said) == 1 and "repeats the WireGuard public key of peer 10.1.2.0/24" in said[0]
+    assert be.peer_problems() == {"10.1.9.0-24": said[0].split("ignored: ")[1]}
+    await be.remove_peer(original)
+    (row,) = be.peer_table()
+    assert row.subnets == ("10.1.9.0/24",) and not be.peer_problems()
+
+
+def test_a_node_whose_key_another_lease_publishes_refuses_to_start_saying_what_to_do():
+    be = WireguardBackend(cfg(), ext())
+    be.public_key = KEYS[0]
+    assert be.identity_conflict([lease("10.1.3.0/24", "198.18.0.3", KEYS[1])]) is None
+    line = be.identity_conflict([lease("10.1.3.0/24", "198.18.0.3", KEYS[1]),
+                                 lease("10.1.2.0/24", "198.18.0.2", KEYS[0])])
+    assert "\n" not in line and "lease 10.1.2.0/24 (198.18.0.2)" in line
+    assert "delete /" in line and "to make a new key" in line
+
+
+async def test_start_up_refuses_a_key_another_node_s_live_lease_publishes_but_not_our_own():
+    import logging
+
+    from pyflannel.daemon.startup import refuse_a_repeated_identity
+    from pyflannel.daemon.supervise import Fatal
+    from pyflannel.lease.memory import MemoryRegistry
+    from pyflannel.logutil import RateLimitedLog
+
+    reg = MemoryRegistry()
+    be = WireguardBackend(cfg(), ext())
+    be.public_key = KEYS[0]
+    ours = LeaseAttrs(IPv4Address("198.18.0.1"), "wireguard", {"PublicKey": KEYS[0]})
+    errors = RateLimitedLog(logging.getLogger("test"))
+    reg.put_lease_raw(IPv4Network("10.1.1.0/24"), ours, lease_id=7)  # ours, from before
+    await refuse_a_repeated_identity(reg, be, be.cfg, ours, errors)
+    reg.put_lease_raw(IPv4Network("10.1.5.0/24"),
+                      LeaseAttrs(IPv4Address("198.18.0.5"), "wireguard", {"PublicKey": KEYS[0]}),
+                      lease_id=8)
+    with pytest.raises(Fatal, match=r"already published by lease 10\.1\.5\.0/24 \(198\.18\.0\.5\)"):
+        await refuse_a_repeated_identity(reg, be, be.cfg, ours, errors)

@@ -6,14 +6,17 @@ import abc
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from ipaddress import IPv4Address, IPv6Address
 from typing import ClassVar
 
 from pyflannel.config import NetworkConfig
+from pyflannel.fastpath.handle import Installed, InstallError
 from pyflannel.host.monitor import NetlinkMonitor
 from pyflannel.host.netlink import ExternalInterface
 from pyflannel.host.nlsession import run_netlink
 from pyflannel.host.routes import IPNetwork, RouteSpec, sync_routes
+from pyflannel.lease.manager import describe
 from pyflannel.lease.model import Lease, LeaseAttrs
 from pyflannel.logutil import RateLimitedLog, WarnOnce
 
@@ -21,6 +24,26 @@ log = logging.getLogger("pyflannel.backend")
 
 RECONCILE_EVERY_S = 10.0  # safety net behind the netlink events
 DEBOUNCE_S = 0.05
+RETRY_INSTALL_S = 1.0  # a table the fast path did not confirm is sent again this soon
+
+
+def endpoint_problem(ip: IPv4Address | IPv6Address | None) -> str | None:
+    """Why a peer's underlay address (PublicIP, PublicIPv6) cannot carry its traffic, or
+    None when it can: the one rule every backend applies to it."""
+    if ip is None or ip.is_unspecified:
+        return "it publishes no address"
+    if ip.is_loopback or ip.is_multicast or (ip.version == 4 and ip.is_reserved):
+        return f"its address {ip} is a loopback, multicast, broadcast or reserved one"
+    if ip.version == 6 and (ip.ipv4_mapped is not None or ip.is_link_local):
+        return f"its address {ip} is IPv4-mapped or link-local"
+    return None
+
+
+def peer_address(lease: Lease) -> str:
+    """Where a peer is: its PublicIP, or PublicIPv6 for an IPv6-only peer."""
+    if lease.has_ipv4 or lease.attrs.public_ipv6 is None:
+        return str(lease.attrs.public_ip)
+    return str(lease.attrs.public_ipv6)
 
 
 class BackendError(RuntimeError):
@@ -52,6 +75,7 @@ class Backend(abc.ABC):
         self._monitor: NetlinkMonitor | None = None
         self._errors = RateLimitedLog(log)
         self._warn = WarnOnce(log)
+        self.refused_rows: dict[str, list[str]] = {}  # by device: rows its fast path refused
 
     @property
     @abc.abstractmethod
@@ -127,8 +151,61 @@ class Backend(abc.ABC):
                 self._monitor = None
 
     async def reconcile_all(self) -> None:
-        """Periodic/event-driven repair; backends with devices extend it."""
-        await self.reconcile()
+        """Periodic/event-driven repair; backends with devices extend it. A peer table the
+        fast path did not confirm, or took only in part, is installed again."""
+        if self.data_path_behind() or any(self.refused_rows.values()):
+            await self.commit()
+        else:
+            await self.reconcile()
+
+    # -- the peer table in the data path ---------------------------------------------------
+
+    def data_path_behind(self) -> bool:
+        """True while the data path has not confirmed the newest peer table (the daemon
+        is not ready then, and the reconciler installs it again)."""
+        return False
+
+    def peer_problems(self) -> dict[str, str]:
+        """Peers known but left out of the data path, by lease key name, with why."""
+        return {}
+
+    def identity_conflict(self, others: Iterable[Lease]) -> str | None:
+        """Why this node must not start beside these live leases of other nodes (one line
+        for the operator), or None."""
+        return None
+
+    def skip_peer(self, lease: Lease, why: str) -> None:
+        """Leave one lease out of the data path, with one warning naming its subnet and
+        address; the rest of the table goes ahead."""
+        self._warn.warn(("skip", lease.key_name, str(lease.attrs), why),
+                        "peer %s (%s) ignored: %s", describe(lease), peer_address(lease), why)
+
+    async def install_table(self, device: str, install: Awaitable[Installed | None],
+                            rows: Sequence[str]) -> None:
+        """Hand ``device``'s fast path a table (``rows`` names its rows) and hear its
+        answer: silence or a refusal is said (rate-limited) and the table sent again soon;
+        each row it refused is named once."""
+        try:
+            done = await install
+        except InstallError as e:
+            self._errors.error(f"install {device}", "the fast path of %s did not take the "
+                               "peer table (%s); sending it again", device, e)
+            self._retry_soon()
+            return
+        if done is None:  # a newer table went first
+            return
+        self._errors.clear(f"install {device}", f"the fast path of {device} has the peer "
+                           "table again")
+        refused = [(rows[i] if 0 <= i < len(rows) else f"row {i}", why)
+                   for i, why in done.refused]
+        for name, why in refused:
+            self._warn.warn(("refused", device, name, why), "the fast path of %s left "
+                            "out %s: %s", device, name, why)
+        self.refused_rows[device] = [name for name, _why in refused]
+
+    def _retry_soon(self) -> None:
+        if self._dirty is not None:
+            asyncio.get_running_loop().call_later(RETRY_INSTALL_S, self._dirty.set)
 
     def healthy(self) -> bool:
         """False when the data path has died and the daemon must not claim readiness."""

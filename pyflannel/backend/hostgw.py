@@ -11,14 +11,18 @@ the lease carries ``PublicIPv6`` and, as flanneld's, no backend data.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv6Address
 
-from pyflannel.backend.base import Backend, BackendError
+from pyflannel.backend.base import Backend, BackendError, endpoint_problem
 from pyflannel.host import netlink
 from pyflannel.host.nlsession import run_netlink
 from pyflannel.host.routes import IPNetwork, RouteSpec
-from pyflannel.lease.model import NO_PUBLIC_IP, LeaseAttrs
+from pyflannel.lease.model import NO_PUBLIC_IP, Lease, LeaseAttrs
 
 log = logging.getLogger("pyflannel.hostgw")
+
+IPAddress = IPv4Address | IPv6Address
 
 
 class HostGwBackend(Backend):
@@ -50,12 +54,26 @@ class HostGwBackend(Backend):
                           public_ipv6=self.ext.public_ipv6 if v6 else None)
 
     def desired_routes(self) -> dict[IPNetwork, RouteSpec]:
+        """A route to each peer subnet via the peer's address in that family; a subnet
+        whose address is unusable is left out (one warning)."""
         out: dict[IPNetwork, RouteSpec] = {}
         for peer in self.peers.values():
-            pub, pub6 = peer.attrs.public_ip, peer.attrs.public_ipv6
-            if self.cfg.enable_ipv4 and peer.has_ipv4 and pub != self.ext.public_ip:
-                out[peer.subnet] = RouteSpec(peer.subnet, self.ext.index, pub)
-            if (self.cfg.enable_ipv6 and peer.ipv6_subnet is not None and pub6 is not None
-                    and pub6 != self.ext.public_ipv6):
-                out[peer.ipv6_subnet] = RouteSpec(peer.ipv6_subnet, self.ext.index, pub6)
+            for dst, via, why in self._next_hops(peer):
+                if why is not None:
+                    self.skip_peer(peer, why)
+                elif via is not None:
+                    out[dst] = RouteSpec(dst, self.ext.index, via)
         return out
+
+    def peer_problems(self) -> dict[str, str]:
+        return {name: why for name, peer in self.peers.items()
+                for _dst, _via, why in self._next_hops(peer) if why is not None}
+
+    def _next_hops(self, peer: Lease) -> Iterator[tuple[IPNetwork, IPAddress, str | None]]:
+        """(subnet, via, why not) per family the peer and the network have."""
+        pub, pub6 = peer.attrs.public_ip, peer.attrs.public_ipv6
+        if self.cfg.enable_ipv4 and peer.has_ipv4 and pub != self.ext.public_ip:
+            yield peer.subnet, pub, endpoint_problem(pub)
+        if (self.cfg.enable_ipv6 and peer.ipv6_subnet is not None and pub6 is not None
+                and pub6 != self.ext.public_ipv6):
+            yield peer.ipv6_subnet, pub6, endpoint_problem(pub6)

@@ -17,7 +17,7 @@ import logging
 import socket
 from ipaddress import IPv4Address, IPv6Address
 
-from pyflannel.backend.base import Backend, BackendError
+from pyflannel.backend.base import Backend, BackendError, endpoint_problem
 from pyflannel.fastpath.forwarder import tune_socket
 from pyflannel.fastpath.frames import FRAMING_NAME, MAX_DATAGRAM, VNET_LEN
 from pyflannel.fastpath.handle import FastPath, Route
@@ -153,37 +153,61 @@ class UdpBackend(Backend):
                 if on and n is not None]
         return {net: RouteSpec(net, self.tun_index) for net in nets}
 
+    def _underlay_address(self, p: Lease) -> tuple[IPv4Address | IPv6Address | None,
+                                                   str | None]:
+        """Where peer ``p`` is reached over our underlay, or (None, why) when its lease
+        says so unusably; (None, None) for a peer that is not on it at all (an IPv6-only
+        peer beside an IPv4 underlay)."""
+        if self.underlay == 4:
+            if not p.has_ipv4:
+                return None, None
+            at: IPv4Address | IPv6Address | None = p.attrs.public_ip
+        elif p.attrs.public_ipv6 is None and p.attrs.public_ip == NO_PUBLIC_IP:
+            return None, None
+        else:
+            at = p.attrs.public_ipv6
+        why = endpoint_problem(at)
+        return (None, why) if why else (at, None)
+
+    def peer_problems(self) -> dict[str, str]:
+        return {name: why for name, p in self.peers.items()
+                if (why := self._underlay_address(p)[1]) is not None}
+
     def routes(self) -> list[Route]:
         """The fast path's peer table: each peer's subnets, each to its underlay address,
-        in the framing it advertised for that family."""
+        in the framing it advertised for that family; a peer whose address is unusable is
+        left out (one warning)."""
         out = []
         for p in self.peers.values():
+            at, why = self._underlay_address(p)
+            if why is not None:
+                self.skip_peer(p, why)
+            if at is None:
+                continue
             if self.underlay == 4:
-                if not p.has_ipv4 or p.attrs.public_ip == NO_PUBLIC_IP:
-                    continue
-                at: IPv4Address | IPv6Address = p.attrs.public_ip
                 out.append(Route(p.subnet, at, self.port,
                                  vnet1=FRAMING_NAME in advertised_framings(p, 4)))
-            elif p.attrs.public_ipv6 is None:
-                continue
-            else:
-                at = p.attrs.public_ipv6
             if self.cfg.enable_ipv6 and carries_ipv6(p):
                 out.append(Route(p.ipv6_subnet, at, self.port,
                                  vnet1=FRAMING_NAME in advertised_framings(p, 6)))
         return out
 
     async def commit(self) -> None:
-        lease = self.lease
-        if self.fastpath is not None and lease is not None:
+        lease, fastpath = self.lease, self.fastpath
+        if fastpath is not None and lease is not None:
             v6 = self.cfg.enable_ipv6 and lease.ipv6_subnet is not None
-            await self.fastpath.configure_async(
+            routes = fastpath.route_rows(self.routes())
+            await self.install_table(DEVICE, fastpath.configure_async(
                 lease.subnet if lease.has_ipv4 else None,
                 self.cfg.network.network_address if lease.has_ipv4 else None,
-                self.routes(),
+                routes,
                 lease.ipv6_subnet if v6 else None,
-                self.cfg.ipv6_network.network_address if v6 else None)
+                self.cfg.ipv6_network.network_address if v6 else None),
+                [f"{r.subnet} via {r.public_ip}" for r in routes])
         await self.reconcile()
+
+    def data_path_behind(self) -> bool:
+        return self.lease is not None and self.fastpath is not None and self.fastpath.behind
 
     def healthy(self) -> bool:
         return self.fastpath is not None and self.fastpath.alive()

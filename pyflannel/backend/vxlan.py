@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from pyflannel.backend.base import Backend, BackendError
+from pyflannel.backend.base import Backend, BackendError, endpoint_problem
 from pyflannel.config import NetworkConfig
 from pyflannel.host import netlink, routes
 from pyflannel.host.netlink import ExternalInterface
@@ -162,32 +162,43 @@ class VxlanBackend(Backend):
     def _peer_vtep(self, peer: Lease, vt: Vtep) -> L2Entry | None:
         """(the peer's VTEP address, MAC, host) for device ``vt``; None when the peer has no
         subnet of that family, or (with one warning) no usable VTEP for it."""
-        host: IPAddress | None
-        gw: IPAddress
+        entry, why = self._vtep_of(peer, vt)
+        if why is not None:
+            self.skip_peer(peer, why)
+        return entry
+
+    def _vtep_of(self, peer: Lease, vt: Vtep) -> tuple[L2Entry | None, str | None]:
+        """The peer's VTEP on ``vt``, or (None, why its lease gives no usable one), or
+        (None, None) when the peer has no subnet of that family."""
         if vt.version == 4:
             if not peer.has_ipv4:
-                return None
-            data, gw, host = (peer.attrs.backend_data, peer.subnet.network_address,
-                              peer.attrs.public_ip)
+                return None, None
+            data, gw = peer.attrs.backend_data, peer.subnet.network_address
+            host: IPAddress | None = peer.attrs.public_ip
             what = "BackendData"
         else:
             if peer.ipv6_subnet is None:
-                return None
+                return None, None
             data, gw = peer.attrs.backend_v6_data, peer.ipv6_subnet.network_address
             host = peer.attrs.public_ipv6
             what = "BackendV6Data"
             if host is None:
-                self._warn.warn(("pub6", peer.key_name), "peer %s has an IPv6 subnet but no "
-                                "PublicIPv6 in its lease; its IPv6 subnet is ignored",
-                                peer.key_name)
-                return None
+                return None, "it has an IPv6 subnet but no PublicIPv6; its IPv6 subnet is left out"
         mac = data.get("VtepMAC") if isinstance(data, dict) else None
-        if not isinstance(mac, str) or len(mac.split(":")) != 6:
-            self._warn.warn(("vtep", vt.version, peer.key_name, str(mac)[:40]),
-                            "peer %s has no usable VtepMAC in its lease's %s; ignored",
-                            peer.key_name, what)
-            return None
-        return gw, mac.lower(), host
+        why = endpoint_problem(host) or vtep_mac_problem(mac, what)
+        if why is not None:
+            return None, why
+        assert isinstance(mac, str) and host is not None
+        return (gw, mac.lower(), host), None
+
+    def peer_problems(self) -> dict[str, str]:
+        problems: dict[str, str] = {}
+        for vt in self.vteps:
+            for name, peer in self.peers.items():
+                why = None if self._direct(peer, vt) else self._vtep_of(peer, vt)[1]
+                if why is not None:
+                    problems.setdefault(name, why)
+        return problems
 
     def _host(self, peer: Lease, vt: Vtep) -> IPAddress | None:
         return peer.attrs.public_ip if vt.version == 4 else peer.attrs.public_ipv6
@@ -292,6 +303,23 @@ class VxlanBackend(Backend):
     async def teardown(self) -> None:
         # flanneld leaves its vxlan devices in place so traffic survives a restart; so do we.
         await super().teardown()
+
+
+def vtep_mac_problem(mac: object, what: str = "BackendData") -> str | None:
+    """Why a lease's VtepMAC cannot be a peer's VTEP, or None: it must be a unicast MAC
+    (six hex octets, not all zero, whose all-zero FDB entry would flood to that host)."""
+    if not isinstance(mac, str):
+        return f"its lease has no {what}.VtepMAC"
+    octets = mac.split(":")
+    try:
+        values = [int(o, 16) for o in octets if len(o) == 2]
+    except ValueError:
+        values = []
+    if len(values) != 6 or len(octets) != 6:
+        return f"its {what}.VtepMAC {mac[:40]!r} is not a MAC address"
+    if values[0] & 1 or not any(values):
+        return f"its {what}.VtepMAC {mac} is not a unicast address"
+    return None
 
 
 def apply_l2(index: int, have: dict[str, L2Entry],

@@ -31,15 +31,17 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import functools
 import itertools
 import logging
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from pyflannel.backend.base import Backend, BackendError
+from pyflannel.backend.base import Backend, BackendError, endpoint_problem, peer_address
 from pyflannel.fastpath.handle import FastPath, WgRoute
 from pyflannel.fastpath.transport import tune_socket
 from pyflannel.host import netlink
@@ -53,6 +55,7 @@ from pyflannel.host.tun import (
     open_tun,
     set_overlay_ipv6,
 )
+from pyflannel.lease.manager import describe
 from pyflannel.lease.model import NO_PUBLIC_IP, Lease, LeaseAttrs
 from pyflannel.wireguard.keys import (
     InvalidKeyError,
@@ -77,18 +80,34 @@ DEFAULT_PORT_V6 = 51821
 MODES = ("separate", "auto", "ipv4", "ipv6")
 
 
-def lease_public_key(lease: Lease, family: int = 4) -> str | None:
-    """The peer's base64 public key from its lease's BackendData (IPv6: BackendV6Data), if
-    it is a valid one."""
+def lease_key(lease: Lease, family: int = 4, own: str | None = None
+              ) -> tuple[str | None, str]:
+    """The peer's base64 public key from its lease's BackendData (IPv6: BackendV6Data) if
+    it is usable (:func:`~pyflannel.wireguard.keys.check_public_key`; ``own``: this
+    node's key), else (None, why not)."""
+    what = "BackendData" if family == 4 else "BackendV6Data"
     data = lease.attrs.backend_data if family == 4 else lease.attrs.backend_v6_data
     key = data.get("PublicKey") if isinstance(data, dict) else None
     if not isinstance(key, str):
-        return None
+        return None, f"its lease has no {what}.PublicKey"
+    why = _key_problem(key, own)
+    return (None, f"its {what}.PublicKey is unusable: {why}") if why else (key, "")
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_problem(key: str, own: str | None) -> str | None:
+    """Why a base64 public key is unusable, or None (cached: each check is a DH)."""
     try:
-        public_from_base64(key)
-    except (InvalidKeyError, ValueError):
-        return None
-    return key
+        public_from_base64(key, decode_key(own) if own else None)
+    except InvalidKeyError as e:
+        return str(e)
+    return None
+
+
+def lease_public_key(lease: Lease, family: int = 4) -> str | None:
+    """The peer's base64 public key from its lease's BackendData (IPv6: BackendV6Data), if
+    it is a usable one."""
+    return lease_key(lease, family)[0]
 
 
 class WireguardBackend(Backend):
@@ -231,32 +250,57 @@ class WireguardBackend(Backend):
     def peer_table(self, family: int = 4, inner: tuple[int, ...] | None = None
                    ) -> list[WgRoute]:
         """One WireGuard peer per key, reached over the ``family`` underlay: AllowedIPs =
-        its leases' subnets of the ``inner`` families (default: the underlay's), Endpoint
-        = PublicIP:ListenPort (IPv6: [PublicIPv6] and, in separate mode, ListenPortV6). A
-        lease without a valid key is skipped (one warning); of two keys at one endpoint
-        address the newer wins, as flanneld removes the older."""
+        its lease's subnets of the ``inner`` families (default: the underlay's), Endpoint
+        = PublicIP:ListenPort (IPv6: [PublicIPv6] and, in separate mode, ListenPortV6).
+
+        A lease whose key or address is unusable is left out, with one warning naming it
+        (:meth:`_plan` says which and why); of two keys at one endpoint address the newer
+        wins, as flanneld removes the older."""
+        rows, problems = self._plan(family, inner)
+        for name, why in problems.items():
+            self.skip_peer(self.peers[name], why)
+        return rows
+
+    def peer_problems(self) -> dict[str, str]:
+        sides = [(s.family, s.inner) for s in self.sides] or [
+            (4 if self.cfg.enable_ipv4 else 6, None)]
+        problems: dict[str, str] = {}
+        for family, inner in sides:
+            problems.update(self._plan(family, inner)[1])
+        return problems
+
+    def _plan(self, family: int, inner: tuple[int, ...] | None
+              ) -> tuple[list[WgRoute], dict[str, str]]:
+        """The peer table of one side, and the leases left out of it with why: an
+        unusable key (not a key, a low-order point, our own), an unusable address, or a
+        key another lease published first (a cloned node: the first keeps it)."""
         inner = inner or (family,)
-        by_key: dict[str, tuple[list[str], Lease, int]] = {}
+        problems: dict[str, str] = {}
+        usable: list[tuple[int, str, str, list[str], Lease]] = []
         for name, lease in self.peers.items():
             subnets = [str(net) for f in inner if (net := _subnet(lease, f)) is not None]
-            if not subnets or _endpoint(lease, family) is None:
+            at = _endpoint(lease, family)
+            if not subnets or at is None:
                 continue
-            key = next((k for f in (family, *inner)
-                        if (k := lease_public_key(lease, f)) is not None), None)
+            if (why := endpoint_problem(at)) is not None:
+                problems[name] = why
+                continue
+            found = [lease_key(lease, f, self.public_key or None)
+                     for f in dict.fromkeys((family, *inner))]
+            key = next((k for k, _why in found if k is not None), None)
             if key is None:
-                self._warn.warn(("wg-key", family, name, str(lease.attrs)),
-                                "peer %s has no valid %s.PublicKey; ignored", name,
-                                "BackendData" if family == 4 else "BackendV6Data")
+                problems[name] = found[0][1]
                 continue
-            if key == self.public_key:
-                continue  # our own key (a stale lease of ours): never a peer
-            order = self._seen.get(name, 0)
+            usable.append((self._seen.get(name, 0), name, key, subnets, lease))
+        by_key: dict[str, tuple[list[str], Lease, int]] = {}
+        for order, name, key, subnets, lease in sorted(usable, key=lambda u: u[:2]):
             if key in by_key:
-                known, first, seen = by_key[key]
-                known.extend(subnets)
-                by_key[key] = (known, lease if order > seen else first, max(order, seen))
-            else:
-                by_key[key] = (subnets, lease, order)
+                first = by_key[key][1]
+                problems[name] = (f"it repeats the WireGuard public key of peer "
+                                  f"{describe(first)} ({peer_address(first)}), which "
+                                  "published it first (a cloned node?)")
+                continue
+            by_key[key] = (subnets, lease, order)
         newest_at: dict[str, tuple[int, str]] = {}
         for key, (_subnets, lease, order) in by_key.items():
             ip = str(_endpoint(lease, family))
@@ -264,9 +308,24 @@ class WireguardBackend(Backend):
                 newest_at[ip] = (order, key)
         port = self.listen_port_v6 if family == 6 and self.wg_mode == "separate" \
             else self.listen_port
-        return [WgRoute(key, tuple(sorted(subnets)), _endpoint(lease, family), port)
+        rows = [WgRoute(key, tuple(sorted(subnets)), _endpoint(lease, family), port)
                 for key, (subnets, lease, _o) in sorted(by_key.items())
                 if newest_at[str(_endpoint(lease, family))][1] == key]
+        return rows, problems
+
+    def identity_conflict(self, others: Iterable[Lease]) -> str | None:
+        """Another node's live lease with our public key: its copy of our key file (a
+        cloned VM), and the two would lose each other's traffic."""
+        for lease in others:
+            if self.public_key and self.public_key in (lease_public_key(lease, 4),
+                                                       lease_public_key(lease, 6)):
+                return (f"this node's WireGuard public key {self.public_key[:8]}… is already "
+                        f"published by lease {describe(lease)} ({peer_address(lease)}); "
+                        f"two nodes with one key lose each other's traffic: delete "
+                        f"{key_file_path()} and start again to make a new key (if that lease "
+                        f"is this node's own from an earlier address, `pyflannel lease "
+                        f"release {lease.key_name}` instead)")
+        return None
 
     def desired_routes(self) -> dict[IPNetwork, RouteSpec]:
         if self.lease is None:
@@ -289,11 +348,16 @@ class WireguardBackend(Backend):
                 if local is None or net is None:
                     continue
                 net6 = self.cfg.ipv6_network if 6 in side.inner else None
-                await side.fastpath.configure_wg_async(
-                    local, net.network_address, self.peer_table(side.family, side.inner),
-                    self.psk, self.keepalive,
-                    icmp_src6=net6.network_address if net6 is not None else None)
+                peers = self.peer_table(side.family, side.inner)
+                await self.install_table(side.device, side.fastpath.configure_wg_async(
+                    local, net.network_address, peers, self.psk, self.keepalive,
+                    icmp_src6=net6.network_address if net6 is not None else None),
+                    [f"peer {p.public_key[:8]}… ({', '.join(p.subnets)} at {p.public_ip})"
+                     for p in peers])
         await self.reconcile()
+
+    def data_path_behind(self) -> bool:
+        return self.lease is not None and any(s.fastpath.behind for s in self.sides)
 
     def healthy(self) -> bool:
         return bool(self.sides) and all(s.fastpath.alive() for s in self.sides)
@@ -310,9 +374,12 @@ class WireguardBackend(Backend):
         if not self.sides:
             return None
         out: dict[str, dict] = {}
+        left_out = self.peer_problems()  # a repeated key's traffic is its first lease's
         for side in self.sides:
             by_key = await asyncio.to_thread(side.fastpath.peer_stats)
-            for lease in self.peers.values():
+            for name, lease in self.peers.items():
+                if name in left_out:
+                    continue
                 key = next((k for f in (side.family, *side.inner)
                             if (k := lease_public_key(lease, f)) is not None), None)
                 subnet = next((n for f in side.inner if (n := _subnet(lease, f))), None)

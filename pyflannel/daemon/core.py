@@ -68,17 +68,21 @@ class Daemon:
         """Ready while we hold a lease and the data path it needs is programmed and running."""
         m, b = self.manager, self.backend
         return (self.ready.is_set() and m is not None and m.holds_subnet()
-                and b is not None and b.healthy()
+                and b is not None and b.healthy() and not b.data_path_behind()
                 and (self.address_watch is None or self.address_watch.settled))
 
     def snapshot(self) -> NodeSnapshot:
         m, b = self.manager, self.backend
         lease = m.lease if m is not None else None
+        ignored = b.peer_problems() if b is not None else {}
         return NodeSnapshot(
             backend=b.type if b is not None else "",
             subnet=str(lease.subnet) if lease is not None and lease.has_ipv4 else "",
             ipv6_subnet=str(lease.ipv6_subnet or "") if lease is not None else "",
-            peers=len(m.peers) if m is not None else 0,
+            peers=len(b.peers) - len(ignored) if b is not None else 0,
+            peers_ignored=ignored,
+            data_path_behind=b is not None and b.data_path_behind(),
+            refused_rows=sum(map(len, b.refused_rows.values())) if b is not None else 0,
             lease_expiry=m.expires_at if lease is not None and m is not None else 0.0,
             renewals=m.renewals if m is not None else 0,
             etcd_errors=self.registry.errors,
@@ -123,6 +127,8 @@ class Daemon:
             log.warning("-test-lease-ttl=%d: lease TTL shortened for testing",
                         opts.test_lease_ttl)
         self.backend.publish = self.manager.republish
+        await startup.refuse_a_repeated_identity(self.registry, self.backend, cfg, attrs,
+                                                 self.errors)
         self.address_watch = AddressWatch(
             ext, Pins.from_flags(opts.iface, opts.public_ip, opts.public_ipv6),
             self.follow_address, want_ipv4=cfg.enable_ipv4, want_ipv6=cfg.enable_ipv6,

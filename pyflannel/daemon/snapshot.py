@@ -23,7 +23,10 @@ class NodeSnapshot:
     backend: str = ""
     subnet: str = ""  # "" while no lease is held (and in IPv6-only mode)
     ipv6_subnet: str = ""  # "" while no lease is held, or without IPv6
-    peers: int = 0
+    peers: int = 0  # in the data path
+    peers_ignored: dict[str, str] = field(default_factory=dict)  # left out: key name -> why
+    data_path_behind: bool = False  # the newest peer table is not confirmed by the data path
+    refused_rows: int = 0  # rows of the last tables the fast path left out
     lease_expiry: float = 0.0  # 0: no lease, +inf: reserved
     renewals: int = 0
     etcd_errors: int = 0
@@ -42,6 +45,7 @@ class NodeSnapshot:
             "subnet": self.subnet or None, "ipv6_subnet": self.ipv6_subnet or None,
             "lease_expiry": self.lease_expiry if self.subnet or self.ipv6_subnet else None,
             "ready": self.ready, "counters": self.counters, "peers": self.peer_counters,
+            "ignored": self.peers_ignored,
         }
 
 

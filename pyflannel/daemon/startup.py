@@ -7,6 +7,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from pyflannel.backend.base import Backend
 from pyflannel.backoff import Backoff
 from pyflannel.config import ConfigError, NetworkConfig, parse_config
 from pyflannel.daemon.supervise import Fatal
@@ -17,8 +18,8 @@ from pyflannel.host.nlsession import run_netlink
 from pyflannel.host.subnetfile import SubnetFileError, check_writable, previous_subnets
 from pyflannel.lease.etcd import EtcdAuthError, EtcdUnavailable
 from pyflannel.lease.manager import LeaseManager
-from pyflannel.lease.model import Lease, config_key
-from pyflannel.lease.policy import SubnetPoolExhausted
+from pyflannel.lease.model import Lease, LeaseAttrs, config_key
+from pyflannel.lease.policy import SubnetPoolExhausted, names_us
 from pyflannel.lease.registry import Registry
 from pyflannel.logutil import RateLimitedLog
 from pyflannel.metrics import HealthServer, Metrics
@@ -87,6 +88,29 @@ async def find_interface(opts: Options, cfg: NetworkConfig) -> ExternalInterface
         )
     except netlink.InterfaceError as e:
         raise Fatal(str(e)) from None
+
+
+async def refuse_a_repeated_identity(registry: Registry, backend: Backend,
+                                     cfg: NetworkConfig, attrs: LeaseAttrs,
+                                     errors: RateLimitedLog) -> None:
+    """Before taking a lease: another node's live lease must not publish what is this
+    node's alone (a cloned VM's copy of the WireGuard key file), or the two nodes lose
+    each other's traffic silently. etcd trouble is waited out, as for the lease."""
+    backoff = Backoff(0.5, 5.0)
+    while True:
+        try:
+            listing = await registry.list_leases()
+            break
+        except EtcdAuthError as e:
+            raise Fatal(str(e)) from None
+        except EtcdUnavailable as e:
+            errors.error("acquire", "cannot list leases: %s", e)
+            await asyncio.sleep(backoff.next())
+    others = [lease for lease in listing.leases
+              if not names_us(cfg, lease, attrs.public_ip, attrs.public_ipv6)]
+    conflict = backend.identity_conflict(others)
+    if conflict is not None:
+        raise Fatal(conflict)
 
 
 async def acquire_first(manager: LeaseManager, subnet_file: str,

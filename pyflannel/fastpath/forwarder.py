@@ -12,6 +12,7 @@ WireGuard framing over the same transport is :mod:`.wg`.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import signal
 import socket
 import struct
@@ -54,8 +55,9 @@ class Forwarder(UdpSend, UdpReceive):
 
     # -- control -----------------------------------------------------------------------
 
-    def apply(self, msg: dict) -> None:
-        """Install a new table atomically (whole dicts are swapped, never edited).
+    def apply(self, msg: dict) -> list | None:
+        """Install a new table atomically (whole dicts are swapped, never edited); returns
+        the rows refused, [index, why], counting ``peers`` then ``peers6``.
 
         Several subnets may name one address (a stale lease, a typo in a reservation): each
         subnet is sent by its own route, but what an address may send us is the union of
@@ -63,12 +65,16 @@ class Forwarder(UdpSend, UdpReceive):
         the subnets its inner sources may lie in, its counters).
         """
         if msg.get("op") in ("stop", "stats"):
-            super().apply(msg)
-            return
+            return super().apply(msg)
+        generation = int(msg.get("generation") or self.generation + 1)
         shift = 32 - int(msg["subnet_len"])
         shift6 = 128 - int(msg.get("subnet6_len") or 128)
-        peers = self._table(msg["peers"], shift)
-        peers6 = self._table(msg.get("peers6") or (), shift6)
+        if not (0 <= shift <= 32 and 0 <= shift6 <= 128):
+            raise ValueError("subnet length out of range")
+        rows4, rows6 = list(msg["peers"]), list(msg.get("peers6") or ())
+        refused: list = []
+        peers = self._table(rows4, shift, 32, 0, refused)
+        peers6 = self._table(rows6, shift6, 128, len(rows4), refused)
         keys: dict[str, tuple[set[int], set[int]]] = {}
         fast_any: dict[str, bool] = {}
         for family, table in enumerate((peers, peers6)):
@@ -82,6 +88,7 @@ class Forwarder(UdpSend, UdpReceive):
         # local address, which the kernel would drop as a martian source.
         icmp_src = struct.pack("!I", int(msg.get("icmp_src") or 0))
         icmp_src6 = msg.get("icmp_src6")
+        icmp_src6 = int(icmp_src6).to_bytes(16, "big") if icmp_src6 is not None else None
         # Per-peer counters survive table changes: [tx_p, tx_b, rx_p, rx_b, last_rx, drops];
         # a departed address loses them, and its half-joined train.
         stats = {ip: self.peer_stats.get(ip) or [0, 0, 0, 0, 0.0, 0] for ip in keys}
@@ -89,19 +96,31 @@ class Forwarder(UdpSend, UdpReceive):
             self._reasm.forget(gone)
         self.shift, self.local_key, self.icmp_src = shift, local_key, icmp_src
         self.shift6, self.local_key6 = shift6, local_key6
-        self.icmp_src6 = int(icmp_src6).to_bytes(16, "big") if icmp_src6 is not None else None
+        self.icmp_src6 = icmp_src6
         self.peer_stats = stats
         self.sources = {ip: PeerSource(frozenset(k4), frozenset(k6), fast_any[ip], stats[ip])
                         for ip, (k4, k6) in keys.items()}
         self.peers, self.peers6 = peers, peers6
-        self.generation += 1
+        self.generation = generation
+        return refused
 
-    def _table(self, rows, shift: int) -> dict[int, tuple[tuple[str, int], bool]]:
-        """One family's peer table: subnet key -> ((address, port), vnet1?)."""
+    def _table(self, rows: list, shift: int, bits: int, first: int,
+               refused: list) -> dict[int, tuple[tuple[str, int], bool]]:
+        """One family's peer table: subnet key -> ((address, port), vnet1?). A row that is
+        not [subnet, address, port, vnet1?] is left out and added to ``refused`` as
+        [``first`` + its index, why]."""
         table = {}
-        for net, ip, port, *rest in rows:
-            table[int(net) >> shift] = ((str(ip), int(port)),
-                                        bool(rest and rest[0]) and self.vnet1)
+        for i, row in enumerate(rows):
+            try:
+                net, ip, port, *rest = row
+                net, port = int(net), int(port)
+                if not 0 <= net < 1 << bits or not 0 < port < 65536:
+                    raise ValueError("subnet or port out of range")
+                addr = str(ipaddress.ip_address(ip))
+            except (ValueError, TypeError) as e:
+                refused.append([first + i, f"{type(e).__name__}: {e}"[:200]])
+                continue
+            table[net >> shift] = ((addr, port), bool(rest and rest[0]) and self.vnet1)
         return table
 
 

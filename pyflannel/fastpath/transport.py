@@ -95,15 +95,15 @@ class Transport:
 
     # -- control -----------------------------------------------------------------------
 
-    def apply(self, msg: dict) -> None:
-        """Handle one control message; framings extend this with their table."""
+    def apply(self, msg: dict) -> list | None:
+        """Handle one control message; framings extend this with their table, and return
+        the rows they refused as [index, why] pairs."""
         if msg.get("op") == "stop":
             self.running = False
             return
         if msg.get("op") == "stats":
             # The id lets the control plane tell this reply from a late one.
-            self.ctl.sendall(json.dumps({"id": msg.get("id"), "stats": self.stats_reply()})
-                             .encode() + b"\n")
+            self.answer(msg.get("id"), {"stats": self.stats_reply()})
             return
         raise KeyError(f"unknown op {msg.get('op')!r}")
 
@@ -121,16 +121,33 @@ class Transport:
         self._ctl_buf += data
         *lines, self._ctl_buf = self._ctl_buf.split(b"\n")
         for line in lines:
-            if not line.strip():
-                continue
-            try:
-                self.apply(json.loads(line))
-            except (ValueError, KeyError, TypeError, IndexError) as e:
-                # A request cut short by a send timeout on the other side: skip it, keep
-                # forwarding by the table we have. (Only the exception's type and text: a
-                # control message may carry a pre-shared key.)
-                print(f"pyflannel-fastpath: ignored a bad control message: "
-                      f"{type(e).__name__}", file=sys.stderr, flush=True)
+            if line.strip():
+                self.on_request(line)
+
+    def on_request(self, line: bytes) -> None:
+        """Carry out one control line. A table install (it carries an ``id``) is answered
+        with the generation applied and the rows refused, or with the error that refused
+        it whole; the old table then stays in force."""
+        msg = None
+        try:
+            msg = json.loads(line)
+            refused = self.apply(msg)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            # A request cut short by a send timeout on the other side, or one we cannot
+            # use: skip it, keep forwarding by the table we have. (Only the exception's
+            # type: a control message may carry a pre-shared key.)
+            why = f"{type(e).__name__} in a control message"
+            print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pyflannel-fastpath: ignored a "
+                  f"bad control message: {why}", file=sys.stderr, flush=True)
+            if isinstance(msg, dict) and msg.get("op") == "config" and "id" in msg:
+                self.answer(msg["id"], {"error": why})
+            return
+        if msg.get("op") == "config" and "id" in msg:
+            self.answer(msg["id"], {"applied": self.generation, "refused": refused or []})
+
+    def answer(self, rid: object, doc: dict) -> None:
+        """One reply line to request ``rid``."""
+        self.ctl.sendall(json.dumps({"id": rid, **doc}).encode() + b"\n")
 
     # -- UDP out: GSO batches ------------------------------------------------------------
 

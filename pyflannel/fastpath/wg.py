@@ -21,6 +21,7 @@ loop turn; per-peer figures come back through the ``stats`` control request.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import struct
@@ -535,37 +536,49 @@ class WgReceive(WgBase):
 class WgForwarder(WgSend, WgReceive):
     """The wireguard backend's fast path: a Device between the TUN and the UDP socket."""
 
-    def apply(self, msg: dict) -> None:
+    def apply(self, msg: dict) -> list | None:
         """Install the peer table: ``peers`` rows are [public key, [subnets], ip, port].
-
-        The device checks the whole table before it replaces the old one; a key no longer
+        Returns the rows refused, [index, why]: each is left out (the device checks every
+        row, :meth:`Device.set_peers`), and never holds up the others. A key no longer
         listed loses its sessions at once (a restarted peer's old key, a removed lease).
         """
         if msg.get("op") in ("stop", "stats"):
-            super().apply(msg)
-            return
+            return super().apply(msg)
+        generation = int(msg.get("generation") or self.generation + 1)
         psk = msg.get("psk")
         keepalive = float(msg.get("keepalive") or 0)
-        table = {}
-        for pub, subnets, ip, port in msg["peers"]:
-            table[decode_key(pub)] = PeerConfig(tuple(subnets), (str(ip), int(port)),
-                                                keepalive)
-        old_psk, self.dev.psk = self.dev.psk, decode_key(psk) if psk else None
-        try:
-            self.dev.set_peers(table)
-        except ValueError:
-            self.dev.psk = old_psk  # the old table stays in force, whole
-            raise
+        psk_raw = decode_key(psk) if psk else None  # a bad one refuses the message whole
         # ICMP errors come from the overlay network's own address, per family
+        icmp_src, icmp_src6 = self.icmp_src, self.icmp_src6
         if msg.get("family") == 6:
-            self.icmp_src6 = int(msg["icmp_src"]).to_bytes(16, "big")
+            icmp_src6 = int(msg["icmp_src"]).to_bytes(16, "big")
         else:
-            self.icmp_src = int(msg["icmp_src"]).to_bytes(4, "big")
+            icmp_src = int(msg["icmp_src"]).to_bytes(4, "big")
         if msg.get("icmp_src6") is not None:
-            self.icmp_src6 = int(msg["icmp_src6"]).to_bytes(16, "big")
+            icmp_src6 = int(msg["icmp_src6"]).to_bytes(16, "big")
+        table, row_of, refused = {}, {}, []
+        for i, row in enumerate(msg["peers"]):
+            try:
+                pub, subnets, ip, port = row
+                key, port = decode_key(pub), int(port)
+                if not 0 < port < 65536 or not isinstance(subnets, list):
+                    raise ValueError("port out of range, or subnets not a list")
+                endpoint = (str(ipaddress.ip_address(ip)), port)
+                if key in table:
+                    raise ValueError("repeats the public key of an earlier row")
+            except (ValueError, TypeError) as e:
+                refused.append([i, f"{type(e).__name__}: {e}"[:200]])
+                continue
+            table[key] = PeerConfig(tuple(map(str, subnets)), endpoint, keepalive)
+            row_of[key] = i
+        self.dev.psk = psk_raw
+        for key, why in self.dev.set_peers(table).items():
+            refused.append([row_of[key], why])
+        self.icmp_src, self.icmp_src6 = icmp_src, icmp_src6
         self.wg_stats = {p: self.wg_stats.get(p) or [0, 0, 0, 0, 0.0, 0]
                          for p in self.dev.peers.values()}
-        self.generation += 1
+        self.generation = generation
+        return sorted(refused)
 
     def stats_reply(self) -> dict:
         """Per peer (by public key): traffic, and what `wg show` prints; no secrets."""
