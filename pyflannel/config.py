@@ -24,6 +24,7 @@ from typing import Any
 
 __all__ = [
     "KNOWN_BACKENDS",
+    "BgpPeer",
     "MAX_CONFIG_BYTES",
     "ConfigError",
     "NetworkConfig",
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 MAX_CONFIG_BYTES = 64 * 1024  # the config is a few hundred bytes; more is a mistake or abuse
-KNOWN_BACKENDS = ("udp", "vxlan", "host-gw", "wireguard")
+KNOWN_BACKENDS = ("udp", "vxlan", "host-gw", "wireguard", "bgp")
 DEFAULT_BACKEND = "udp"
 
 
@@ -85,6 +86,8 @@ def _lookup(obj: Mapping[str, Any], name: str) -> Any:
 _CANONICAL_OPTIONS = (
     "Type", "Port", "VNI", "GBP", "Learning", "DirectRouting", "MTU", "MacPrefix", "Framing",
     "ListenPort", "ListenPortV6", "PSK", "PersistentKeepaliveInterval", "Mode",
+    "ASNumber", "NodeToNodeMesh", "Peers", "HoldTime", "KeepaliveTime", "GracefulRestartTime",
+    "Communities",
 )
 _CANONICAL_BY_LOWER = {name.lower(): name for name in _CANONICAL_OPTIONS}
 
@@ -136,7 +139,88 @@ _BACKEND_OPTIONS: dict[str, tuple[_Option, ...]] = {
         _Option("Mode", str, "separate", lambda v: v in ("separate", "auto", "ipv4", "ipv6"),
                 '"separate", "auto", "ipv4" or "ipv6"'),
     ),
+    # The bgp backend (issue 16): BGP's usual timers, Calico's default private AS.
+    "bgp": (
+        _Option("ASNumber", int, 64512, _between(1, 4_294_967_295), "1..4294967295"),
+        _Option("NodeToNodeMesh", bool, True),
+        _Option("HoldTime", int, 90, lambda v: v == 0 or 3 <= v <= 65535, "0 or 3..65535"),
+        _Option("KeepaliveTime", int, 30, _between(1, 21845), "1..21845"),
+        _Option("GracefulRestartTime", int, 120, _between(0, 4095), "0..4095 seconds"),
+        _Option("ListenPort", int, 179, _between(1, 65535), "1..65535"),
+    ),
 }
+
+
+@dataclass(frozen=True)
+class BgpPeer:
+    """One configured BGP peer of the bgp backend; the password never appears in a repr."""
+
+    peer_ip: IPv4Address | IPv6Address
+    asn: int
+    password: str = field(default="", repr=False)
+    port: int = 179
+    keep_original_next_hop: bool = False
+
+
+_PEER_FIELDS = ("PeerIP", "ASNumber", "Password", "Port", "KeepOriginalNextHop")
+
+
+def _parse_bgp_peer(i: int, value: Any) -> BgpPeer:
+    where = f"Backend.Peers[{i}]"
+    if not isinstance(value, dict):
+        raise _fail(f"{where} must be a JSON object, got {_json_type(value)}")
+    got = {f: _lookup(value, f) for f in _PEER_FIELDS}
+    ip = got["PeerIP"]
+    try:
+        if not isinstance(ip, str) or "/" in ip:
+            raise ValueError
+        peer_ip = ipaddress.ip_address(ip)
+    except ValueError:
+        raise _fail(f"{where}.PeerIP must be an IPv4 or IPv6 address, got "
+                    f"{_json_type(ip)} {_show(ip)}") from None
+    if peer_ip.is_unspecified or peer_ip.is_multicast or peer_ip.is_loopback:
+        raise _fail(f"{where}.PeerIP {_show(ip)} is not a unicast address of another host")
+    if got["ASNumber"] is None:
+        raise _fail(f"{where}.ASNumber is required")
+    asn = _check_option(_Option(f"Peers[{i}].ASNumber", int, None,
+                                _between(1, 4_294_967_295), "1..4294967295"), got["ASNumber"])
+    password = got["Password"] if got["Password"] is not None else ""
+    # TCP MD5 keys are at most 80 octets (TCP_MD5SIG_MAXKEYLEN); the value is never shown.
+    if not isinstance(password, str) or len(password.encode()) > 80:
+        raise _fail(f"{where}.Password must be a string of at most 80 bytes "
+                    "(value not shown)")
+    port = _check_option(_Option(f"Peers[{i}].Port", int, 179, _between(1, 65535),
+                                 "1..65535"), got["Port"] if got["Port"] is not None else 179)
+    keep = got["KeepOriginalNextHop"]
+    keep = _check_option(_Option(f"Peers[{i}].KeepOriginalNextHop", bool, False),
+                         keep if keep is not None else False)
+    return BgpPeer(peer_ip, asn, password, port, keep)
+
+
+def _parse_bgp_lists(options: dict[str, Any]) -> None:
+    """Peers and Communities: lists, each row checked and named by its index."""
+    peers = options.get("Peers", [])
+    if not isinstance(peers, list):
+        raise _fail(f"Backend.Peers must be an array, got {_json_type(peers)}")
+    parsed = tuple(_parse_bgp_peer(i, row) for i, row in enumerate(peers))
+    seen: set = set()
+    for i, peer in enumerate(parsed):
+        if peer.peer_ip in seen:
+            raise _fail(f"Backend.Peers[{i}].PeerIP {peer.peer_ip} is listed twice")
+        seen.add(peer.peer_ip)
+    options["Peers"] = parsed
+    communities = options.get("Communities", [])
+    if not isinstance(communities, list):
+        raise _fail(f"Backend.Communities must be an array, got {_json_type(communities)}")
+    for i, text in enumerate(communities):
+        m = re.fullmatch(r"([0-9]{1,5}):([0-9]{1,5})", text) if isinstance(text, str) else None
+        if m is None or int(m.group(1)) > 65535 or int(m.group(2)) > 65535:
+            raise _fail(f"Backend.Communities[{i}] must be \"ASN:VALUE\" (each 0..65535), got "
+                        f"{_json_type(text)} {_show(text)}")
+    options["Communities"] = tuple(communities)
+    if options["HoldTime"] and options["KeepaliveTime"] > options["HoldTime"] // 3:
+        raise _fail(f"Backend.KeepaliveTime {options['KeepaliveTime']} must be at most a third "
+                    f"of Backend.HoldTime {options['HoldTime']}")
 
 
 def _check_option(opt: _Option, value: Any) -> Any:
@@ -183,6 +267,8 @@ def _parse_backend(value: Any) -> tuple[str, dict[str, Any]]:
     options["Type"] = backend_type
     for opt in _BACKEND_OPTIONS[backend_type]:
         options[opt.name] = _check_option(opt, options.get(opt.name, opt.default))
+    if backend_type == "bgp":
+        _parse_bgp_lists(options)
     return backend_type, options
 
 

@@ -267,6 +267,15 @@ FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec("udp-framing", "udp_framing", STR, "",
              "pyflannel only: this node's udp framing, auto or flannel (default: the "
              "config's Backend.Framing)", _check_framing),
+    FlagSpec("bgp-route-reflector-cluster-id", "bgp_route_reflector_cluster_id", STR, "",
+             "pyflannel bgp backend: make this node a route reflector with this cluster ID "
+             "(A.B.C.D)", _check_ipv4),
+    FlagSpec("bgp-as-number", "bgp_as_number", INT, 0,
+             "pyflannel bgp backend: this node's AS number (0: the config's Backend.ASNumber)",
+             _int_range(0, 4_294_967_295)),
+    FlagSpec("bgp-router-id", "bgp_router_id", STR, "",
+             "pyflannel bgp backend: BGP router ID (A.B.C.D; default: the node's PublicIP, "
+             "required on an IPv6-only node)", _check_ipv4),
     # Hidden: for tests and measurements only (docs/operations.md, "Hidden flags").
     FlagSpec("test-lease-ttl", "test_lease_ttl", INT, 0,
              "testing only: etcd lease TTL in seconds instead of 24 h (0: 24 h)",
@@ -325,6 +334,9 @@ class Options:
     iptables_resync: int = 5
     iptables_forward_rules: bool = True
     udp_framing: str = ""
+    bgp_route_reflector_cluster_id: str = ""
+    bgp_as_number: int = 0
+    bgp_router_id: str = ""
     test_lease_ttl: int = 0
     fastpath_mode: str = "process"
     udp_gso: bool = True

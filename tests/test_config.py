@@ -216,7 +216,8 @@ INVALID = [
                  "config: SubnetMin 10.1.5.0 must not be above SubnetMax 10.1.2.0",
                  id="SubnetMax-below-SubnetMin"),
     pytest.param(net(Backend={"Type": "foo"}),
-                 'config: Backend.Type "foo" is unknown (known: udp, vxlan, host-gw, wireguard)',
+                 'config: Backend.Type "foo" is unknown '
+                 '(known: udp, vxlan, host-gw, wireguard, bgp)',
                  id="unknown-backend"),
     pytest.param(net(Backend={"Type": "VXLAN"}), 'Backend.Type "VXLAN" is unknown',
                  id="backend-type-is-case-sensitive"),
