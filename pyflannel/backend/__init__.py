@@ -30,8 +30,12 @@ def make_backend(cfg: NetworkConfig, ext: ExternalInterface,
 
         return WireguardBackend(cfg, ext, mode=opts.fastpath_mode, gso=opts.udp_gso,
                                 gro=opts.udp_gro)
+    if cfg.backend_type == "bgp":
+        from pyflannel.backend.bgp import BgpBackend
+
+        return BgpBackend(cfg, ext, opts)
     raise BackendError(f"backend {cfg.backend_type!r} is not supported by pyflannel "
-                       "(supported: udp, vxlan, host-gw, wireguard)")
+                       "(supported: udp, vxlan, host-gw, wireguard, bgp)")
 
 
 __all__ = ["Backend", "BackendError", "make_backend"]

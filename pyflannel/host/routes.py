@@ -40,23 +40,56 @@ def _family(addr: IPNetwork | IPAddress) -> int:
     return socket.AF_INET6 if addr.version == 6 else socket.AF_INET
 
 
+@dataclass(frozen=True, order=True)
+class NextHop:
+    """One path of a multipath (ECMP) route: ``nexthop via gateway dev oif [onlink]``."""
+
+    gateway: IPAddress
+    oif: int
+    onlink: bool = False
+
+
 @dataclass(frozen=True)
 class RouteSpec:
-    """``dst [via gateway] dev oif [onlink]``, IPv4 or IPv6 (the family of ``dst``)."""
+    """``dst [via gateway] dev oif [onlink]``, IPv4 or IPv6 (the family of ``dst``); with
+    ``nexthops`` (sorted, two or more) an ECMP route instead, and ``oif`` 0."""
 
     dst: IPNetwork
     oif: int
     gateway: IPAddress | None = None
     onlink: bool = False
+    nexthops: tuple[NextHop, ...] = ()
 
 
 def _spec(r, family: int) -> RouteSpec:
     default = "::" if family == socket.AF_INET6 else "0.0.0.0"
     net_cls = IPv6Network if family == socket.AF_INET6 else IPv4Network
     dst = net_cls(f"{r.get('dst') or default}/{r['dst_len']}")
+    multipath = r.get("multipath")
+    if multipath:
+        return RouteSpec(dst, 0, nexthops=tuple(sorted(
+            NextHop(ip_address(hop.get("gateway")), hop["oif"],
+                    bool(hop["flags"] & RTNH_F_ONLINK))
+            for hop in multipath if hop.get("gateway"))))
     gw = r.get("gateway")
     return RouteSpec(dst, r.get("oif"), ip_address(gw) if gw else None,
                      bool(r["flags"] & RTNH_F_ONLINK))
+
+
+def route_to(ipr: IPRoute, addr: IPAddress) -> tuple[IPAddress, int] | None:
+    """Where the kernel sends packets for ``addr``: (the gateway, or ``addr`` itself when it
+    is on a connected network; the device), or None without a route. Resolving a BGP next
+    hop this way is what BIRD's ``gateway recursive`` does."""
+    try:
+        found = ipr.route("get", dst=str(addr), family=_family(addr))
+    except NetlinkError:
+        return None
+    for r in found:
+        if r.get("type", 1) != 1 or not r.get("oif"):
+            return None
+        gw = r.get("gateway")
+        return (ip_address(gw) if gw else addr), r.get("oif")
+    return None
 
 
 def kernel_routes(ipr: IPRoute) -> dict[IPNetwork, RouteSpec]:
@@ -76,8 +109,11 @@ def foreign_routes(ipr: IPRoute) -> dict[IPNetwork, tuple[int, RouteSpec]]:
             for spec in [_spec(r, family)]}
 
 
-def sync_routes(desired: dict[IPNetwork, RouteSpec]) -> tuple[int, int, list[str]]:
-    """Make our routes equal ``desired``; returns (added, removed, errors).
+def sync_routes(desired: dict[IPNetwork, RouteSpec],
+                remove_extra: bool = True) -> tuple[int, int, list[str]]:
+    """Make our routes equal ``desired``; returns (added, removed, errors). With
+    ``remove_extra`` False our other routes stay (bgp after a restart, until its peers have
+    sent all they have).
 
     Only routes we created (``proto 120``) are ever replaced or deleted. A destination that
     an operator's route already holds is left alone and reported, as flanneld refuses with
@@ -91,7 +127,7 @@ def sync_routes(desired: dict[IPNetwork, RouteSpec]) -> tuple[int, int, list[str
         current = kernel_routes(ipr)
         foreign = foreign_routes(ipr) if any(d not in current for d in desired) else {}
         for dst in current:
-            if dst not in desired:
+            if dst not in desired and remove_extra:
                 try:
                     ipr.route("del", dst=str(dst), table=MAIN_TABLE, proto=RTPROT_PYFLANNEL,
                               family=_family(dst))
@@ -109,7 +145,12 @@ def sync_routes(desired: dict[IPNetwork, RouteSpec]) -> tuple[int, int, list[str
                 continue
             kw: dict = {"dst": str(dst), "oif": spec.oif, "table": MAIN_TABLE,
                         "proto": RTPROT_PYFLANNEL, "family": _family(dst)}
-            if spec.gateway is not None:
+            if spec.nexthops:
+                del kw["oif"]
+                kw["multipath"] = [{"gateway": str(h.gateway), "oif": h.oif,
+                                    "flags": RTNH_F_ONLINK if h.onlink else 0}
+                                   for h in spec.nexthops]
+            elif spec.gateway is not None:
                 kw["gateway"] = str(spec.gateway)
             else:
                 kw["scope"] = "link"

@@ -1,0 +1,85 @@
+"""The bgp backend's decisions, pure: who peers with whom, what a lease says, which kernel
+routes the RIB's table becomes."""
+
+from __future__ import annotations
+
+import json
+from ipaddress import IPv4Address, IPv4Network, ip_address
+
+from pyflannel.backend.bgp import NodeRole, kernel_routes, plan_peers, role_of
+from pyflannel.config import parse_config
+from pyflannel.host.routes import NextHop, RouteSpec
+from pyflannel.lease.model import Lease, LeaseAttrs
+
+
+def cfg(**backend):
+    return parse_config(json.dumps({"Network": "10.1.0.0/16",
+                                    "Backend": {"Type": "bgp", **backend}}))
+
+
+def node(n: int, rr: str | None = None, asn: int = 64512) -> NodeRole:
+    return NodeRole(IPv4Address(f"198.18.0.{n}"), asn, IPv4Address(rr) if rr else None)
+
+
+def summary(plan) -> dict:
+    return {k: (s.kind, s.passive, s.rr_client, s.asn, s.port) for k, s in plan.items()}
+
+
+def test_mesh_every_other_node_and_the_lower_address_connects():
+    plan = plan_peers(node(2), [node(1), node(2), node(3)], cfg())
+    assert summary(plan) == {"198.18.0.1": ("mesh", True, False, 64512, 179),
+                             "198.18.0.3": ("mesh", False, False, 64512, 179)}
+
+
+def test_without_the_mesh_only_configured_peers():
+    plan = plan_peers(node(2), [node(1), node(3)], cfg(NodeToNodeMesh=False, Peers=[
+        {"PeerIP": "198.18.0.200", "ASNumber": 64600, "Password": "pw", "Port": 1179}]))
+    assert summary(plan) == {"198.18.0.200": ("configured", False, False, 64600, 1179)}
+    assert plan["198.18.0.200"].password == "pw"
+
+
+def test_reflectors_peer_with_everybody_and_the_others_only_with_reflectors():
+    nodes = [node(1, "10.0.0.1"), node(2), node(3), node(4, "10.0.0.1")]
+    assert summary(plan_peers(node(1, "10.0.0.1"), nodes, cfg())) == {
+        "198.18.0.2": ("client", False, True, 64512, 179),
+        "198.18.0.3": ("client", False, True, 64512, 179),
+        "198.18.0.4": ("reflector", False, False, 64512, 179)}
+    assert summary(plan_peers(node(3), nodes, cfg())) == {
+        "198.18.0.1": ("reflector", True, False, 64512, 179),
+        "198.18.0.4": ("reflector", False, False, 64512, 179)}
+
+
+def lease(n: int, data=None) -> Lease:
+    return Lease(IPv4Network(f"10.1.{n}.0/24"),
+                 LeaseAttrs(IPv4Address(f"198.18.0.{n}"), "bgp", data), 1)
+
+
+def test_a_lease_publishes_its_as_and_cluster_id():
+    assert NodeRole(IPv4Address("198.18.0.1"), 64512, IPv4Address("10.0.0.1")).backend_data() \
+        == {"ASNumber": 64512, "RouteReflectorClusterID": "10.0.0.1"}
+    assert role_of(lease(1, {"ASNumber": 65001, "RouteReflectorClusterID": "10.0.0.1"}),
+                   64512) == (node(1, "10.0.0.1", 65001), None)
+    assert role_of(lease(1), 64512) == (node(1), None)
+
+
+def test_a_lease_with_bad_backend_data_is_left_out_with_why():
+    assert role_of(lease(1, {"ASNumber": "x"}), 64512) == (
+        None, "its BackendData.ASNumber 'x' is not an AS number")
+    assert role_of(lease(1, {"RouteReflectorClusterID": "nope"}), 64512) == (
+        None, "its BackendData.RouteReflectorClusterID 'nope' is not an IPv4 address")
+    assert role_of(lease(1, [1]), 64512)[1] == "its BackendData is not a JSON object"
+
+
+def test_next_hops_resolve_through_the_kernel_and_several_make_ecmp():
+    a, b, c = (ip_address(f"198.19.0.{i}") for i in (1, 2, 3))
+    router = ip_address("198.18.0.254")
+    resolved = {a: (a, 2), b: (router, 2)}  # c: no route to it
+    routes = {IPv4Network("10.1.1.0/24"): frozenset({a}),
+              IPv4Network("10.1.2.0/24"): frozenset({b}),
+              IPv4Network("10.1.3.0/24"): frozenset({a, b}),
+              IPv4Network("10.1.4.0/24"): frozenset({c})}
+    assert kernel_routes(routes, resolved) == {
+        IPv4Network("10.1.1.0/24"): RouteSpec(IPv4Network("10.1.1.0/24"), 2, a),
+        IPv4Network("10.1.2.0/24"): RouteSpec(IPv4Network("10.1.2.0/24"), 2, router),
+        IPv4Network("10.1.3.0/24"): RouteSpec(IPv4Network("10.1.3.0/24"), 0, nexthops=(
+            NextHop(router, 2), NextHop(a, 2)))}
