@@ -190,6 +190,23 @@ class Transport:
         if n < self._b_seg:
             self._b_closed = True
 
+    def reserve_many(self, addr: tuple, n: int, k: int) -> tuple[int, int]:
+        """Room for up to ``k`` ``n``-byte datagrams to ``addr``: (the offset of the first,
+        how many fit in this batch, at least one). Build them there, then
+        :meth:`commit_many`."""
+        off = self.reserve(addr, n)
+        return off, max(1, min(k, GSO_MAX_SEGMENTS - self._b_count, (MAX_DATAGRAM - off) // n))
+
+    def commit_many(self, k: int, n: int, overhead: int = 0) -> None:
+        """``k`` datagrams of ``n`` bytes each (``overhead`` framing bytes in each) are
+        complete from the reserved offset on."""
+        self._b_off += k * n
+        self._b_count += k
+        self._packets_in_batch += k
+        self._b_overhead += k * overhead
+        if n < self._b_seg:
+            self._b_closed = True
+
     def flush(self) -> None:
         count = self._b_count
         if not count:

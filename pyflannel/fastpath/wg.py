@@ -5,9 +5,10 @@ check) is :class:`pyflannel.wireguard.device.Device`; this module feeds it and m
 output, with the udp fast path's batching:
 
 * **send** (:class:`WgSend`): the TUN runs with virtio-net headers and TSO, so the kernel
-  hands us TCP super-packets of up to 64 KiB; they are cut into MTU-sized segments here,
-  each segment is encrypted in place inside the GSO batch buffer (``Keypair.seal_into``:
-  no copy of the ciphertext) and one peer's equal-sized messages leave in one UDP GSO
+  hands us TCP super-packets of up to 64 KiB; they are cut into MTU-sized segments here
+  (``fastpath/tso.py``), each segment is sealed straight into the GSO batch buffer
+  (``Keypair.seal_parts``, which takes its counter from the session, never past
+  REJECT_AFTER_MESSAGES) and one peer's equal-sized messages leave in one UDP GSO
   ``sendmsg``. WireGuard pads to 16 bytes, so a run of full segments has equal sizes.
 * **receive** (:class:`WgReceive`): UDP GRO hands us runs of datagrams, decrypted by
   ``Device.receive_many`` in one call per run. What comes out was authenticated by a peer
@@ -24,7 +25,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-import struct
 import sys
 import time
 
@@ -36,7 +36,6 @@ from pyflannel.fastpath.frames import (
     GSO_NONE,
     GSO_TCPV4,
     GSO_TCPV6,
-    MAX_DATAGRAM,
     VNET,
     VNET_FLAGS,
     VNET_GSO_TYPE,
@@ -48,41 +47,22 @@ from pyflannel.fastpath.frames import (
     segment_tcp6,
 )
 from pyflannel.fastpath.packet import (
-    IP_CSUM,
-    IP_DST,
-    IP_ID,
-    IP_PROTO,
-    IP_SRC,
-    IP_TOTAL_LEN,
-    IP_VER_IHL,
     IPV4_MIN_HEADER,
-    IPV6_HEADER_LEN,
-    TCP_CSUM,
-    TCP_DOFF,
-    TCP_FLAGS,
-    TCP_PROTO,
-    TCP_SEQ,
-    V6_NEXT,
-    V6_PAYLOAD_LEN,
-    V6_SRC,
 )
 from pyflannel.fastpath.sockfilter import Shedding, attach, socket_drops, wireguard_filter
 from pyflannel.fastpath.transport import (
     ANC_SIZE,
     BATCH,
-    GSO_MAX_SEGMENTS,
     IDLE_POLL_S,
     Transport,
     gro_size,
 )
+from pyflannel.fastpath.tso import TcpCut
 from pyflannel.wireguard.constants import (
-    COUNTER_LEN,
-    DATA_COUNTER,
     DATA_MIN_LEN,
     DATA_PAYLOAD,
     MSG_TRANSPORT,
     PAD_MULTIPLE,
-    TAG_LEN,
 )
 from pyflannel.wireguard.device import Device
 from pyflannel.wireguard.keys import PrivateKey, decode_key, encode_key, short_key
@@ -98,26 +78,17 @@ READ_AT = DATA_PAYLOAD - VNET_LEN
 # (Its "no_route" never happens here: the loop routes packets itself and counts
 # drop_no_route when it answers with ICMP.)
 DROP_NAMES = {"inner_src": "drop_spoofed_source", "no_route": ""}
-TCP_AT = IPV4_MIN_HEADER  # the TCP header, after an IPv4 header without options
-TCP_FIN_PSH = 0x09  # only on the last segment of a super-packet
-TCP_CWR = 0x80  # only on the first
 COALESCED = counters.INDEX["coalesced"]
 HANDSHAKE_OVER_BUDGET = C["drop_handshake_budget"]
 SOCKET_DROPS = C["drop_socket"]
 # Handshake messages looked at per loop turn (after the turn's transport data); a flood
 # beyond this is dropped unread, and the socket filter sheds most of it in the kernel.
 HANDSHAKE_BUDGET = 16
-IPV4_VERSION_IHL5 = 0x45  # a joined super-packet stays below 64 KiB with its headers
 
 PAD_ROUND = PAD_MULTIPLE - 1
 PAD_MASK = ~PAD_ROUND
 
-_u16 = struct.Struct("!H")
-_u32 = struct.Struct("!I")
-_IP_FIELDS = struct.Struct("!HH")  # total length, ID
-_TCP_FIELDS = struct.Struct("!I")  # sequence number
 _ZEROS = bytes(64)
-_NONCE_PAD = bytes(4)  # the transport nonce: four zero bytes, then the LE64 counter
 
 
 class WgBase(Transport):
@@ -190,7 +161,6 @@ class WgSend(WgBase):
         self._run_kp = None
         self._run_addr: tuple | None = None
         self._run_bytes = self._run_pkts = self._run_inner = 0
-        self._run_enc = None
 
     def from_tun(self) -> None:
         buf, mv, c = self._buf, self._mv, self.c
@@ -238,16 +208,18 @@ class WgSend(WgBase):
         """Packets for another peer: settle the last run, fetch this peer's session."""
         self.end_run()
         self._run_peer = peer
-        kp = self._run_kp = self.dev.sender(peer)
+        self._run_kp = self.dev.sender(peer)
         self._run_addr = peer.endpoint
-        self._run_enc = kp.encrypt_function() if kp is not None else None
 
     def seal(self, peer: Peer, data) -> None:
         """Encrypt one packet for ``peer`` straight into the GSO batch (or hand it to the
-        device, which holds it and starts a handshake, when there is no session)."""
+        device, which holds it and starts a handshake, when there is no session or the
+        session has no counter left)."""
         if peer is not self._run_peer:
             self.start_run(peer)
-        if self._run_kp is None:
+        kp = self._run_kp
+        counter = kp.take_counters() if kp is not None else -1
+        if counter < 0:
             self.stage(peer, data)
             return
         n = len(data)
@@ -256,8 +228,7 @@ class WgSend(WgBase):
             padded = self.mtu
         m = DATA_MIN_LEN + padded
         off = self.reserve(self._run_addr, m)  # type: ignore[arg-type]
-        self._bbuf[off + DATA_PAYLOAD:off + DATA_PAYLOAD + n] = data
-        self.encrypt(off, n, padded)
+        kp.seal_parts(self._bbuf, off, counter, data, _ZEROS[:padded - n])
         self.commit(m, m - n)
         self._run_bytes += m
         self._run_pkts += 1
@@ -273,127 +244,40 @@ class WgSend(WgBase):
             st[0] += 1
             st[1] += len(data)
 
-    def encrypt(self, off: int, n: int, padded: int) -> None:
-        """``Keypair.seal_into``, inlined: the packet sits at ``off + 16`` in the batch
-        buffer; pad it, write the message header, encrypt it there."""
-        kp, enc, bbuf = self._run_kp, self._run_enc, self._bbuf
-        counter = kp.send_counter
-        kp.send_counter = counter + 1
-        ctr = counter.to_bytes(COUNTER_LEN, "little")
-        p = off + DATA_PAYLOAD
-        if padded != n:
-            bbuf[p + n:p + padded] = _ZEROS[:padded - n]
-        bbuf[off:off + DATA_COUNTER] = kp.prefix
-        bbuf[off + DATA_COUNTER:p] = ctr
-        # encrypt (not encrypt_into) from a bytearray slice: faster in `cryptography`
-        # than in place through memoryviews
-        bbuf[p:p + padded + TAG_LEN] = enc(_NONCE_PAD + ctr, bbuf[p:p + padded], None)
-
     def seal_super(self, peer: Peer, pkt: memoryview, mss: int) -> None:
-        """Cut a TCP super-packet (IPv4, or IPv6 without extension headers) into
-        ``mss``-sized segments as TSO would, each built and encrypted in place in the GSO
-        batch: the headers are copied once per segment and only the fields that change
-        are written (length, IPv4 ID and checksum, sequence number, flags, TCP checksum;
-        the checksums from sums computed once)."""
-        n = len(pkt)
-        v6 = n > 0 and pkt[IP_VER_IHL] >> 4 == 6
-        if v6:
-            if n < IPV6_HEADER_LEN + 20 or pkt[V6_NEXT] != TCP_PROTO or mss <= 0:
-                raise FrameError("super-packet is not IPv6/TCP")
-            ihl = IPV6_HEADER_LEN
-            total = ihl + ((pkt[V6_PAYLOAD_LEN] << 8) | pkt[V6_PAYLOAD_LEN + 1])
-        else:
-            if (n < TCP_AT + 20 or pkt[IP_VER_IHL] >> 4 != 4 or pkt[IP_PROTO] != TCP_PROTO
-                    or mss <= 0):
-                raise FrameError("super-packet is not IPv4/TCP")
-            ihl = (pkt[IP_VER_IHL] & 0x0F) * 4
-            total = (pkt[IP_TOTAL_LEN] << 8) | pkt[IP_TOTAL_LEN + 1]
-        doff = (pkt[ihl + TCP_DOFF] >> 4) * 4 if n > ihl + TCP_DOFF else 0
-        hl = ihl + doff
-        if ihl < 20 or doff < 20 or total > n or total < hl:
-            raise FrameError("super-packet has inconsistent header lengths")
+        """Cut a TCP super-packet into ``mss``-sized segments as TSO would
+        (:class:`~pyflannel.fastpath.tso.TcpCut`) and seal each straight into the GSO
+        batch, a group of equal-sized ones at a time. The counters for all of them are
+        taken at once: when the session has too few left (or there is none), the device
+        holds the segments instead and starts a handshake."""
+        cut = TcpCut(pkt, mss)
         if peer is not self._run_peer:
             self.start_run(peer)
-        if self._run_kp is None:
-            for seg in (segment_tcp6 if v6 else segment_tcp4)(pkt, mss):
+        kp = self._run_kp
+        count = cut.count
+        first = kp.take_counters(count) if kp is not None else -1
+        if first < 0:
+            for seg in (segment_tcp6 if cut.v6 else segment_tcp4)(pkt, mss):
                 self.stage(peer, seg)
             return
-        head = bytearray(pkt[:hl])
-        seq0 = _u32.unpack_from(head, ihl + TCP_SEQ)[0]
-        id0 = 0 if v6 else _u16.unpack_from(head, IP_ID)[0]
-        flags = head[ihl + TCP_FLAGS]
-        # sums of the parts that stay put (changing fields zeroed), mod 0xFFFF
-        varying = ((V6_PAYLOAD_LEN, 2),) if v6 else (
-            (IP_TOTAL_LEN, 2), (IP_ID, 2), (IP_CSUM, 2))
-        for at, size in (*varying, (ihl + TCP_SEQ, 4), (ihl + TCP_FLAGS, 1),
-                         (ihl + TCP_CSUM, 2)):
-            head[at:at + size] = _ZEROS[:size]
-        ip_base = 0 if v6 else int.from_bytes(head[:ihl], "big") % 0xFFFF
-        addresses = head[V6_SRC:IPV6_HEADER_LEN] if v6 else head[IP_SRC:IP_DST + 4]
-        tcp_base = (int.from_bytes(head[ihl:hl], "big") + int.from_bytes(addresses, "big")
-                    + TCP_PROTO) % 0xFFFF
         bbuf, mtu, addr = self._bbuf, self.mtu, self._run_addr
-        kp, enc = self._run_kp, self._run_enc
-        prefix = kp.prefix
-        count = max(1, -(-(total - hl) // mss))
+        seal, segment = kp.seal_parts, cut.segment  # type: ignore[union-attr]
         last = count - 1
-        pack_ip, pack_tcp, pack16 = _IP_FIELDS.pack_into, _TCP_FIELDS.pack_into, _u16.pack_into
-        fl_mid = flags & ~(TCP_FIN_PSH | TCP_CWR)
-        at_seq, at_flags, at_csum = ihl + TCP_SEQ, ihl + TCP_FLAGS, ihl + TCP_CSUM
-        inner = wire = 0
-        i = 0
+        inner = wire = i = 0
         while i < count:
-            # every segment but the last is full-sized: a group of them fills the batch
-            clen = mss if i < last else total - hl - i * mss
-            seg_len = hl + clen
+            seg_len = cut.length(i)
             padded = (seg_len + PAD_ROUND) & PAD_MASK
             if padded > mtu >= seg_len:
                 padded = mtu
             m = DATA_MIN_LEN + padded
-            off = self.reserve(addr, m)  # type: ignore[arg-type]
-            k = 1 if i == last else min(last - i, GSO_MAX_SEGMENTS - self._b_count,
-                                        (MAX_DATAGRAM - off) // m)
+            # every segment but the last is full-sized: a group of them fills the batch
+            off, k = self.reserve_many(addr, m, last - i if i < last else 1)  # type: ignore[arg-type]
             pad = _ZEROS[:padded - seg_len]
-            ip_sum = ip_base + seg_len
-            tcp_sum = tcp_base + doff + clen
             for g in range(i, i + k):
-                p = off + DATA_PAYLOAD
-                start = hl + g * mss
-                chunk = pkt[start:start + clen]
-                # the segment's headers in a copy of the template, then the plaintext
-                h = head[:]
-                if v6:
-                    pack16(h, V6_PAYLOAD_LEN, seg_len - IPV6_HEADER_LEN)
-                else:
-                    ip_id = (id0 + g) & 0xFFFF
-                    c = (ip_sum + ip_id) % 0xFFFF
-                    pack_ip(h, IP_TOTAL_LEN, seg_len, ip_id)
-                    pack16(h, IP_CSUM, 0xFFFF - c if c else 0)
-                seq = (seq0 + g * mss) & 0xFFFFFFFF
-                fl = fl_mid if 0 < g < last else (
-                    flags & ~TCP_CWR if g else flags if g == last else flags & ~TCP_FIN_PSH)
-                # the data's one's-complement sum: read little-endian (twice as fast as
-                # big-endian from a memoryview here) it is the byte-swapped sum, which is
-                # the sum times 256 modulo 0xFFFF; odd lengths need no padding this way
-                data_sum = (int.from_bytes(chunk, "little") % 0xFFFF) << 8
-                c = (tcp_sum + (seq >> 16) + (seq & 0xFFFF) + fl + data_sum) % 0xFFFF
-                pack_tcp(h, at_seq, seq)
-                h[at_flags] = fl
-                pack16(h, at_csum, 0xFFFF - c if c else 0)
-                # encrypt(), inlined: header, counter, ciphertext of (headers, data, padding)
-                counter = kp.send_counter
-                kp.send_counter = counter + 1
-                ctr = counter.to_bytes(COUNTER_LEN, "little")
-                bbuf[off:p] = prefix + ctr
-                bbuf[p:p + padded + TAG_LEN] = enc(_NONCE_PAD + ctr, h + chunk + pad, None)
+                h, chunk = segment(g)
+                seal(bbuf, off, first + g, h, chunk, pad)
                 off += m
-            # commit(), once for the group
-            self._b_off = off
-            self._b_count += k
-            self._packets_in_batch += k
-            self._b_overhead += k * (m - seg_len)
-            if m < self._b_seg:
-                self._b_closed = True
+            self.commit_many(k, m, m - seg_len)
             wire += k * m
             inner += k * seg_len
             i += k
@@ -410,7 +294,7 @@ class WgSend(WgBase):
             if st is not None:
                 st[0] += self._run_pkts
                 st[1] += self._run_inner
-        self._run_peer = self._run_kp = self._run_addr = self._run_enc = None
+        self._run_peer = self._run_kp = self._run_addr = None
         self._run_bytes = self._run_pkts = self._run_inner = 0
 
 

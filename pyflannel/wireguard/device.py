@@ -141,7 +141,6 @@ class Device:
         self._reject_after_time = limits.reject_after_time
         self._receive_rekey_age = limits.receive_rekey_age
         self._keepalive_timeout = limits.keepalive_timeout
-        self._reject_after_messages = limits.reject_after_messages
         self._rekey_after_messages = limits.rekey_after_messages
         self.mtu = mtu
         self._rng = rng or random.SystemRandom()
@@ -644,8 +643,7 @@ class Device:
         """Encrypt for ``peer`` now, or hold the packet and start a handshake."""
         now = self.clock()
         kp = peer.current
-        if (kp is None or now >= kp.expires_at
-                or kp.send_counter >= self._reject_after_messages):
+        if kp is None or now >= kp.expires_at or kp.counters_left() <= 0:
             if len(peer.staged) >= self.limits.max_staged_packets:
                 peer.staged.popleft()
                 self.drops["staged_overflow"] += 1
@@ -674,14 +672,13 @@ class Device:
         """The session to encrypt with now, for a caller that seals a batch itself.
 
         None means there is no usable session: hand the packets to :meth:`send_to`, which
-        holds them and starts a handshake. After sealing with ``Keypair.seal_into``, call
-        :meth:`sent` once for the batch.
+        holds them and starts a handshake. Seal with the keypair (``seal_into``, or
+        ``take_counters`` then ``seal_parts``), handing :meth:`send_to` whatever it has no
+        counter left for, then call :meth:`sent` once for the batch.
         """
         kp = peer.current
-        if (kp is None or peer.endpoint is None
-                or self.clock() >= kp.expires_at
-                or kp.send_counter + self.limits.max_staged_packets
-                >= self.limits.reject_after_messages):
+        if (kp is None or peer.endpoint is None or self.clock() >= kp.expires_at
+                or kp.counters_left() <= 0):
             return None
         return kp
 

@@ -6,8 +6,12 @@ followed by the same counter. A keepalive is a message with an empty payload.
 
 Everything per datagram is precomputed per keypair: the two ChaCha20Poly1305 objects and
 the 8-byte message prefix. :meth:`Keypair.seal_into` encrypts in place inside a buffer the
-caller owns (no allocation but the nonce); :meth:`Keypair.seal` and :meth:`Keypair.open`
-are the allocating forms.
+caller owns (no allocation but the nonce); :meth:`Keypair.seal_parts` builds a message in
+such a buffer from the packet's pieces (a segment's headers, its data, the padding);
+:meth:`Keypair.seal` and :meth:`Keypair.open` are the allocating forms.
+
+Every send counter comes from :meth:`Keypair.take_counters`, the one place that refuses
+to pass REJECT_AFTER_MESSAGES: a nonce is never reused, and never past the limit.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from .constants import (
 )
 
 __all__ = [
+    "CounterExhausted",
     "InvalidTag",
     "Keypair",
     "ReplayWindow",
@@ -124,16 +129,20 @@ class ReplayWindow:
         return self._greatest
 
 
+class CounterExhausted(Exception):
+    """The session has sent REJECT_AFTER_MESSAGES messages: it may not send another."""
+
+
 class Keypair:
     """One session's keys in one direction pair, with counters and the replay window.
 
     ``created`` is the monotonic time of the handshake; the session layer decides from it
-    and from ``send_counter`` when the keys are too old to use.
+    and from :meth:`counters_left` when the keys are too old to use.
     """
 
     __slots__ = (
         "_send", "_recv", "local_index", "remote_index", "initiator", "created",
-        "send_counter", "replay", "prefix", "peer", "rekey_at", "expires_at",
+        "send_counter", "send_limit", "replay", "prefix", "peer", "rekey_at", "expires_at",
     )
 
     def __init__(
@@ -148,6 +157,7 @@ class Keypair:
         self.initiator = initiator
         self.created = created
         self.send_counter = 0
+        self.send_limit = reject_after_messages
         self.replay = ReplayWindow(window_bits, reject_after_messages)
         self.prefix = HEADER_TRANSPORT + remote_index.to_bytes(INDEX_LEN, "little")
         self.peer = peer
@@ -161,39 +171,59 @@ class Keypair:
 
     # --- send ---------------------------------------------------------------------------
 
+    def counters_left(self) -> int:
+        """How many more messages this session may send."""
+        return self.send_limit - self.send_counter
+
+    def take_counters(self, k: int = 1) -> int:
+        """The first of ``k`` consecutive send counters, or -1 if taking them would pass
+        REJECT_AFTER_MESSAGES (then none is taken). Every counter is taken here."""
+        n = self.send_counter
+        if n + k > self.send_limit:
+            return -1
+        self.send_counter = n + k
+        return n
+
     def seal(self, payload: bytes | bytearray | memoryview, mtu: int | None = None) -> bytearray:
         """Encrypt one inner packet (or b"" for a keepalive) into a whole type-4 message.
 
-        One buffer is built (header, counter, packet, padding, room for the tag) and
-        encrypted in place: one allocation and one copy of the packet.
+        Raises CounterExhausted when the session may send no more.
         """
-        n = self.send_counter
-        self.send_counter = n + 1
+        counter = self.take_counters()
+        if counter < 0:
+            raise CounterExhausted(repr(self))
         length = len(payload)
         padded = padded_length(length, mtu)
-        ctr = n.to_bytes(8, "little")
-        out = bytearray(self.prefix)
-        out += ctr
-        out += payload
-        if not _HAVE_INTO:
-            out += bytes(padded - length)
-            out[DATA_PAYLOAD:] = self._send.encrypt(_NONCE_PAD + ctr, bytes(out[DATA_PAYLOAD:]),
-                                                    None)
-            return out
-        out += bytes(padded - length + TAG_LEN)
-        mv = memoryview(out)
-        self._send.encrypt_into(_NONCE_PAD + ctr, mv[DATA_PAYLOAD : DATA_PAYLOAD + padded], None,
-                                mv[DATA_PAYLOAD:])
+        out = bytearray(DATA_MIN_LEN + padded)
+        self.seal_parts(out, 0, counter, payload, bytes(padded - length))
         return out
+
+    def seal_parts(self, buf: bytearray, off: int, counter: int,
+                   *parts: bytes | bytearray | memoryview) -> int:
+        """Write the message with ``counter`` (from :meth:`take_counters`) at ``buf[off:]``:
+        header, counter, then the ciphertext of the joined ``parts``, which are the padded
+        packet's pieces (e.g. a segment's headers, its data and the padding). Returns the
+        message size.
+        """
+        ctr = counter.to_bytes(8, "little")
+        p = off + DATA_PAYLOAD
+        buf[off:p] = self.prefix + ctr
+        # encrypt (not encrypt_into) from joined bytes: faster in `cryptography` than in
+        # place through memoryviews
+        sealed = self._send.encrypt(_NONCE_PAD + ctr, b"".join(parts), None)
+        buf[p:p + len(sealed)] = sealed
+        return DATA_PAYLOAD + len(sealed)
 
     def seal_into(self, buf: memoryview, length: int, mtu: int | None = None) -> int:
         """Encrypt in place: the packet sits at ``buf[16:16+length]``; return the message size.
 
         ``buf`` must have room for the padding and the 16-byte tag after the packet. The
         header and counter are written to ``buf[0:16]``; nothing is allocated but the nonce.
+        Raises CounterExhausted when the session may send no more.
         """
-        n = self.send_counter
-        self.send_counter = n + 1
+        n = self.take_counters()
+        if n < 0:
+            raise CounterExhausted(repr(self))
         padded = padded_length(length, mtu)
         end = DATA_PAYLOAD + padded
         if padded != length:
@@ -229,11 +259,6 @@ class Keypair:
         if not replay.accept(counter):
             return None
         return plain
-
-    def encrypt_function(self) -> Callable[..., bytes]:
-        """``encrypt(nonce, plaintext, None)`` of the send key, for a caller that builds
-        messages itself (keeping ``send_counter`` and writing ``prefix``)."""
-        return self._send.encrypt
 
     def opener(self) -> tuple[Callable[..., bytes], Callable[[int], bool]]:
         """(decrypt, accept) for a caller that inlines :meth:`open` in its own loop."""
