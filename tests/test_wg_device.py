@@ -360,6 +360,33 @@ def test_routing_is_longest_prefix(net: Net) -> None:
     assert dev.route(ip4("10.1.1.1", "10.2.0.1")) is None
 
 
+def test_a_prefix_claimed_twice_belongs_to_the_last_claim_for_both_directions(
+        net: Net) -> None:
+    """Cryptokey routing is exclusive: the peer that routes a prefix is the only one whose
+    packets may come from it, and a longer prefix of another peer is that peer's alone."""
+    a, b, ka, kb = pair(net)
+    kc = PrivateKey.generate()
+    c = net.add(C, kc)
+    b.set_peers({ka.public: PeerConfig((NET_A,), A), kc.public: PeerConfig((NET_C,), C)})
+    # A claims NET_A first, then C claims it too, and C's /25 inside A's whole /16
+    a.set_peers({kb.public: PeerConfig((NET_B,), B)})
+    c.set_peers({kb.public: PeerConfig((NET_B,), B)})
+    b.set_peers({ka.public: PeerConfig(("10.1.0.0/16", NET_A), A),
+                 kc.public: PeerConfig((NET_C, NET_A, "10.1.4.0/25"), C)})
+    assert b.route(ip4("10.1.2.7", "10.1.1.5")).public_key == kc.public
+    assert b.route(ip4("10.1.2.7", "10.1.4.5")).public_key == kc.public
+    assert b.route(ip4("10.1.2.7", "10.1.4.200")).public_key == ka.public
+    for sender, src in ((a, "10.1.1.5"), (c, "10.1.1.6"), (a, "10.1.4.7"), (a, "10.1.4.201"),
+                        (c, "10.1.3.9")):
+        sender.send(ip4(src, "10.1.2.7"))
+    net.pump()
+    delivered = sorted((p[12:16], peer.public_key == kc.public) for p, peer in net.tun[B])
+    assert delivered == sorted([
+        (bytes([10, 1, 1, 6]), True), (bytes([10, 1, 4, 201]), False),
+        (bytes([10, 1, 3, 9]), True)])
+    assert b.drops["inner_src"] == 2  # A's packets from C's 10.1.1.0/24 and 10.1.4.0/25
+
+
 def test_endpoint_follows_authenticated_packets(net: Net) -> None:
     a, b, ka, _ = connect(net)
     a.send(ip4("10.1.1.5", "10.1.2.7"))

@@ -6,7 +6,8 @@ knows the peer), calls :meth:`tick` when :meth:`next_deadline` comes due, and th
 two lists the device appended to:
 
 * ``to_tun``: ``(inner packet, peer)`` pairs, each authenticated by that peer and with an
-  inner source address inside the peer's allowed subnets;
+  inner source address that peer owns (cryptokey routing: a prefix two peers list is the
+  last claimant's, for sending and receiving alike);
 * ``to_net``: ``(datagram, endpoint)`` pairs to send from the UDP socket.
 
 Appending to lists the caller drains once per batch keeps the per-datagram path free of
@@ -16,8 +17,9 @@ milliseconds, and :class:`~.constants.Limits` can be shortened.
 
 Security rules kept here: a handshake from a static key not in the peer table is refused;
 nothing reaches ``to_tun`` unless it decrypted under a peer's session and its inner source
-lies in that peer's allowed subnets; every refused datagram is counted in ``drops`` by
-reason, and no datagram, however malformed, raises.
+routes back to that peer (:meth:`Device.owner`); no session seals past
+REJECT_AFTER_MESSAGES (:meth:`.Keypair.take_counters`); every refused datagram is counted
+in ``drops`` by reason, and no datagram, however malformed, raises.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ from .peer import (
     V4_SRC,
     V4_TOTAL_LEN,
     V6_DST,
+    V6_SRC,
     Endpoint,
     Peer,
     PeerConfig,
@@ -101,7 +104,6 @@ log = logging.getLogger(__name__)
 _RESERVED_ZERO = b"\0\0\0"
 # one C call each on the per-datagram path instead of a slice and an int.from_bytes:
 _le32 = struct.Struct("<I").unpack_from  # type and reserved bytes, as one LE u32
-_index_counter = struct.Struct("<IQ").unpack_from  # receiver index, counter
 _v4_length_source = struct.Struct(  # IPv4 total length and source address
     f"!{V4_TOTAL_LEN.start}xH{V4_SRC.start - V4_TOTAL_LEN.stop}xI").unpack_from
 _NONCE_PAD = b"\0\0\0\0"  # the transport nonce: four zero bytes, then the LE64 counter
@@ -150,6 +152,7 @@ class Device:
         self._pending: dict[int, Peer] = {}  # our index -> peer awaiting a response
         self._routes4: list[tuple[int, dict[int, Peer]]] = []
         self._routes6: list[tuple[int, dict[int, Peer]]] = []
+        self._contested: set[tuple] = set()  # prefixes two peers claim, warned about
         self.to_tun: list[tuple[bytes, Peer]] = []
         self.to_net: list[tuple[bytes, Endpoint]] = []
         self.drops: Counter[str] = Counter()
@@ -219,7 +222,7 @@ class Device:
             peer.config = config
             peer.prefixes = prefixes
             peer.keepalive_interval = max(0.0, config.persistent_keepalive)
-        self._build_routes()
+        self._build_routes(prepared)
         return refused
 
     def _forget(self, peer: Peer) -> None:
@@ -232,16 +235,33 @@ class Device:
         peer.pending = None
         peer.staged.clear()
 
-    def _build_routes(self) -> None:
+    def _build_routes(self, claim_order: Iterable[bytes]) -> None:
+        """Cryptokey routing: each prefix belongs to one peer, the last in ``claim_order``
+        (the table's order) to claim it. That peer alone is sent its destinations and may
+        send from its addresses (:meth:`owner`), as in WireGuard."""
         by_len4: dict[int, dict[int, Peer]] = {}
         by_len6: dict[int, dict[int, Peer]] = {}
-        for peer in self.peers.values():
-            for text in peer.config.allowed:
-                net = ipaddress.ip_network(text, strict=False)
-                bits = net.max_prefixlen
-                table = by_len4 if net.version == 4 else by_len6
-                shift = bits - net.prefixlen
-                table.setdefault(shift, {})[int(net.network_address) >> shift] = peer
+        contested: dict[tuple[int, int, int], tuple[Peer, Peer]] = {}
+        for key in claim_order:
+            peer = self.peers[key]
+            for by_len, pairs, bits in ((by_len4, peer.prefixes.v4, 32),
+                                        (by_len6, peer.prefixes.v6, 128)):
+                for net, mask in pairs:
+                    shift = bits - mask.bit_count()
+                    table = by_len.setdefault(shift, {})
+                    old = table.get(net >> shift)
+                    if old is not None and old is not peer:
+                        contested[(bits, net, shift)] = (old, peer)
+                    table[net >> shift] = peer
+        for (bits, net, shift), (old, new) in contested.items():
+            if (bits, net, shift, new.public_key) not in self._contested:
+                kind = ipaddress.IPv4Network if bits == 32 else ipaddress.IPv6Network
+                prefix = kind((net, bits - shift))
+                log.warning("wireguard: %s is claimed by peers %s and %s; the last claim, "
+                            "%s, routes it and alone may send from it", prefix,
+                            short_key(old.public_key), short_key(new.public_key),
+                            short_key(new.public_key))
+        self._contested = {(*k, v[1].public_key) for k, v in contested.items()}
         # the longest prefix (smallest shift) first
         self._routes4 = sorted(by_len4.items())
         self._routes6 = sorted(by_len6.items())
@@ -252,15 +272,17 @@ class Device:
             return None
         version = packet[IP_VERSION] >> 4
         if version == 4 and len(packet) >= IPV4_HEADER:
-            dst = int.from_bytes(packet[V4_DST], "big")
-            routes = self._routes4
-        elif version == 6 and len(packet) >= IPV6_HEADER:
-            dst = int.from_bytes(packet[V6_DST], "big")
-            routes = self._routes6
-        else:
-            return None
+            return self.owner(self._routes4, int.from_bytes(packet[V4_DST], "big"))
+        if version == 6 and len(packet) >= IPV6_HEADER:
+            return self.owner(self._routes6, int.from_bytes(packet[V6_DST], "big"))
+        return None
+
+    @staticmethod
+    def owner(routes: list[tuple[int, dict[int, Peer]]], address: int) -> Peer | None:
+        """The peer that owns ``address`` (longest prefix) in ``_routes4``/``_routes6``:
+        where a packet to it goes, and the only peer a packet from it may come from."""
         for shift, table in routes:
-            peer = table.get(dst >> shift)
+            peer = table.get(address >> shift)
             if peer is not None:
                 return peer
         return None
@@ -301,7 +323,8 @@ class Device:
                 return
             kind = data[TYPE_OFFSET]
             if kind == MSG_TRANSPORT and n >= DATA_MIN_LEN:
-                self._receive_transport(data, src)
+                self._transport_run(_le32(data, DATA_RECEIVER)[0], [(data, src)],
+                                    self.clock())
             elif kind == MSG_INITIATION and n == INIT_LEN:
                 self._receive_initiation(bytes(data), src)
             elif kind == MSG_RESPONSE and n == RESP_LEN:
@@ -319,130 +342,113 @@ class Device:
     def receive_many(self, datagrams: Iterable[tuple[bytes, Endpoint]]) -> None:
         """Consume a batch of datagrams (one recvmmsg's worth), as :meth:`receive` would.
 
-        Transport messages for a peer's current session, the bulk of the traffic, are
-        handled inline: per message only the replay test, the decryption, the inner-header
-        checks and one append remain; the peer's endpoint, byte count and timers are
-        updated once per run of messages from the same session. Everything else (handshakes,
-        stale or unconfirmed sessions, junk) goes through :meth:`receive`.
+        Consecutive transport messages to one receiver index, the bulk of the traffic, go
+        to :meth:`_transport_run` together, so the peer's bookkeeping is done once per run;
+        anything else goes through :meth:`receive`, in its place in the batch.
         """
-        keypairs = self._keypairs
-        drops = self.drops
-        append = self.to_tun.append
-        run_kp: Keypair | None = None
-        run_peer: Peer | None = None
-        run_bytes = 0
-        run_data = False
-        run_src: Endpoint | None = None
-        run_prefixes4: list[tuple[int, int]] = []
-        decrypt = accept = None
+        run: list[tuple[bytes, Endpoint]] = []
+        run_index = -1
         now = self.clock()
         for data, src in datagrams:
             n = len(data)
             if n < DATA_MIN_LEN or n > MAX_DATAGRAM or _le32(data)[0] != MSG_TRANSPORT:
-                if run_kp is not None:
-                    self._finish_run(run_peer, run_kp, run_bytes, run_data, run_src, now)
-                    run_kp = None
+                if run:
+                    self._transport_run_safely(run_index, run, now)
+                    run = []
                 self.receive(data, src)
                 continue
-            receiver, counter = _index_counter(data, DATA_RECEIVER)
-            kp = keypairs.get(receiver)
-            if kp is not run_kp or kp is None:  # an unknown index never joins a run
-                if run_kp is not None:
-                    self._finish_run(run_peer, run_kp, run_bytes, run_data, run_src, now)
-                    run_kp = None
-                if (kp is None or kp is not kp.peer.current  # type: ignore[union-attr]
-                        or now >= kp.expires_at):
-                    self.receive(data, src)
-                    continue
-                run_kp, run_peer = kp, kp.peer  # type: ignore[assignment]
-                run_prefixes4 = run_peer.prefixes.v4  # type: ignore[union-attr]
-                run_bytes, run_data, run_src = 0, False, None
-                decrypt, accept = kp.opener()  # type: ignore[union-attr]
-            # Keypair.open, inlined: decrypt, then record the counter (forgeries never move
-            # the window; a replay costs one decryption, as in the kernel)
+            receiver = _le32(data, DATA_RECEIVER)[0]
+            if receiver != run_index and run:
+                self._transport_run_safely(run_index, run, now)
+                run = []
+            run_index = receiver
+            run.append((data, src))
+        if run:
+            self._transport_run_safely(run_index, run, now)
+
+    def _transport_run_safely(self, receiver: int, run: list[tuple[bytes, Endpoint]],
+                              now: float) -> None:
+        try:
+            self._transport_run(receiver, run, now)
+        except Exception:  # a bug must not take the data path down with it
+            log.exception("wireguard: internal error on a run of %d messages", len(run))
+            self.drops["internal_error"] += len(run)
+
+    def _transport_run(self, receiver: int, run: list[tuple[bytes, Endpoint]],
+                       now: float) -> None:
+        """The transport receive rules, for messages (at least 32 bytes, type 4) to one
+        receiver index: the only place they live.
+
+        Per message: a session for the index that has not expired, the tag (a forgery
+        never moves the replay window), a fresh counter, a sane inner IP header, and an
+        inner source that the session's peer owns (cryptokey routing, :meth:`owner`).
+        Once per run, if anything authenticated: the peer's endpoint (from the last
+        authenticated message), byte count, timers, and the session's promotion or rekey.
+        """
+        drops = self.drops
+        kp = self._keypairs.get(receiver)
+        if kp is None:
+            drops["unknown_index"] += len(run)
+            return
+        if now >= kp.expires_at:
+            drops["stale_key"] += len(run)
+            return
+        peer: Peer = kp.peer  # type: ignore[assignment]
+        decrypt, accept = kp.opener()
+        owner, routes4, routes6 = self.owner, self._routes4, self._routes6
+        append = self.to_tun.append
+        nbytes = keepalives = 0
+        data_seen = False
+        last_src: Endpoint | None = None
+        for data, src in run:
             ctr = data[DATA_COUNTER:DATA_PAYLOAD]
             try:
                 plain = decrypt(_NONCE_PAD + ctr, data[DATA_PAYLOAD:], None)
             except InvalidTag:
                 drops["bad_auth"] += 1
                 continue
-            if not accept(counter):
+            if not accept(int.from_bytes(ctr, "little")):
                 drops["replay"] += 1
                 continue
-            run_bytes += n
-            run_src = src
+            # authenticated from here on
+            nbytes += len(data)
+            last_src = src
             if not plain:
-                self.stats["keepalives_received"] += 1
+                keepalives += 1
                 continue
             size = len(plain)
-            # the common case, inline: IPv4 without options
             if plain[IP_VERSION] == IPV4_VERSION_IHL5 and size >= IPV4_HEADER:
+                # the common case (IPv4 without options), in one struct call
                 length, src4 = _v4_length_source(plain)
                 if not IPV4_HEADER <= length <= size:
                     drops["inner_malformed"] += 1
                     continue
-                for net, mask in run_prefixes4:  # noqa: B007 - for/else
-                    if src4 & mask == net:
-                        break
-                else:
-                    drops["inner_src"] += 1
-                    continue
+                sender = owner(routes4, src4)
             else:
                 length = inner_length(plain)
                 if length < 0:
                     drops["inner_malformed"] += 1
                     continue
-                if not run_peer.allows_source(plain):  # type: ignore[union-attr]
-                    drops["inner_src"] += 1
-                    continue
-            run_data = True
-            append((plain if length == size else plain[:length], run_peer))
-        if run_kp is not None:
-            self._finish_run(run_peer, run_kp, run_bytes, run_data, run_src, now)
+                if plain[IP_VERSION] >> 4 == 4:
+                    sender = owner(routes4, int.from_bytes(plain[V4_SRC], "big"))
+                else:
+                    sender = owner(routes6, int.from_bytes(plain[V6_SRC], "big"))
+            if sender is not peer:
+                drops["inner_src"] += 1
+                continue
+            data_seen = True
+            append((plain if length == size else plain[:length], peer))
+        if keepalives:
+            self.stats["keepalives_received"] += keepalives
+        if last_src is not None:
+            self._authenticated(peer, kp, nbytes, data_seen, last_src, now)
 
-    def _finish_run(self, peer: Peer | None, kp: Keypair, nbytes: int, data: bool,
-                    src: Endpoint | None, now: float) -> None:
-        """The per-peer bookkeeping of :meth:`_receive_transport`, once for a run."""
-        if peer is None or src is None:
-            return  # nothing in the run authenticated
+    def _authenticated(self, peer: Peer, kp: Keypair, nbytes: int, data: bool,
+                       src: Endpoint, now: float) -> None:
+        """The peer's bookkeeping after authenticated transport messages on ``kp``."""
         if peer.endpoint != src:
             peer.endpoint = src
         peer.rx_bytes += nbytes
-        peer.t_new_handshake = None
-        if peer.keepalive_interval:
-            peer.t_persistent = now + peer.keepalive_interval
-        if (kp.initiator and now - kp.created >= self._receive_rekey_age
-                and not peer.sent_lastminute_handshake):
-            peer.sent_lastminute_handshake = True
-            self._initiate(peer, now, retry=False)
-        if data:
-            if peer.t_keepalive is None:
-                peer.t_keepalive = now + self._keepalive_timeout
-            else:
-                peer.need_another_keepalive = True
-
-    def _receive_transport(self, data: bytes | bytearray | memoryview, src: Endpoint) -> None:
-        kp = self._keypairs.get(int.from_bytes(data[DATA_RECEIVER:DATA_COUNTER], "little"))
-        if kp is None:
-            self.drops["unknown_index"] += 1
-            return
-        peer: Peer = kp.peer  # type: ignore[assignment]
-        now = self.clock()
-        if now >= kp.expires_at:
-            self.drops["stale_key"] += 1
-            return
-        try:
-            plain = kp.open(data)
-        except InvalidTag:
-            self.drops["bad_auth"] += 1
-            return
-        if plain is None:
-            self.drops["replay"] += 1
-            return
-        # authenticated from here on
-        if peer.endpoint != src:
-            peer.endpoint = src
-        peer.rx_bytes += len(data)
         peer.t_new_handshake = None  # any authenticated packet received
         if peer.keepalive_interval:
             peer.t_persistent = now + peer.keepalive_interval
@@ -453,21 +459,11 @@ class Device:
                 and not peer.sent_lastminute_handshake):
             peer.sent_lastminute_handshake = True
             self._initiate(peer, now, retry=False)
-        if not plain:
-            self.stats["keepalives_received"] += 1
-            return
-        length = inner_length(plain)
-        if length < 0:
-            self.drops["inner_malformed"] += 1
-            return
-        if not peer.allows_source(plain):
-            self.drops["inner_src"] += 1
-            return
-        if peer.t_keepalive is None:  # data received: answer within KEEPALIVE_TIMEOUT
-            peer.t_keepalive = now + self._keepalive_timeout
-        else:
-            peer.need_another_keepalive = True
-        self.to_tun.append((plain if length == len(plain) else plain[:length], peer))
+        if data:  # data received: answer within KEEPALIVE_TIMEOUT
+            if peer.t_keepalive is None:
+                peer.t_keepalive = now + self._keepalive_timeout
+            else:
+                peer.need_another_keepalive = True
 
     def _confirm_next(self, peer: Peer, now: float) -> None:
         """The initiator used the session we answered with: it becomes current."""

@@ -1,8 +1,9 @@
 """Per-peer state and the inner-packet checks: what a peer may send, and where it is.
 
 ``Peer`` holds one remote static key's sessions (current, previous, next), its pending
-handshake, timer deadlines and counters; ``Device`` (``device.py``) drives it. The IP
-header helpers here decide which inner packets a peer may hand to the TUN.
+handshake, timer deadlines and counters; ``Device`` (``device.py``) drives it, and decides
+from its routes which inner source addresses a peer may use. The IP header helpers here
+read inner packets.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class PeerConfig:
 
 
 class Prefixes:
-    """Subnets of one address family as (network int, mask int) pairs, for per-packet tests."""
+    """A peer's subnets per address family as (network int, mask int) pairs, parsed (and
+    so checked) once per table; the device's routes are built from them."""
 
     __slots__ = ("v4", "v6")
 
@@ -95,22 +97,6 @@ class Peer:
     def public_key(self) -> bytes:
         """The peer's static public key (32 bytes)."""
         return self.identity.public
-
-    def allows_source(self, packet: bytes | memoryview) -> bool:
-        """Is the inner packet's source address inside this peer's allowed subnets?"""
-        version = packet[IP_VERSION] >> 4
-        if version == 4:
-            src = int.from_bytes(packet[V4_SRC], "big")
-            prefixes = self.prefixes.v4
-        elif version == 6:
-            src = int.from_bytes(packet[V6_SRC], "big")
-            prefixes = self.prefixes.v6
-        else:
-            return False
-        for net, mask in prefixes:  # noqa: SIM110 - a generator costs more per packet
-            if src & mask == net:
-                return True
-        return False
 
     def __repr__(self) -> str:
         return f"Peer({short_key(self.identity.public)}, endpoint={self.endpoint})"
