@@ -18,6 +18,7 @@ command -v iptables >/dev/null || need+=(iptables)
 command -v nft >/dev/null || need+=(nftables)
 command -v ping >/dev/null || need+=(iputils-ping)
 { command -v wireguard-go && command -v wg; } >/dev/null || need+=(wireguard-go wireguard-tools)
+[ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)  # bridge, host-local, portmap behind pyflannel-cni
 command -v sysctl >/dev/null || need+=(procps)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
