@@ -160,6 +160,43 @@ def test_shedding_drops_handshakes_in_the_kernel_but_never_transport():
     assert 120 < len(drain(rx)) < 280
 
 
+def sources(sock: socket.socket) -> list[str]:
+    sock.settimeout(0.1)
+    got = []
+    try:
+        while True:
+            got.append(sock.recvfrom(2000)[1][0])
+    except TimeoutError:
+        return got
+
+
+def test_shedding_spares_handshakes_from_the_peers_addresses():
+    rx = receiver(socket.AF_INET)
+    many = [f"198.18.{i // 250}.{i % 250 + 1}" for i in range(sockfilter.MAX_EXEMPT_V4 + 50)]
+    sockfilter.attach(rx, sockfilter.wireguard_filter(
+        sockfilter.MAX_SHED_SHIFT, ["127.0.0.2", "::ffff:127.0.0.4", "fd00::9", *many]))
+    senders = {}
+    for ip in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+        senders[ip] = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        senders[ip].bind((ip, 0))
+    for _ in range(100):
+        for tx in senders.values():
+            tx.sendto(GOOD["initiation"], rx.getsockname())
+    got = sources(rx)
+    assert got.count("127.0.0.2") == got.count("127.0.0.4") == 100  # peers: all
+    assert got.count("127.0.0.3") <= 1  # anyone else: one in 65536
+    rx6 = receiver(socket.AF_INET6)
+    tx6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    for exempt, expected in ((["::1"], 50), (["fd00::9", "198.18.0.1"], 0)):
+        sockfilter.attach(rx6, sockfilter.wireguard_filter(sockfilter.MAX_SHED_SHIFT, exempt))
+        for _ in range(50):
+            tx6.sendto(GOOD["response"], rx6.getsockname()[:2])
+        assert len(sources(rx6)) in (expected, expected + 1)
+    # the longest lists still make a program the kernel takes
+    six = [f"fd00::{i:x}" for i in range(sockfilter.MAX_EXEMPT_V6 + 10)]
+    sockfilter.attach(rx6, sockfilter.wireguard_filter(1, many + six))
+
+
 def test_shedding_tightens_at_once_under_a_flood_and_relaxes_when_it_stops():
     shed = sockfilter.Shedding(rate=1000.0, window=0.1)
     assert shed.seen(50, 0.0) is None and shed.shift == 0  # a burst of real handshakes

@@ -24,8 +24,10 @@ SO_ATTACH_FILTER; the kernel counts what they refuse in the socket's drop counte
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import socket
 import struct
+from collections.abc import Iterable
 
 from pyflannel.wireguard.constants import (
     COOKIE_REPLY_LEN,
@@ -52,6 +54,15 @@ BPF_ALU_AND_K = 0x54  # A &= k
 BPF_JEQ_K = 0x15  # jump jt if A == k, else jf
 BPF_JGE_K = 0x35  # jump jt if A >= k, else jf
 BPF_RET_K = 0x06  # accept k bytes (0: drop)
+BPF_LDB_ABS = 0x30  # A = packet[k]
+BPF_JA = 0x05  # jump k
+SKF_NET_OFF = -0x100000  # loads from here read the IP header
+IPV4_SRC = 12
+IPV6_SRC = 8
+# source addresses spared by shedding (2 instructions per IPv4 address, 9 per IPv6; the
+# kernel takes 4096 in all)
+MAX_EXEMPT_V4 = 1000
+MAX_EXEMPT_V6 = 200
 SKF_AD_OFF = -0x1000
 SKF_AD_RANDOM = 56
 ACCEPT_ALL = 0xFFFFFFFF  # never trim a datagram
@@ -69,30 +80,38 @@ class Program:
     """A list of instructions with forward jumps to labels, assembled to bytes."""
 
     def __init__(self) -> None:
-        self._rows: list[tuple[int, str | int, str | int, int]] = []
+        self._rows: list[tuple[int, str | int, str | int, int | str]] = []
         self._labels: dict[str, int] = {}
 
     def label(self, name: str) -> None:
         self._labels[name] = len(self._rows)
 
-    def op(self, code: int, k: int = 0, jt: str | int = 0, jf: str | int = 0) -> None:
-        self._rows.append((code, jt, jf, k & 0xFFFFFFFF))
+    def op(self, code: int, k: int | str = 0, jt: str | int = 0, jf: str | int = 0) -> None:
+        """One instruction; ``k`` names a label for BPF_JA, ``jt``/``jf`` for the rest."""
+        self._rows.append((code, jt, jf, k))
 
     def assemble(self) -> bytes:
         out = bytearray()
         for pc, (code, jt, jf, k) in enumerate(self._rows):
+            k = self._offset(pc, k) if isinstance(k, str) else k & 0xFFFFFFFF
+            # struct raises for a conditional jump beyond 255 instructions
             out += _insn.pack(code, self._offset(pc, jt), self._offset(pc, jf), k)
         return bytes(out)
 
     def _offset(self, pc: int, target: str | int) -> int:
         if isinstance(target, int):
             return target
-        return self._labels[target] - pc - 1
+        offset = self._labels[target] - pc - 1
+        if offset < 0:
+            raise ValueError(f"jump back to {target!r}: classic BPF only jumps forward")
+        return offset
 
 
-def wireguard_filter(shed_shift: int = 0) -> bytes:
+def wireguard_filter(shed_shift: int = 0, exempt: Iterable[str] = ()) -> bytes:
     """The program for the WireGuard socket; ``shed_shift`` k > 0 passes one handshake
-    message in 2^k at random (transport messages are never shed)."""
+    message in 2^k at random (transport messages are never shed), except those from the
+    ``exempt`` source addresses (the peers' endpoints: their rekeys go on during a flood
+    that does not use their addresses)."""
     if not 0 <= shed_shift <= MAX_SHED_SHIFT:
         raise ValueError(f"shed_shift must be 0-{MAX_SHED_SHIFT}")
     p = Program()
@@ -110,16 +129,57 @@ def wireguard_filter(shed_shift: int = 0) -> bytes:
         p.label(name)
         p.op(BPF_LD_W_LEN)
         p.op(BPF_JEQ_K, UDP_HEADER_LEN + length, "handshake", "drop")
-    p.label("handshake")
-    if shed_shift:
-        p.op(BPF_LD_W_RANDOM, SKF_AD_OFF + SKF_AD_RANDOM)
-        p.op(BPF_ALU_AND_K, (1 << shed_shift) - 1)
-        p.op(BPF_JEQ_K, 0, "accept", "drop")
     p.label("accept")
     p.op(BPF_RET_K, ACCEPT_ALL)
     p.label("drop")
     p.op(BPF_RET_K, 0)
+    # last, so that the jumps above stay short however long the list of exemptions
+    p.label("handshake")
+    if shed_shift:
+        _exempt_sources(p, exempt)
+        p.op(BPF_LD_W_RANDOM, SKF_AD_OFF + SKF_AD_RANDOM)
+        p.op(BPF_ALU_AND_K, (1 << shed_shift) - 1)
+        p.op(BPF_JEQ_K, 0, 0, 1)
+    p.op(BPF_RET_K, ACCEPT_ALL)
+    p.op(BPF_RET_K, 0)
     return p.assemble()
+
+
+def _exempt_sources(p: Program, exempt: Iterable[str]) -> None:
+    """Accept when the IP source address is one of ``exempt``, else fall through.
+
+    The network header is read at SKF_NET_OFF; its version nibble picks the list (an IPv6
+    socket may carry IPv4). At most MAX_EXEMPT_V4 and MAX_EXEMPT_V6 are listed; each
+    match is followed by its own accepting return, so every jump stays short.
+    """
+    v4, v6 = [], []
+    for text in exempt:
+        ip = ipaddress.ip_address(text)
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        (v4 if ip.version == 4 else v6).append(ip.packed)
+    v4, v6 = sorted(set(v4))[:MAX_EXEMPT_V4], sorted(set(v6))[:MAX_EXEMPT_V6]
+    if not v4 and not v6:
+        return
+    p.op(BPF_LDB_ABS, SKF_NET_OFF)
+    p.op(BPF_ALU_AND_K, 0xF0)
+    p.op(BPF_JEQ_K, 0x40, 1, 0)
+    p.op(BPF_JA, "v6")  # JA's offset has 32 bits, the conditional jumps' only 8
+    if v4:
+        p.op(BPF_LD_W_ABS, SKF_NET_OFF + IPV4_SRC)
+        for address in v4:
+            p.op(BPF_JEQ_K, int.from_bytes(address, "big"), 0, 1)
+            p.op(BPF_RET_K, ACCEPT_ALL)
+    p.op(BPF_JA, "shed")
+    p.label("v6")
+    for i, address in enumerate(v6):
+        nxt = f"v6-{i + 1}"
+        for w, word in enumerate(struct.unpack("!4I", address)):
+            p.op(BPF_LD_W_ABS, SKF_NET_OFF + IPV6_SRC + 4 * w)
+            p.op(BPF_JEQ_K, word, 0, nxt)
+        p.op(BPF_RET_K, ACCEPT_ALL)
+        p.label(nxt)
+    p.label("shed")
 
 
 class _SockFprog(ctypes.Structure):

@@ -313,9 +313,12 @@ class WgReceive(WgBase):
 
     def _set_filter(self, shed_shift: int) -> bool:
         """The socket filter (sockfilter.py): shapes WireGuard cannot use, and under a
-        flood all but one handshake message in 2^shed_shift, die in the kernel."""
+        flood all but one handshake message in 2^shed_shift, die in the kernel; those from
+        the peers' endpoints as we know them now are spared (their rekeys go on)."""
+        exempt = [peer.endpoint[0] for peer in self.dev.peers.values()
+                  if shed_shift and peer.endpoint is not None]
         try:
-            attach(self.sock, wireguard_filter(shed_shift))
+            attach(self.sock, wireguard_filter(shed_shift, exempt))
             return True
         except OSError as e:  # the loop's own checks still refuse them, at more cost
             print(f"pyflannel-fastpath: no socket filter on the WireGuard port: {e}",
