@@ -43,7 +43,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -346,6 +346,8 @@ class Lab:
         # Forked children (pyroute2's NetNS helper, multiprocessing, ...) inherit our
         # atexit hook and this object; only the creating process may tear down.
         self._owner_pid = os.getpid()
+        # (before, after) pairs from add_cleanup, run at teardown around the lab's own steps
+        self._cleanups: list[tuple[Callable[[], None] | None, Callable[[], None] | None]] = []
         _register(self)  # the temp workdir already exists: make sure it goes away
 
     # ---------------------------------------------------------------- context manager
@@ -364,6 +366,16 @@ class Lab:
 
     def __repr__(self) -> str:
         return f"<Lab {self.prefix} nodes={len(self.nodes)} workdir={self.workdir}>"
+
+    def add_cleanup(self, before: Callable[[], None] | None = None,
+                    after: Callable[[], None] | None = None) -> None:
+        """Run ``before`` at teardown ahead of everything else (while the daemons and the
+        namespaces still exist) and ``after`` once the namespaces are gone; newest first.
+
+        Why: things the lab does not own but hosts (a dockerd and its containers) must go
+        in their own order, at every teardown, also at exit and on SIGTERM.
+        """
+        self._cleanups.append((before, after))
 
     def node(self, name: str) -> LabNode:
         """Look a node up by name ("n1")."""
@@ -859,6 +871,9 @@ class Lab:
                 )
 
     def _teardown_steps(self) -> None:
+        for before, _after in reversed(self._cleanups):
+            if before is not None:
+                self._guard(before)
         # 1. polite SIGTERM to every process group we started, then SIGKILL; daemons
         #    first and etcd last, so daemons can still reach etcd while shutting down
         daemons = [n.process for n in self.nodes if n.process is not None]
@@ -892,6 +907,9 @@ class Lab:
                 err = proc.stderr.decode(errors="replace").strip()
                 log.warning("lab %s: could not delete netns %s: %s", self.prefix, ns, err)
         self._namespaces.clear()
+        for _before, after in reversed(self._cleanups):
+            if after is not None:
+                self._guard(after)
         # 4. files
         if self._own_workdir:
             if os.environ.get(KEEP_ENV) == "1":
