@@ -468,3 +468,26 @@ def test_a_peer_s_row_is_named_fields_in_slots():
         assert row.stats is r.fwd.peer_stats["127.0.0.2"]
     finally:
         r.close()
+
+
+SO_NO_CHECK = 11  # send UDP over IPv4 without a checksum (zero)
+
+
+def test_a_vnet1_datagram_without_a_udp_checksum_is_refused_by_the_kernel():
+    """vnet1 packets may carry a partial checksum the kernel completes, so only the UDP
+    checksum protects them: the socket's filter refuses a vnet1 datagram whose UDP
+    checksum is zero (none). Flannel's framing still passes: its segments are verified."""
+    from pyflannel.fastpath.frames import ZERO_VNET, encode_train
+
+    u = Unthreaded(peers=[[int(IPv4Address("10.1.2.0")), "127.0.0.2", 1, True]])
+    try:
+        pkt = ipv4(src="10.1.2.7", dst="10.1.1.5", payload=b"vnet1")
+        (dgram,) = encode_train(ZERO_VNET + pkt, 9, 1472)
+        u.peer.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
+        assert u.turn([dgram]) == []
+        plain = ipv4(src="10.1.2.7", dst="10.1.1.5", payload=b"flannel")
+        assert [p[20:] for _hdr, p in u.turn([plain])] == [b"flannel"]
+        u.peer.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 0)
+        assert [p[20:] for _hdr, p in u.turn([dgram])] == [b"vnet1"]
+    finally:
+        u.close()

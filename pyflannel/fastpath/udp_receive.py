@@ -11,6 +11,10 @@ fresh checksum (:mod:`.coalesce`): those of a GRO run, which the kernel merges o
 datagrams with a non-zero UDP checksum it has verified; a datagram that came alone may have
 carried a zero UDP checksum (none at all), so its TCP checksum is verified first, and a
 segment that fails is written on its own for the kernel to refuse.
+
+vnet1 packets often carry a partial checksum the kernel completes, so nothing but the UDP
+checksum protects them: a socket filter refuses a vnet1 datagram without one (pyflannel
+always sends one, and only pyflannel speaks vnet1).
 """
 
 from __future__ import annotations
@@ -60,6 +64,15 @@ from pyflannel.fastpath.packet import (
     ipv6_key,
     ipv6_total,
 )
+from pyflannel.fastpath.sockfilter import (
+    ACCEPT_ALL,
+    BPF_JEQ_K,
+    BPF_LD_W_LEN,
+    BPF_RET_K,
+    UDP_HEADER_LEN,
+    Program,
+    attach,
+)
 from pyflannel.fastpath.transport import ANC_SIZE, BATCH, Transport, gro_size
 
 _u32 = struct.Struct("!I").unpack_from
@@ -68,6 +81,30 @@ C = counters.INDEX
 RX_P, RX_B = C["rx_packets"], C["rx_bytes"]
 RX6_P, RX6_B = C["rx_packets_ipv6"], C["rx_bytes_ipv6"]
 COALESCED = C["coalesced"]
+BPF_LD_H_ABS = 0x28  # A = ntohs(packet[k:k+2])
+BPF_LD_B_ABS = 0x30  # A = packet[k]
+BPF_JGT_K = 0x25
+UDP_CHECKSUM_AT = 6  # in the UDP header, which the socket's filter sees first
+
+
+def vnet1_needs_checksum_filter() -> bytes:
+    """A classic BPF program for the udp backend's socket: refuse a vnet1 datagram whose
+    UDP checksum is zero (none was computed), pass anything else. (A checksum left for
+    offload is never zero either: it holds the pseudo-header sum.)"""
+    p = Program()
+    p.op(BPF_LD_H_ABS, UDP_CHECKSUM_AT)
+    p.op(BPF_JEQ_K, 0, "unchecked", "accept")
+    p.label("unchecked")
+    p.op(BPF_LD_W_LEN)
+    p.op(BPF_JGT_K, UDP_HEADER_LEN, "framing", "accept")
+    p.label("framing")
+    p.op(BPF_LD_B_ABS, UDP_HEADER_LEN)
+    p.op(BPF_JEQ_K, FAST_MAGIC, "drop", "accept")
+    p.label("accept")
+    p.op(BPF_RET_K, ACCEPT_ALL)
+    p.label("drop")
+    p.op(BPF_RET_K, 0)
+    return p.assemble()
 
 
 class PeerSource:
@@ -106,6 +143,8 @@ class UdpReceive(Transport):
         # are merged per TCP flow before the write: GRO in user space.
         self.coalesce = self.vnet
         self._pending: list[tuple[bytes, PeerSource]] = []
+        if sock.type == socket.SOCK_DGRAM and sock.family in (socket.AF_INET, socket.AF_INET6):
+            attach(sock, vnet1_needs_checksum_filter())
 
     def flush_pending(self) -> None:
         """Write the held plain packets: each TCP flow's run as one super-packet."""
