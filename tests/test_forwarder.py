@@ -485,6 +485,8 @@ def test_a_vnet1_datagram_without_a_udp_checksum_is_refused_by_the_kernel():
         (dgram,) = encode_train(ZERO_VNET + pkt, 9, 1472)
         u.peer.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 1)
         assert u.turn([dgram]) == []
+        u.fwd.publish_counters()
+        assert u.fwd.c[counters.INDEX["drop_socket"]] == 1  # the kernel's drop, counted
         plain = ipv4(src="10.1.2.7", dst="10.1.1.5", payload=b"flannel")
         assert [p[20:] for _hdr, p in u.turn([plain])] == [b"flannel"]
         u.peer.setsockopt(socket.SOL_SOCKET, SO_NO_CHECK, 0)

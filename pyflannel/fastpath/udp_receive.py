@@ -72,6 +72,7 @@ from pyflannel.fastpath.sockfilter import (
     UDP_HEADER_LEN,
     Program,
     attach,
+    socket_drops,
 )
 from pyflannel.fastpath.transport import ANC_SIZE, BATCH, Transport, gro_size
 
@@ -81,6 +82,7 @@ C = counters.INDEX
 RX_P, RX_B = C["rx_packets"], C["rx_bytes"]
 RX6_P, RX6_B = C["rx_packets_ipv6"], C["rx_bytes_ipv6"]
 COALESCED = C["coalesced"]
+SOCKET_DROPS = C["drop_socket"]
 BPF_LD_H_ABS = 0x28  # A = ntohs(packet[k:k+2])
 BPF_LD_B_ABS = 0x30  # A = packet[k]
 BPF_JGT_K = 0x25
@@ -145,6 +147,15 @@ class UdpReceive(Transport):
         self._pending: list[tuple[bytes, PeerSource]] = []
         if sock.type == socket.SOCK_DGRAM and sock.family in (socket.AF_INET, socket.AF_INET6):
             attach(sock, vnet1_needs_checksum_filter())
+        self._kernel_drops = socket_drops(sock)
+
+    def publish_counters(self) -> None:
+        """Also count what the kernel dropped for the socket: refused by its filter, or
+        arriving with the receive queue full."""
+        now = socket_drops(self.sock)
+        self.c[SOCKET_DROPS] += (now - self._kernel_drops) & 0xFFFFFFFF  # a u32 that wraps
+        self._kernel_drops = now
+        super().publish_counters()
 
     def flush_pending(self) -> None:
         """Write the held plain packets: each TCP flow's run as one super-packet."""
