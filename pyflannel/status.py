@@ -298,6 +298,34 @@ def _note(r: dict[str, Any]) -> str:
     return " ".join(notes)
 
 
+def bgp_rows(opts: Options) -> list[dict[str, Any]]:
+    """The bgp backend's sessions on this host, one row each (``bgp_peer`` tells them from
+    lease rows in ``--json``); passwords are never in the state file."""
+    sessions = (_state(opts) or {}).get("bgp")
+    return [{"bgp_peer": s.get("peer"), **s} for s in sessions
+            if isinstance(s, dict)] if isinstance(sessions, list) else []
+
+
+def render_bgp(rows: list[dict[str, Any]]) -> str:
+    """The BGP section: peer, AS, kind, state and for how long, prefixes, last error."""
+    if not rows:
+        return ""
+    lines = [("PEER", "AS", "KIND", "STATE", "FOR", "RECEIVED", "ACCEPTED", "SENT",
+              "LAST ERROR")]
+    for r in rows:
+        error = r.get("last_error") or "-"
+        if r.get("hint"):
+            error += f" ({r['hint']})"
+        lines.append((str(r.get("peer")), str(r.get("asn")), str(r.get("kind")),
+                      str(r.get("state")), format_duration(int(r.get("state_for_s") or 0)),
+                      str(r.get("received")), str(r.get("accepted")), str(r.get("sent")),
+                      error))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]) - 1)]
+    return "\nBGP sessions\n" + "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1]
+        for row in lines)
+
+
 def run(opts: Options, as_json: bool = False, watch: float = 0.0) -> int:
     if watch:
         try:
@@ -321,7 +349,8 @@ def run_once(opts: Options, as_json: bool = False, clear: bool = False) -> int:
     except TimeoutError:
         print("pyflannel status: etcd did not answer within 30s", file=sys.stderr)
         return 1
-    text = json.dumps(rows, indent=2) if as_json else render_table(rows)
+    bgp = bgp_rows(opts)
+    text = json.dumps(rows + bgp, indent=2) if as_json else render_table(rows) + render_bgp(bgp)
     if clear:  # --watch: redraw in place
         text = "\x1b[H\x1b[2J" + time.strftime("%H:%M:%S ") + "pyflannel status\n" + text
     print(text, flush=True)

@@ -90,6 +90,7 @@ class Daemon:
             counters=b.counters() if b is not None else {},
             peer_counters=self.peer_counters,
             task_restarts=dict(self.task_restarts),
+            bgp=b.bgp_status() if b is not None and hasattr(b, "bgp_status") else [],
         )
 
     def state_file(self) -> Path:

@@ -34,6 +34,7 @@ class NodeSnapshot:
     counters: dict[str, int] = field(default_factory=dict)
     peer_counters: dict[str, dict] = field(default_factory=dict)
     task_restarts: dict[str, int] = field(default_factory=dict)
+    bgp: list[dict] = field(default_factory=list)  # the bgp backend's sessions
 
     def for_metrics(self) -> dict[str, Any]:
         return asdict(self)
@@ -45,7 +46,7 @@ class NodeSnapshot:
             "subnet": self.subnet or None, "ipv6_subnet": self.ipv6_subnet or None,
             "lease_expiry": self.lease_expiry if self.subnet or self.ipv6_subnet else None,
             "ready": self.ready, "counters": self.counters, "peers": self.peer_counters,
-            "ignored": self.peers_ignored,
+            "ignored": self.peers_ignored, "bgp": self.bgp,
         }
 
 
