@@ -7,6 +7,10 @@ IPv6 inner packets on udp-fast, vxlan and host-gw (a dual-stack network, "-v6" r
     python -m bench.run            # the full run (about 6-8 minutes on 2 vCPUs)
     python -m bench.run --quick    # a smoke run (about a minute)
 
+The wireguard and wireguard-go setups are also measured under a handshake flood from one
+host (bench/flood.py, 100k datagrams a second: initiations with a valid mac1, and random
+bytes; the smoke run only the first, briefly): ping loss, and TCP as a share of unflooded.
+
 Prints a table of medians (min-max), ratios to the underlay and to vxlan, and writes JSON
 and (with the ``bench`` extra, matplotlib) a PNG chart to bench/results/. Timings are
 figures to compare, never test assertions.
@@ -22,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import chart, wg
+from bench import chart, flood, wg
 from bench.measure import (
     cpu_percent_during,
     idle_fraction,
@@ -72,11 +76,17 @@ class Plan:
     idle_check_s: float = 1.0  # how long to watch the machine idle before each setup
     tcp4: bool = True  # the 4-stream runs (the smoke run leaves them out) ...
     udp_sizes: tuple[int, ...] = (1400, 64)  # ... and the 64-byte flood
+    # the WireGuard setups under a handshake flood from one host (bench/flood.py): pings
+    # for this long, then one TCP stream for tcp_seconds, while it runs
+    flood_kinds: tuple[str, ...] = ("mac1", "random")
+    flood_ping_s: float = 3.0
+    flood_rate: int = 100_000
 
     @classmethod
     def of(cls, quick: bool) -> Plan:
         if quick:
-            return cls(1, 1, 1, 20, idle_check_s=0.25, tcp4=False, udp_sizes=(1400,))
+            return cls(1, 1, 1, 20, idle_check_s=0.25, tcp4=False, udp_sizes=(1400,),
+                       flood_kinds=("mac1",), flood_ping_s=1.0)
         return cls(3, 8, 4, 200)
 
 
@@ -176,10 +186,49 @@ def _measure(lab: Lab, setup: Setup, plan: Plan) -> Result:
                                     plan.udp_pps)
         res.add(f"udp{size}_pps", delivered)
         res.add(f"udp{size}_loss_pct", loss)
+    if setup.backend == "wireguard" or setup.wireguard_go:
+        for kind in plan.flood_kinds:
+            under_flood(lab, setup, plan, kind, client, server, src, dst, res)
     spread = res.samples.get("tcp1_gbps", [])
     if len(spread) > 1 and (max(spread) - min(spread)) > 0.25 * statistics.median(spread):
         res.notes.append("TCP runs vary by more than 25%: disturbed or unstable")
     return res
+
+
+def server_key(lab: Lab, setup: Setup, server: LabNode) -> str:
+    """The server's WireGuard public key, as a flooder reads it from the lease (for
+    wireguard-go, from the key it was given)."""
+    if setup.wireguard_go:
+        assert _wggo is not None
+        return _wggo.keys[1].public_base64
+    out = lab.etcdctl("get", "--prefix", "--print-value-only", "/coreos.com/network/subnets/")
+    for line in out.splitlines():
+        lease = json.loads(line) if line.startswith("{") else {}
+        if lease.get("PublicIP") == server.underlay_ip:
+            return lease["BackendData"]["PublicKey"]
+    raise RuntimeError(f"{setup.name}: no lease for {server.underlay_ip}")
+
+
+def under_flood(lab: Lab, setup: Setup, plan: Plan, kind: str, client: LabNode,
+                server: LabNode, src: str, dst: str, res: Result) -> None:
+    """Pings, then one TCP stream, from the client while one host on the underlay (the
+    etcd namespace, no peer's address) floods the server's WireGuard port with 148-byte
+    datagrams: initiations with a valid mac1, or random bytes."""
+    port = flood.PORT_WIREGUARD
+    key = server_key(lab, setup, server) if kind == "mac1" else None
+    seconds = plan.flood_ping_s + plan.tcp_seconds + 10  # stopped when the work is done
+    attack = flood.Flood(kind, server.underlay_ip, port, key, plan.flood_rate, seconds)
+
+    def work() -> tuple[float, float, float]:
+        loss, p50 = flood.ping_loss(lab, client, dst, src, plan.flood_ping_s)
+        gbps = iperf_tcp(lab, client, server, dst, src, plan.tcp_seconds, 1)
+        return loss, p50, gbps
+
+    (loss, p50, gbps), sent = attack.during(lab, lab.etcd_ns, work)
+    res.add(f"flood_{kind}_ping_loss_pct", loss)
+    res.add(f"flood_{kind}_ping_p50_ms", p50)
+    res.add(f"flood_{kind}_tcp1_gbps", gbps)
+    res.add(f"flood_{kind}_sent_pps", float(sent.get("rate", 0)))
 
 
 COLUMNS = [
@@ -222,7 +271,32 @@ def table(results: list[Result]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     notes = [f"  {r.setup}: {n}" for r in results for n in r.notes]
-    return "\n".join(lines + (["notes:", *notes] if notes else []))
+    return "\n".join(lines + flood_table(results) + (["notes:", *notes] if notes else []))
+
+
+def flood_table(results: list[Result]) -> list[str]:
+    """The WireGuard setups under each flood: ping loss and p50, TCP and its share of
+    the same setup's unflooded TCP."""
+    rows = []
+    for r in results:
+        for kind in ("mac1", "random"):
+            if not r.samples.get(f"flood_{kind}_tcp1_gbps"):
+                continue
+            tcp, base = r.median(f"flood_{kind}_tcp1_gbps"), r.median("tcp1_gbps")
+            rows.append([r.setup, kind, fmt(r.samples.get(f"flood_{kind}_sent_pps")),
+                         fmt(r.samples.get(f"flood_{kind}_ping_loss_pct")),
+                         fmt(r.samples.get(f"flood_{kind}_ping_p50_ms")),
+                         fmt(r.samples.get(f"flood_{kind}_tcp1_gbps")),
+                         f"{tcp / base:.0%}" if tcp is not None and base else "-"])
+    if not rows:
+        return []
+    head = ["under a flood", "datagrams", "flood pkt/s", "ping loss %", "ping p50 ms",
+            "TCP 1 stream Gbit/s", "of unflooded"]
+    rows.insert(0, head)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return ["", *lines]
 
 
 def main(argv: list[str] | None = None) -> int:
