@@ -2,10 +2,10 @@
 segment straight into its send buffer (the WireGuard fast path).
 
 :func:`frames.segment_tcp4`/``segment_tcp6`` are the plain reference (whole packets, the
-checksum summed per segment). :class:`TcpCut` gives the same segments as (headers, data)
-pieces: the headers are a template copied per segment with only the changing fields
-written, and both checksums come from sums of the constant parts computed once, so per
-segment only its data is summed.
+checksum summed per segment). :class:`TcpCut` gives the same segments, padded as the
+framing asks, a group at a time: the headers are a template copied per segment with only
+the changing fields written, and both checksums come from sums of the constant parts
+computed once, so per segment only its data is summed.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ _u32 = struct.Struct("!I").unpack_from
 
 class TcpCut:
     """One TCP super-packet (IPv4, or IPv6 without extension headers) and its ``count``
-    segments of at most ``mss`` data bytes; :meth:`segment` builds one of them.
+    segments of at most ``mss`` data bytes; :meth:`plaintexts` builds them.
 
     Raises FrameError for anything that is not such a packet or whose lengths disagree.
     """
@@ -93,35 +93,44 @@ class TcpCut:
         """Segment ``g``'s size, headers included (all but the last carry ``mss`` bytes)."""
         return self.hl + min(self.mss, self.total - self.hl - g * self.mss)
 
-    def segment(self, g: int) -> tuple[bytearray, memoryview]:
-        """Segment ``g`` as (its headers, its data): lengths, IPv4 ID and checksum,
-        sequence number, flags (CWR on the first only, FIN and PSH on the last only) and
-        the TCP checksum written."""
-        hl, mss, ihl = self.hl, self.mss, self.ihl
-        start = hl + g * mss
-        chunk = self.pkt[start:min(start + mss, self.total)]
-        clen = len(chunk)
-        seg_len = hl + clen
-        h = self._head[:]
-        if self.v6:
-            _pack16(h, V6_PAYLOAD_LEN, seg_len - IPV6_HEADER_LEN)
-        else:
-            ip_id = (self._id0 + g) & 0xFFFF
-            c = (self._ip_base + seg_len + ip_id) % 0xFFFF
-            _pack_ip(h, IP_TOTAL_LEN, seg_len, ip_id)
-            _pack16(h, IP_CSUM, 0xFFFF - c if c else 0)
-        seq = (self._seq0 + g * mss) & 0xFFFFFFFF
-        flags, last = self._flags, self.count - 1
-        if g:
-            flags &= ~TCP_CWR
-        if g != last:
-            flags &= ~TCP_FIN_PSH
-        # the data's one's-complement sum: read little-endian (twice as fast as big-endian
-        # from a memoryview) it is the byte-swapped sum, which is the sum times 256 modulo
-        # 0xFFFF; odd lengths need no padding this way
-        data_sum = (int.from_bytes(chunk, "little") % 0xFFFF) << 8
-        c = (self._tcp_base + clen + (seq >> 16) + (seq & 0xFFFF) + flags + data_sum) % 0xFFFF
-        _pack_seq(h, ihl + TCP_SEQ, seq)
-        h[ihl + TCP_FLAGS] = flags
-        _pack16(h, ihl + TCP_CSUM, 0xFFFF - c if c else 0)
-        return h, chunk
+    def plaintexts(self, i: int, k: int, pad: bytes) -> list[bytes]:
+        """Segments ``i`` to ``i + k - 1``, each as its headers, its data and ``pad``
+        joined (the headers: lengths, IPv4 ID and checksum, sequence number, flags - CWR on
+        the first segment only, FIN and PSH on the last only - and the TCP checksum)."""
+        pkt, head, hl, mss, ihl, total = (self.pkt, self._head, self.hl, self.mss, self.ihl,
+                                          self.total)
+        v6, id0, seq0, flags0, last = self.v6, self._id0, self._seq0, self._flags, self.count - 1
+        ip_base, tcp_base = self._ip_base, self._tcp_base
+        at_seq, at_flags, at_csum = ihl + TCP_SEQ, ihl + TCP_FLAGS, ihl + TCP_CSUM
+        out = []
+        for g in range(i, i + k):
+            start = hl + g * mss
+            chunk = pkt[start:min(start + mss, total)]
+            clen = len(chunk)
+            seg_len = hl + clen
+            h = head[:]
+            if v6:
+                _pack16(h, V6_PAYLOAD_LEN, seg_len - IPV6_HEADER_LEN)
+            else:
+                ip_id = (id0 + g) & 0xFFFF
+                c = (ip_base + seg_len + ip_id) % 0xFFFF
+                _pack_ip(h, IP_TOTAL_LEN, seg_len, ip_id)
+                _pack16(h, IP_CSUM, 0xFFFF - c if c else 0)
+            seq = (seq0 + g * mss) & 0xFFFFFFFF
+            flags = flags0
+            if g:
+                flags &= ~TCP_CWR
+            if g != last:
+                flags &= ~TCP_FIN_PSH
+            # the data's one's-complement sum: read little-endian (twice as fast as
+            # big-endian from a memoryview) it is the byte-swapped sum, which is the sum
+            # times 256 modulo 0xFFFF; odd lengths need no padding this way
+            data_sum = (int.from_bytes(chunk, "little") % 0xFFFF) << 8
+            c = (tcp_base + clen + (seq >> 16) + (seq & 0xFFFF) + flags + data_sum) % 0xFFFF
+            _pack_seq(h, at_seq, seq)
+            h[at_flags] = flags
+            _pack16(h, at_csum, 0xFFFF - c if c else 0)
+            h += chunk
+            h += pad
+            out.append(h)
+        return out

@@ -228,7 +228,7 @@ class WgSend(WgBase):
             padded = self.mtu
         m = DATA_MIN_LEN + padded
         off = self.reserve(self._run_addr, m)  # type: ignore[arg-type]
-        kp.seal_parts(self._bbuf, off, counter, data, _ZEROS[:padded - n])
+        kp.seal_parts(self._bbuf, off, counter, (b"".join((data, _ZEROS[:padded - n])),), m)
         self.commit(m, m - n)
         self._run_bytes += m
         self._run_pkts += 1
@@ -261,7 +261,6 @@ class WgSend(WgBase):
                 self.stage(peer, seg)
             return
         bbuf, mtu, addr = self._bbuf, self.mtu, self._run_addr
-        seal, segment = kp.seal_parts, cut.segment  # type: ignore[union-attr]
         last = count - 1
         inner = wire = i = 0
         while i < count:
@@ -272,11 +271,8 @@ class WgSend(WgBase):
             m = DATA_MIN_LEN + padded
             # every segment but the last is full-sized: a group of them fills the batch
             off, k = self.reserve_many(addr, m, last - i if i < last else 1)  # type: ignore[arg-type]
-            pad = _ZEROS[:padded - seg_len]
-            for g in range(i, i + k):
-                h, chunk = segment(g)
-                seal(bbuf, off, first + g, h, chunk, pad)
-                off += m
+            kp.seal_parts(bbuf, off, first + i,  # type: ignore[union-attr]
+                          cut.plaintexts(i, k, _ZEROS[:padded - seg_len]), m)
             self.commit_many(k, m, m - seg_len)
             wire += k * m
             inner += k * seg_len

@@ -31,7 +31,7 @@ import random
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from .constants import (
     COOKIE_REPLY_LEN,
@@ -104,11 +104,20 @@ log = logging.getLogger(__name__)
 _RESERVED_ZERO = b"\0\0\0"
 # one C call each on the per-datagram path instead of a slice and an int.from_bytes:
 _le32 = struct.Struct("<I").unpack_from  # type and reserved bytes, as one LE u32
+# type and reserved bytes (as one LE u32), receiver index, counter: one C call
+_transport_header = struct.Struct("<IIQ").unpack_from
 _v4_length_source = struct.Struct(  # IPv4 total length and source address
     f"!{V4_TOTAL_LEN.start}xH{V4_SRC.start - V4_TOTAL_LEN.stop}xI").unpack_from
 _NONCE_PAD = b"\0\0\0\0"  # the transport nonce: four zero bytes, then the LE64 counter
 COOKIE_REPLIES_PER_SECOND = 500.0  # for the whole device
 COOKIE_REPLY_BURST = 50.0
+
+
+def _same_run(data: bytes | bytearray | memoryview, index: int) -> bool:
+    """Is ``data`` a transport message (by its shape) to receiver ``index``?"""
+    n = len(data)
+    return (DATA_MIN_LEN <= n <= MAX_DATAGRAM and _le32(data)[0] == MSG_TRANSPORT
+            and _le32(data, DATA_RECEIVER)[0] == index)
 
 
 DROP_REASONS = (
@@ -323,8 +332,7 @@ class Device:
                 return
             kind = data[TYPE_OFFSET]
             if kind == MSG_TRANSPORT and n >= DATA_MIN_LEN:
-                self._transport_run(_le32(data, DATA_RECEIVER)[0], [(data, src)],
-                                    self.clock())
+                self._transport_run([(data, src)], 0, self.clock())
             elif kind == MSG_INITIATION and n == INIT_LEN:
                 self._receive_initiation(bytes(data), src)
             elif kind == MSG_RESPONSE and n == RESP_LEN:
@@ -342,42 +350,33 @@ class Device:
     def receive_many(self, datagrams: Iterable[tuple[bytes, Endpoint]]) -> None:
         """Consume a batch of datagrams (one recvmmsg's worth), as :meth:`receive` would.
 
-        Consecutive transport messages to one receiver index, the bulk of the traffic, go
-        to :meth:`_transport_run` together, so the peer's bookkeeping is done once per run;
+        Each run of transport messages to one receiver index, the bulk of the traffic, goes
+        to :meth:`_transport_run` whole, so the peer's bookkeeping is done once per run;
         anything else goes through :meth:`receive`, in its place in the batch.
         """
-        run: list[tuple[bytes, Endpoint]] = []
-        run_index = -1
+        batch = datagrams if isinstance(datagrams, (list, tuple)) else list(datagrams)
+        total = len(batch)
         now = self.clock()
-        for data, src in datagrams:
+        i = 0
+        while i < total:
+            data, src = batch[i]
             n = len(data)
             if n < DATA_MIN_LEN or n > MAX_DATAGRAM or _le32(data)[0] != MSG_TRANSPORT:
-                if run:
-                    self._transport_run_safely(run_index, run, now)
-                    run = []
                 self.receive(data, src)
+                i += 1
                 continue
-            receiver = _le32(data, DATA_RECEIVER)[0]
-            if receiver != run_index and run:
-                self._transport_run_safely(run_index, run, now)
-                run = []
-            run_index = receiver
-            run.append((data, src))
-        if run:
-            self._transport_run_safely(run_index, run, now)
+            try:
+                i = self._transport_run(batch, i, now)
+            except Exception:  # a bug must not take the data path down with it
+                log.exception("wireguard: internal error on a transport message")
+                self.drops["internal_error"] += 1
+                i += 1
 
-    def _transport_run_safely(self, receiver: int, run: list[tuple[bytes, Endpoint]],
-                              now: float) -> None:
-        try:
-            self._transport_run(receiver, run, now)
-        except Exception:  # a bug must not take the data path down with it
-            log.exception("wireguard: internal error on a run of %d messages", len(run))
-            self.drops["internal_error"] += len(run)
-
-    def _transport_run(self, receiver: int, run: list[tuple[bytes, Endpoint]],
-                       now: float) -> None:
-        """The transport receive rules, for messages (at least 32 bytes, type 4) to one
-        receiver index: the only place they live.
+    def _transport_run(self, batch: Sequence[tuple[bytes, Endpoint]], i: int,
+                       now: float) -> int:
+        """The transport receive rules, the only place they live: for ``batch[i]`` (a
+        type-4 message of at least 32 bytes) and the messages after it to the same receiver
+        index. Returns the position after that run.
 
         Per message: a session for the index that has not expired, the tag (a forgery
         never moves the replay window), a fresh counter, a sane inner IP header, and an
@@ -386,32 +385,43 @@ class Device:
         authenticated message), byte count, timers, and the session's promotion or rekey.
         """
         drops = self.drops
-        kp = self._keypairs.get(receiver)
-        if kp is None:
-            drops["unknown_index"] += len(run)
-            return
-        if now >= kp.expires_at:
-            drops["stale_key"] += len(run)
-            return
+        index = _le32(batch[i][0], DATA_RECEIVER)[0]
+        total = len(batch)
+        kp = self._keypairs.get(index)
+        if kp is None or now >= kp.expires_at:
+            j = i + 1
+            while j < total and _same_run(batch[j][0], index):
+                j += 1
+            drops["unknown_index" if kp is None else "stale_key"] += j - i
+            return j
         peer: Peer = kp.peer  # type: ignore[assignment]
         decrypt, accept = kp.opener()
-        owner, routes4, routes6 = self.owner, self._routes4, self._routes6
+        routes4, routes6 = self._routes4, self._routes6
         append = self.to_tun.append
         nbytes = keepalives = 0
         data_seen = False
         last_src: Endpoint | None = None
-        for data, src in run:
-            ctr = data[DATA_COUNTER:DATA_PAYLOAD]
+        j = i
+        while j < total:
+            data, src = batch[j]
+            n = len(data)
+            if n < DATA_MIN_LEN or n > MAX_DATAGRAM:
+                break
+            kind, receiver, counter = _transport_header(data)
+            if kind != MSG_TRANSPORT or receiver != index:
+                break
+            j += 1
             try:
-                plain = decrypt(_NONCE_PAD + ctr, data[DATA_PAYLOAD:], None)
+                plain = decrypt(_NONCE_PAD + data[DATA_COUNTER:DATA_PAYLOAD],
+                                data[DATA_PAYLOAD:], None)
             except InvalidTag:
                 drops["bad_auth"] += 1
                 continue
-            if not accept(int.from_bytes(ctr, "little")):
+            if not accept(counter):
                 drops["replay"] += 1
                 continue
             # authenticated from here on
-            nbytes += len(data)
+            nbytes += n
             last_src = src
             if not plain:
                 keepalives += 1
@@ -419,21 +429,27 @@ class Device:
             size = len(plain)
             if plain[IP_VERSION] == IPV4_VERSION_IHL5 and size >= IPV4_HEADER:
                 # the common case (IPv4 without options), in one struct call
-                length, src4 = _v4_length_source(plain)
+                length, address = _v4_length_source(plain)
                 if not IPV4_HEADER <= length <= size:
                     drops["inner_malformed"] += 1
                     continue
-                sender = owner(routes4, src4)
+                routes = routes4
             else:
                 length = inner_length(plain)
                 if length < 0:
                     drops["inner_malformed"] += 1
                     continue
                 if plain[IP_VERSION] >> 4 == 4:
-                    sender = owner(routes4, int.from_bytes(plain[V4_SRC], "big"))
+                    address, routes = int.from_bytes(plain[V4_SRC], "big"), routes4
                 else:
-                    sender = owner(routes6, int.from_bytes(plain[V6_SRC], "big"))
-            if sender is not peer:
+                    address, routes = int.from_bytes(plain[V6_SRC], "big"), routes6
+            for shift, table in routes:  # Device.owner, inlined: once per packet
+                owner = table.get(address >> shift)
+                if owner is not None:
+                    break
+            else:
+                owner = None
+            if owner is not peer:
                 drops["inner_src"] += 1
                 continue
             data_seen = True
@@ -442,6 +458,7 @@ class Device:
             self.stats["keepalives_received"] += keepalives
         if last_src is not None:
             self._authenticated(peer, kp, nbytes, data_seen, last_src, now)
+        return j
 
     def _authenticated(self, peer: Peer, kp: Keypair, nbytes: int, data: bool,
                        src: Endpoint, now: float) -> None:

@@ -6,8 +6,8 @@ followed by the same counter. A keepalive is a message with an empty payload.
 
 Everything per datagram is precomputed per keypair: the two ChaCha20Poly1305 objects and
 the 8-byte message prefix. :meth:`Keypair.seal_into` encrypts in place inside a buffer the
-caller owns (no allocation but the nonce); :meth:`Keypair.seal_parts` builds a message in
-such a buffer from the packet's pieces (a segment's headers, its data, the padding);
+caller owns (no allocation but the nonce); :meth:`Keypair.seal_parts` seals padded packets (a
+super-packet's segments) as consecutive messages in such a buffer;
 :meth:`Keypair.seal` and :meth:`Keypair.open` are the allocating forms.
 
 Every send counter comes from :meth:`Keypair.take_counters`, the one place that refuses
@@ -16,7 +16,7 @@ to pass REJECT_AFTER_MESSAGES: a nonce is never reused, and never past the limit
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -195,24 +195,24 @@ class Keypair:
         length = len(payload)
         padded = padded_length(length, mtu)
         out = bytearray(DATA_MIN_LEN + padded)
-        self.seal_parts(out, 0, counter, payload, bytes(padded - length))
+        self.seal_parts(out, 0, counter, (b"".join((payload, bytes(padded - length))),), 0)
         return out
 
     def seal_parts(self, buf: bytearray, off: int, counter: int,
-                   *parts: bytes | bytearray | memoryview) -> int:
-        """Write the message with ``counter`` (from :meth:`take_counters`) at ``buf[off:]``:
-        header, counter, then the ciphertext of the joined ``parts``, which are the padded
-        packet's pieces (e.g. a segment's headers, its data and the padding). Returns the
-        message size.
-        """
-        ctr = counter.to_bytes(8, "little")
-        p = off + DATA_PAYLOAD
-        buf[off:p] = self.prefix + ctr
-        # encrypt (not encrypt_into) from joined bytes: faster in `cryptography` than in
-        # place through memoryviews
-        sealed = self._send.encrypt(_NONCE_PAD + ctr, b"".join(parts), None)
-        buf[p:p + len(sealed)] = sealed
-        return DATA_PAYLOAD + len(sealed)
+                   parts: Sequence[bytes | bytearray], stride: int) -> None:
+        """Seal each of ``parts`` (padded packets, e.g. the segments of one super-packet)
+        as one message, with consecutive counters from ``counter`` (taken by
+        :meth:`take_counters`), at ``buf[off:]``, ``buf[off + stride:]`` and so on."""
+        prefix, encrypt = self.prefix, self._send.encrypt
+        for plain in parts:
+            ctr = counter.to_bytes(8, "little")
+            p = off + DATA_PAYLOAD
+            buf[off:p] = prefix + ctr
+            # encrypt (not encrypt_into) from bytes: faster in `cryptography` than in
+            # place through memoryviews
+            buf[p:p + len(plain) + TAG_LEN] = encrypt(_NONCE_PAD + ctr, plain, None)
+            counter += 1
+            off += stride
 
     def seal_into(self, buf: memoryview, length: int, mtu: int | None = None) -> int:
         """Encrypt in place: the packet sits at ``buf[16:16+length]``; return the message size.
