@@ -361,7 +361,7 @@ def test_routing_is_longest_prefix(net: Net) -> None:
 
 
 def test_a_prefix_claimed_twice_belongs_to_the_last_claim_for_both_directions(
-        net: Net) -> None:
+        net: Net, caplog: pytest.LogCaptureFixture) -> None:
     """Cryptokey routing is exclusive: the peer that routes a prefix is the only one whose
     packets may come from it, and a longer prefix of another peer is that peer's alone."""
     a, b, ka, kb = pair(net)
@@ -371,8 +371,12 @@ def test_a_prefix_claimed_twice_belongs_to_the_last_claim_for_both_directions(
     # A claims NET_A first, then C claims it too, and C's /25 inside A's whole /16
     a.set_peers({kb.public: PeerConfig((NET_B,), B)})
     c.set_peers({kb.public: PeerConfig((NET_B,), B)})
-    b.set_peers({ka.public: PeerConfig(("10.1.0.0/16", NET_A), A),
-                 kc.public: PeerConfig((NET_C, NET_A, "10.1.4.0/25"), C)})
+    table = {ka.public: PeerConfig(("10.1.0.0/16", NET_A), A),
+             kc.public: PeerConfig((NET_C, NET_A, "10.1.4.0/25"), C)}
+    b.set_peers(table)
+    b.set_peers(table)  # said once, not at every install
+    claimed = [r.getMessage() for r in caplog.records if "claimed by" in r.getMessage()]
+    assert len(claimed) == 1 and claimed[0].startswith("wireguard: 10.1.1.0/24 is claimed")
     assert b.route(ip4("10.1.2.7", "10.1.1.5")).public_key == kc.public
     assert b.route(ip4("10.1.2.7", "10.1.4.5")).public_key == kc.public
     assert b.route(ip4("10.1.2.7", "10.1.4.200")).public_key == ka.public

@@ -366,7 +366,7 @@ class Device:
                 i += 1
                 continue
             try:
-                i = self._transport_run(batch, i, now)
+                i = max(i + 1, self._transport_run(batch, i, now))  # always onwards
             except Exception:  # a bug must not take the data path down with it
                 log.exception("wireguard: internal error on a transport message")
                 self.drops["internal_error"] += 1
