@@ -33,7 +33,8 @@ __all__ = [
 ]
 
 MAX_CONFIG_BYTES = 64 * 1024  # the config is a few hundred bytes; more is a mistake or abuse
-KNOWN_BACKENDS = ("udp", "vxlan", "host-gw", "wireguard", "bgp")
+KNOWN_BACKENDS = ("udp", "vxlan", "host-gw", "wireguard", "bgp", "gre", "ipip", "alloc",
+                  "extension")
 DEFAULT_BACKEND = "udp"
 
 
@@ -88,6 +89,8 @@ _CANONICAL_OPTIONS = (
     "ListenPort", "ListenPortV6", "PSK", "PersistentKeepaliveInterval", "Mode",
     "ASNumber", "NodeToNodeMesh", "Peers", "HoldTime", "KeepaliveTime", "GracefulRestartTime",
     "Communities",
+    "Key", "Checksum", "PreStartupCommand", "PostStartupCommand", "SubnetAddCommand",
+    "SubnetRemoveCommand", "CommandTimeout",
 )
 _CANONICAL_BY_LOWER = {name.lower(): name for name in _CANONICAL_OPTIONS}
 
@@ -147,6 +150,21 @@ _BACKEND_OPTIONS: dict[str, tuple[_Option, ...]] = {
         _Option("KeepaliveTime", int, 30, _between(1, 21845), "1..21845"),
         _Option("GracefulRestartTime", int, 120, _between(0, 4095), "0..4095 seconds"),
         _Option("ListenPort", int, 179, _between(1, 65535), "1..65535"),
+    ),
+    # Issue 19. gre: Key absent means no key on the wire (None), 0 is a key like any other.
+    "gre": (
+        _Option("Key", int, None, _between(0, 4_294_967_295), "0..4294967295"),
+        _Option("Checksum", bool, False),
+    ),
+    "ipip": (_Option("DirectRouting", bool, False),),  # flanneld's ipip options
+    "alloc": (),
+    # flanneld v0.20.2's extension commands (each run with sh -c), and our timeout.
+    "extension": (
+        _Option("PreStartupCommand", str, "", None, "a string (a shell command)"),
+        _Option("PostStartupCommand", str, "", None, "a string (a shell command)"),
+        _Option("SubnetAddCommand", str, "", None, "a string (a shell command)"),
+        _Option("SubnetRemoveCommand", str, "", None, "a string (a shell command)"),
+        _Option("CommandTimeout", int, 30, _between(1, 3600), "1..3600 seconds"),
     ),
 }
 
@@ -266,7 +284,8 @@ def _parse_backend(value: Any) -> tuple[str, dict[str, Any]]:
         )
     options["Type"] = backend_type
     for opt in _BACKEND_OPTIONS[backend_type]:
-        options[opt.name] = _check_option(opt, options.get(opt.name, opt.default))
+        value = options.get(opt.name, opt.default)
+        options[opt.name] = None if value is None else _check_option(opt, value)
     if backend_type == "bgp":
         _parse_bgp_lists(options)
     return backend_type, options

@@ -217,7 +217,7 @@ INVALID = [
                  id="SubnetMax-below-SubnetMin"),
     pytest.param(net(Backend={"Type": "foo"}),
                  'config: Backend.Type "foo" is unknown '
-                 '(known: udp, vxlan, host-gw, wireguard, bgp)',
+                 '(known: udp, vxlan, host-gw, wireguard, bgp, gre, ipip, alloc, extension)',
                  id="unknown-backend"),
     pytest.param(net(Backend={"Type": "VXLAN"}), 'Backend.Type "VXLAN" is unknown',
                  id="backend-type-is-case-sensitive"),

@@ -34,8 +34,16 @@ def make_backend(cfg: NetworkConfig, ext: ExternalInterface,
         from pyflannel.backend.bgp import BgpBackend
 
         return BgpBackend(cfg, ext, opts)
+    if cfg.backend_type == "alloc":
+        from pyflannel.backend.alloc import AllocBackend
+
+        return AllocBackend(cfg, ext)
+    if cfg.backend_type == "extension":
+        from pyflannel.backend.extension import ExtensionBackend
+
+        return ExtensionBackend(cfg, ext)
     raise BackendError(f"backend {cfg.backend_type!r} is not supported by pyflannel "
-                       "(supported: udp, vxlan, host-gw, wireguard, bgp)")
+                       "(supported: udp, vxlan, host-gw, wireguard, bgp, alloc, extension)")
 
 
 __all__ = ["Backend", "BackendError", "make_backend"]
