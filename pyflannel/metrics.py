@@ -115,6 +115,46 @@ class DaemonCollector(Collector):
             "the TUN write (GRO in user space)", value=c.get("coalesced", 0))
         if s.get("backend") == "wireguard":
             yield from _wireguard(c, per_peer)
+        if s.get("bgp"):
+            yield from _bgp(s["bgp"])
+
+
+def _bgp(sessions: list[dict]) -> Iterator:
+    """The bgp backend's sessions: state, messages and NOTIFICATIONs by type and code,
+    prefixes received, accepted and refused by reason, graceful-restart events."""
+    state = GaugeMetricFamily("pyflannel_bgp_session_state", "1 for the state each BGP "
+                              "session is in", labels=["peer", "kind", "state"])
+    prefixes = GaugeMetricFamily("pyflannel_bgp_prefixes", "prefixes per session: received "
+                                 "(all told), accepted (in the RIB now), sent",
+                                 labels=["peer", "what"])
+    refused = CounterMetricFamily("pyflannel_bgp_prefixes_refused", "prefixes refused by the "
+                                  "import policy, by reason", labels=["peer", "reason"])
+    messages = CounterMetricFamily("pyflannel_bgp_messages", "BGP messages by direction and "
+                                   "type", labels=["peer", "direction", "type"])
+    notes = CounterMetricFamily("pyflannel_bgp_notifications", "NOTIFICATIONs by direction "
+                                "and code/subcode", labels=["peer", "direction", "code"])
+    gr = CounterMetricFamily("pyflannel_bgp_graceful_restart_events", "graceful-restart "
+                             "events (a peer's routes kept, swept, a peer restarted)",
+                             labels=["peer", "event"])
+    for r in sessions:
+        peer = str(r.get("peer"))
+        state.add_metric([peer, str(r.get("kind")), str(r.get("state"))], 1)
+        for what in ("received", "accepted", "sent"):
+            prefixes.add_metric([peer, what], r.get(what) or 0)
+        for reason, n in (r.get("refused") or {}).items():
+            refused.add_metric([peer, reason], n)
+        for direction, field in (("in", "messages_in"), ("out", "messages_out")):
+            for kind, n in (r.get(field) or {}).items():
+                messages.add_metric([peer, direction, kind], n)
+        for direction, field in (("in", "notifications_in"), ("out", "notifications_out")):
+            for code, n in (r.get(field) or {}).items():
+                notes.add_metric([peer, direction, code], n)
+        for event, n in (r.get("graceful_restart") or {}).items():
+            gr.add_metric([peer, event], n)
+    yield GaugeMetricFamily("pyflannel_bgp_sessions_established", "BGP sessions in "
+                            "Established", value=sum(r.get("state") == "Established"
+                                                     for r in sessions))
+    yield from (state, prefixes, refused, messages, notes, gr)
 
 
 # Device drop reasons that are handshake failures, and those that are datagrams failing

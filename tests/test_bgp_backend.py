@@ -83,3 +83,20 @@ def test_next_hops_resolve_through_the_kernel_and_several_make_ecmp():
         IPv4Network("10.1.2.0/24"): RouteSpec(IPv4Network("10.1.2.0/24"), 2, router),
         IPv4Network("10.1.3.0/24"): RouteSpec(IPv4Network("10.1.3.0/24"), 0, nexthops=(
             NextHop(router, 2), NextHop(a, 2)))}
+
+
+def test_status_has_a_bgp_section_that_names_a_password_mismatch():
+    from pyflannel.bgp.session import PASSWORD_HINT
+    from pyflannel.status import render_bgp
+
+    text = render_bgp([{"peer": "192.0.2.200", "asn": 64600, "kind": "configured",
+                        "state": "Idle", "state_for_s": 75.0, "received": 0, "accepted": 0,
+                        "sent": 0, "last_error": "connection failed (timed out)",
+                        "hint": PASSWORD_HINT}])
+    header, row = text.strip().splitlines()[1:]
+    assert header.split() == ["PEER", "AS", "KIND", "STATE", "FOR", "RECEIVED", "ACCEPTED",
+                              "SENT", "LAST", "ERROR"]
+    assert row.split()[:8] == ["192.0.2.200", "64600", "configured", "Idle", "1m15s", "0",
+                               "0", "0"]
+    assert "connection failed (timed out) (no TCP answer" in row and "password mismatch" in row
+    assert render_bgp([]) == ""

@@ -14,7 +14,14 @@ import subprocess
 import pytest
 
 from pyflannel.lab import Lab
-from tests.labtools import CONFIG_KEY, require_lab, start_node, status_json, wait_until
+from tests.labtools import (
+    CONFIG_KEY,
+    metric,
+    require_lab,
+    start_node,
+    status_json,
+    wait_until,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -199,6 +206,7 @@ def test_pods_ping_every_ordered_pair_over_the_mesh_without_a_device(cluster):
                           if b is not a}, routes
         links = json.loads(lab.run(a.lab_node.ns, ["ip", "-j", "link"], text=True).stdout)
         assert {link["ifname"] for link in links} == {"lo", "eth0", "docker0"}
+        assert lab.wait_subnet_file(a.lab_node)["FLANNEL_MTU"] == "1500"  # the external MTU
 
 
 def test_gobgp_as_ibgp_and_ebgp_peer_learns_every_node(cluster):
@@ -224,6 +232,10 @@ def test_hostile_prefixes_are_counted_never_installed_and_sessions_stay(cluster)
                15, "the refusals to be counted")
     assert refused()["outside_network"] == 1, refused()
     assert all(tor.established(name) for name in nodes)
+    assert metric(lab, n1.lab_node, "pyflannel_bgp_prefixes_refused_total", peer=TOR,
+                  reason="own_subnet") == 1
+    # n1: two mesh sessions, BIRD, both gobgpd and the BIRD with its password.
+    assert metric(lab, n1.lab_node, "pyflannel_bgp_sessions_established") == 6
     for n in nodes.values():
         routes = kernel_routes(lab, n.lab_node.ns)
         assert "10.1.0.0/16" not in routes and n.network not in routes

@@ -251,6 +251,6 @@ async def test_a_graceful_stop_leaves_our_routes_with_the_peer_as_stale():
         await until(lambda: b.state(a) != "Established", what="b to see the session end")
         assert b.routes() == {"10.1.1.0/24": ["192.0.2.1"]}
         assert b.speaker.rib.stale_count(a.host) == 1
-        assert b.speaker.graceful_restart_events["helper_kept_routes"] == 1
+        assert b.speaker.sessions[a.host].graceful_restart == {"routes_kept": 1}
     finally:
         await stop(b)

@@ -187,6 +187,7 @@ class Session:
         self.messages_out: Counter = Counter()
         self.notifications_in: Counter = Counter()  # "code/subcode"
         self.notifications_out: Counter = Counter()
+        self.graceful_restart: Counter = Counter()  # helper-side events, by name
 
     @property
     def key(self) -> str:
@@ -409,6 +410,7 @@ class Session:
             "messages_in": dict(self.messages_in), "messages_out": dict(self.messages_out),
             "notifications_in": dict(self.notifications_in),
             "notifications_out": dict(self.notifications_out),
+            "graceful_restart": dict(self.graceful_restart),
         }
 
 
@@ -431,7 +433,6 @@ class Speaker:
         self._servers: list[asyncio.base_events.Server] = []
         self._listen_socks: list[socket.socket] = []
         self.unknown_connections = 0
-        self.graceful_restart_events: Counter = Counter()
         self.started = time.monotonic()
 
     # -- life cycle
@@ -562,7 +563,7 @@ class Speaker:
         changes = self.rib.peer_reestablished(spec.key, negotiated.peer_graceful_restart)
         if negotiated.peer_open.capabilities.graceful_restart and \
                 negotiated.peer_open.capabilities.graceful_restart.restarting:
-            self.graceful_restart_events["peer_restarted"] += 1
+            session.graceful_restart["peer_restarted"] += 1
         session.end_of_rib = set()
         export = self.rib.export(spec.key)
         for update in updates_for(export, negotiated.codec_options):
@@ -575,13 +576,13 @@ class Speaker:
     def session_down(self, session: Session, graceful: bool, reason: str) -> None:
         session.sent = {}
         if graceful:
-            self.graceful_restart_events["helper_kept_routes"] += 1
+            session.graceful_restart["routes_kept"] += 1
             self.rib.mark_stale(session.key)
             return
         self._changed(self.rib.drop_routes(session.key))
 
     def sweep(self, session: Session) -> None:
-        self.graceful_restart_events["stale_swept"] += 1
+        session.graceful_restart["stale_swept"] += 1
         self._changed(self.rib.sweep_stale(session.key))
 
     def _changed(self, changes: Changes) -> None:
