@@ -96,7 +96,9 @@ def cgroup_remounts(mounts: str) -> list[list[str]]:
             continue
         if fstype == "tmpfs" and target != CGROUP_ROOT:
             continue
-        if target != CGROUP_ROOT:
+        if fstype == "tmpfs":  # systemd's is read-only; ours must take the mount points
+            options = ",".join("rw" if o == "ro" else o for o in options.split(","))
+        elif target != CGROUP_ROOT:
             out.append(["mkdir", "-p", target])
         out.append(["mount", "-t", fstype, "-o", options, source, target])
     return out
