@@ -19,6 +19,8 @@ command -v nft >/dev/null || need+=(nftables)
 command -v ping >/dev/null || need+=(iputils-ping)
 { command -v wireguard-go && command -v wg; } >/dev/null || need+=(wireguard-go wireguard-tools)
 [ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)  # bridge, host-local, portmap behind pyflannel-cni
+{ [ -x /usr/sbin/dockerd ] && [ -x /usr/bin/docker ]; } || need+=(docker.io)  # a dockerd per lab node
+dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)  # the lab containers' image
 { command -v bird && command -v birdc; } >/dev/null || need+=(bird2)
 { command -v gobgpd && command -v gobgp; } >/dev/null || need+=(gobgpd)
 command -v sysctl >/dev/null || need+=(procps)
@@ -29,6 +31,10 @@ if [ "${#need[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${need[@]}" >/dev/null
+  if [[ " ${need[*]} " == *" docker.io "* ]] && [ -d /run/systemd/system ]; then
+    # The lab runs its own dockerd per node; the host's would only get in the way.
+    systemctl stop docker.service docker.socket containerd.service 2>/dev/null || true
+  fi
 fi
 
 if [ ! -x .venv/bin/python ]; then
