@@ -34,6 +34,11 @@ def make_backend(cfg: NetworkConfig, ext: ExternalInterface,
         from pyflannel.backend.bgp import BgpBackend
 
         return BgpBackend(cfg, ext, opts)
+    if cfg.backend_type in ("gre", "ipip"):
+        from pyflannel.backend.tunnel import GreBackend, IpipBackend
+
+        kind = GreBackend if cfg.backend_type == "gre" else IpipBackend
+        return kind(cfg, ext, mode=opts.fastpath_mode)
     if cfg.backend_type == "alloc":
         from pyflannel.backend.alloc import AllocBackend
 
@@ -43,7 +48,8 @@ def make_backend(cfg: NetworkConfig, ext: ExternalInterface,
 
         return ExtensionBackend(cfg, ext)
     raise BackendError(f"backend {cfg.backend_type!r} is not supported by pyflannel "
-                       "(supported: udp, vxlan, host-gw, wireguard, bgp, alloc, extension)")
+                       "(supported: udp, vxlan, host-gw, wireguard, bgp, gre, ipip, alloc, "
+                       "extension)")
 
 
 __all__ = ["Backend", "BackendError", "make_backend"]

@@ -74,6 +74,9 @@ NAMES = (
     "drop_handshake_budget",
     "drop_socket",
     "wg_cookie_replies_limited",
+    # gre: a datagram from a peer with another key (or none), or a wrong GRE checksum.
+    "drop_key_mismatch",
+    "drop_bad_checksum",
 )
 INDEX = {name: i for i, name in enumerate(NAMES)}
 FORMAT = f"={len(NAMES)}Q"

@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-vnet1", action="store_true", help="flannel's framing only")
     ap.add_argument("--no-coalesce", action="store_true",
                     help="write plain packets to the TUN one by one")
-    ap.add_argument("--framing", choices=("udp", "wireguard"), default="udp")
+    ap.add_argument("--framing", choices=("udp", "wireguard", "gre", "ipip"), default="udp")
+    ap.add_argument("--gre-key", type=int, help="the GRE key (RFC 2890), if any")
+    ap.add_argument("--gre-checksum", action="store_true", help="send GRE checksums")
     ap.add_argument("--wg-key-file", help="the node's WireGuard private key (read here, "
                     "so the secret never crosses the command line or the control socket)")
     ap.add_argument("--wg-mtu", type=int, default=1420)
@@ -166,6 +168,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         fwd = WgForwarder(args.tun_fd, sock, ctl, counters.attach(args.counters_fd),
                           private_key=key, mtu=args.wg_mtu, **options)
+    elif args.framing in ("gre", "ipip"):
+        from pyflannel.fastpath.rawip import IPPROTO_GRE, IPPROTO_IPIP, RawIpForwarder
+
+        fwd = RawIpForwarder(args.tun_fd, sock, ctl, counters.attach(args.counters_fd),
+                             protocol=IPPROTO_GRE if args.framing == "gre" else IPPROTO_IPIP,
+                             key=args.gre_key, csum=args.gre_checksum, **options)
     else:
         fwd = Forwarder(args.tun_fd, sock, ctl, counters.attach(args.counters_fd),
                         vnet1=not args.no_vnet1, coalesce=not args.no_coalesce, **options)

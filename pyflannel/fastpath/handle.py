@@ -88,11 +88,14 @@ class FastPath:
                  datagram_size: int = 1472, framing: str = "udp", vnet1: bool = True,
                  coalesce: bool = True,
                  wg_key_file: str | None = None, wg_mtu: int = 1420,
-                 wg_public_key: str | None = None) -> None:
+                 wg_public_key: str | None = None, gre_key: int | None = None,
+                 gre_checksum: bool = False) -> None:
         if mode not in ("process", "thread"):
             raise ValueError(f"fast path mode {mode!r} is not process or thread")
-        if framing not in ("udp", "wireguard"):
-            raise ValueError(f"fast path framing {framing!r} is not udp or wireguard")
+        if framing not in ("udp", "wireguard", "gre", "ipip"):
+            raise ValueError(f"fast path framing {framing!r} is not udp, wireguard, gre "
+                             "or ipip")
+        self.gre_key, self.gre_checksum = gre_key, gre_checksum  # framing "gre" only
         self.mode = mode
         self.framing = framing
         self.wg_key_file = wg_key_file
@@ -130,6 +133,13 @@ class FastPath:
                     self.tun_fd, self.sock, self._child_ctl, self._mem,
                     private_key=read_key_file(self.wg_key_file or key_file_path()),
                     mtu=self.wg_mtu, **self.options)
+            elif self.framing in ("gre", "ipip"):
+                from pyflannel.fastpath.rawip import IPPROTO_GRE, IPPROTO_IPIP, RawIpForwarder
+
+                fwd = RawIpForwarder(
+                    self.tun_fd, self.sock, self._child_ctl, self._mem,
+                    protocol=IPPROTO_GRE if self.framing == "gre" else IPPROTO_IPIP,
+                    key=self.gre_key, csum=self.gre_checksum, **self.options)
             else:
                 fwd = Forwarder(self.tun_fd, self.sock, self._child_ctl, self._mem,
                                 **self.options)
@@ -151,7 +161,11 @@ class FastPath:
              *(["--framing", "wireguard", "--wg-mtu", str(self.wg_mtu)]
                + (["--wg-key-file", self.wg_key_file] if self.wg_key_file else [])
                + (["--wg-public-key", self.wg_public_key] if self.wg_public_key else [])
-               if self.framing == "wireguard" else [])],
+               if self.framing == "wireguard" else []),
+             *(["--framing", self.framing]
+               + (["--gre-key", str(self.gre_key)] if self.gre_key is not None else [])
+               + (["--gre-checksum"] if self.gre_checksum else [])
+               if self.framing in ("gre", "ipip") else [])],
             pass_fds=fds,
             stdin=subprocess.DEVNULL,
         )
