@@ -9,7 +9,10 @@ its own link, stands for the data centre.
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
+import time
 
 import pytest
 
@@ -18,6 +21,7 @@ from tests.labtools import (
     CONFIG_KEY,
     metric,
     require_lab,
+    restart_node,
     start_node,
     status_json,
     wait_until,
@@ -46,6 +50,7 @@ protocol static hostile {{
 template bgp node {{
   local {me} as 64600;
   hold time 9; keepalive time 3;
+  graceful restart on; graceful restart time 3;
   ipv4 {{ import all; export all; }};
 }}
 {neighbors}
@@ -223,7 +228,14 @@ def test_hostile_prefixes_are_counted_never_installed_and_sessions_stay(cluster)
     # address as next hop back to it only when it is not that: a blackhole will do).
     tor.write(neighbors(lab.nodes), own=f"route {n1.network} blackhole;")
     assert "Reconfigured" in tor.birdc("configure")
+    try:
+        hostile_prefixes_are_refused(lab, nodes, tor, n1)
+    finally:
+        tor.write(neighbors(lab.nodes))
+        tor.birdc("configure")
 
+
+def hostile_prefixes_are_refused(lab, nodes, tor, n1) -> None:
     def refused() -> dict:
         rows = [r for r in status_json(lab, n1.lab_node) if r.get("bgp_peer") == TOR]
         return rows[0]["refused"] if rows else {}
@@ -252,3 +264,48 @@ def test_passwords_right_and_wrong(cluster):
     wait_until(lambda: "password" in ([r for r in status_json(lab, nodes["n2"].lab_node)
                                        if r.get("bgp_peer") == BIRD_PW][0]["hint"]), 15,
                "n2's status to name the password")
+
+
+def test_a_restart_of_pyflanneld_loses_at_most_a_packet(cluster):
+    """Graceful restart, restarting side: BIRD keeps n3's route while n3's daemon restarts,
+    n3 keeps its kernel routes, and a host pinging n3's docker0 every 0.1 s sees no gap."""
+    lab, nodes, tor, _pw, _gi, _ge, dc = cluster
+    n3 = nodes["n3"]
+    wait_until(lambda: lab.ping(dc, n3.gw), 15, "dc -> n3 before the restart")
+    ping = lab.popen(dc, ["ping", "-n", "-q", "-i", "0.1", "-c", "50", "-W", "1", n3.gw],
+                     stdout=subprocess.PIPE)
+    time.sleep(0.5)
+    lab.stop_daemon(n3.lab_node)
+    restart_node(lab, n3.lab_node)
+    wait_until(lambda: tor.established("n3"), 15, "BIRD's session with n3 again")
+    out = ping.communicate(timeout=30)[0].decode()
+    sent, received = (int(x) for x in re.findall(r"(\d+) packets transmitted, (\d+) received",
+                                                 out)[0])
+    assert sent == 50 and sent - received <= 1, out
+    routes = kernel_routes(lab, n3.lab_node.ns)
+    assert routes == {b.network: b.lab_node.underlay_ip for b in nodes.values()
+                      if b is not n3}, routes
+
+
+def test_a_killed_peers_routes_stay_until_its_restart_time(cluster):
+    """Graceful restart, helper side: BIRD (restart time 3 s) announces a subnet to n1 and is
+    killed; n1 keeps the route as stale, then removes it when the restart time runs out."""
+    lab, nodes, _tor, bird_pw, *_ = cluster
+    n1 = nodes["n1"]
+    taken = {n.network for n in nodes.values()}
+    spare = next(f"10.1.{i}.0/24" for i in range(250, 1, -1) if f"10.1.{i}.0/24" not in taken)
+    bird_pw.write(neighbors(lab.nodes[:2], password={"n1": "right", "n2": "wrong"}),
+                  own=f"route {spare} blackhole;")
+    assert "Reconfigured" in bird_pw.birdc("configure")
+    wait_until(lambda: kernel_routes(lab, n1.lab_node.ns).get(spare) == BIRD_PW, 10,
+               f"n1 to learn {spare} from BIRD")
+    bird_pw.proc.send_signal(signal.SIGKILL)
+    bird_pw.proc.wait(5)
+    killed = time.monotonic()
+    time.sleep(1.5)
+    assert kernel_routes(lab, n1.lab_node.ns).get(spare) == BIRD_PW  # kept, stale
+    wait_until(lambda: spare not in kernel_routes(lab, n1.lab_node.ns), 10,
+               "the stale route to go")
+    assert 2.5 < time.monotonic() - killed < 6
+    assert metric(lab, n1.lab_node, "pyflannel_bgp_graceful_restart_events_total",
+                  peer=BIRD_PW, event="stale_swept") == 1
