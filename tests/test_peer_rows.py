@@ -143,3 +143,67 @@ def test_status_marks_a_lease_that_repeats_another_s_key_and_one_ignored_here():
     assert "<- ignored here: it repeats a key <- same WireGuard key as 10.1.2.0/24" in lines[
         "10.1.9.0/24"]
     assert lines["10.1.3.0/24"].endswith("<- ignored here: its BackendData.PublicKey is unusable")
+
+
+class PickyFastPath(QuietFastPath):
+    """A fast path that takes every table but its first row."""
+
+    async def configure_async(self, local, icmp_src, routes, *rest) -> Installed:
+        self.tables.append(list(routes))
+        return Installed(len(self.tables), ((0, "ValueError: port out of range"),))
+
+
+async def test_rows_the_fast_path_refused_are_named_once_and_the_table_sent_again(caplog):
+    be = UdpBackend(cfg("udp"), EXT)
+    be.fastpath = fastpath = PickyFastPath()  # type: ignore[assignment]
+
+    async def no_routes() -> None:
+        return None
+
+    be.reconcile = no_routes  # type: ignore[method-assign]
+    be.lease = peer("10.1.1.0/24", str(ME), "udp")
+    await be.add_peer(peer("10.1.3.0/24", "198.18.0.3", "udp"))
+    await be.commit()
+    await be.reconcile_all()  # a table taken in part is sent again
+    assert len(fastpath.tables) == 2 and be.refused_rows == {"flannel0": [
+        "10.1.3.0/24 via 198.18.0.3"]}
+    said = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert said == ["the fast path of flannel0 left out 10.1.3.0/24 via 198.18.0.3: "
+                    "ValueError: port out of range"]
+    assert not be.data_path_behind()
+
+
+async def test_a_table_not_confirmed_before_the_reconciler_starts_is_sent_at_once(monkeypatch):
+    import asyncio
+
+    class NoMonitor:  # the host's netlink events are not this test's business
+        def __init__(self, *args) -> None:
+            pass
+
+        def start(self) -> None:
+            pass
+
+        def stop(self) -> None:
+            pass
+
+    monkeypatch.setattr("pyflannel.backend.base.NetlinkMonitor", NoMonitor)
+    be = UdpBackend(cfg("udp"), EXT)
+    be.fastpath = fastpath = QuietFastPath()  # type: ignore[assignment]
+
+    async def no_routes() -> None:
+        return None
+
+    be.reconcile = no_routes  # type: ignore[method-assign]
+    be.lease = peer("10.1.1.0/24", str(ME), "udp")
+    await be.commit()  # at start-up, before the reconciler runs: not answered
+    fastpath.answering = True
+    reconciler = asyncio.create_task(be.run())
+    try:
+        for _ in range(100):  # 1 s, where the periodic check comes only after 10 s
+            if not be.data_path_behind():
+                break
+            await asyncio.sleep(0.01)
+        assert not be.data_path_behind() and len(fastpath.tables) == 2
+    finally:
+        reconciler.cancel()
+        await asyncio.gather(reconciler, return_exceptions=True)

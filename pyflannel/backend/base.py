@@ -134,6 +134,8 @@ class Backend(abc.ABC):
     async def run(self) -> None:
         """Keep kernel state as wanted: react to netlink events, and check every 10 s."""
         self._dirty = asyncio.Event()
+        if self.data_path_behind():  # a table not confirmed before we ran: at once
+            self._dirty.set()
         # Each supervised restart makes a new monitor: the old one must be gone (its
         # thread and netlink socket) however this run ends.
         monitor = self._monitor = NetlinkMonitor(asyncio.get_running_loop(), self.on_netlink)
