@@ -13,7 +13,7 @@ import json
 import sys
 import time
 
-from pyflannel.lab import Lab, require_root_and_tools
+from pyflannel.lab import Lab, LabError, require_root_and_tools
 
 
 def main(argv: list[str]) -> int:
@@ -57,7 +57,11 @@ def main(argv: list[str]) -> int:
         for node in lab.nodes:
             lab.start_daemon(node)
         if args.docker:
-            failures = containers(lab)
+            try:
+                failures = containers(lab)
+            except LabError as exc:  # dockerd would not start: its log tail says why
+                print(f"pyflannel demo: {exc}", file=sys.stderr)
+                return 1
             return finish(lab, failures)
         for node in lab.nodes:
             env = lab.wait_subnet_file(node)

@@ -30,6 +30,7 @@ import os
 import shlex
 import signal
 import socket
+import struct
 import subprocess
 import tarfile
 import time
@@ -50,6 +51,7 @@ __all__ = [
     "busybox_rootfs",
     "cgroup_remounts",
     "docker_missing",
+    "is_static_elf",
 ]
 
 # Fixed paths: Debian's client and daemon, not whatever `docker` comes first on PATH.
@@ -73,7 +75,30 @@ def docker_missing() -> str | None:
                           (BUSYBOX, "busybox-static")):
         if not os.access(path, os.X_OK):
             return f"needs {path} from Debian's {package}: {INSTALL_HINT}"
+    if not is_static_elf(BUSYBOX):
+        # A container has no libc: a dynamic busybox (Debian's "busybox") cannot start there.
+        return f"{BUSYBOX} is not statically linked: {INSTALL_HINT}"
     return None
+
+
+def is_static_elf(path: Path) -> bool:
+    """True if ``path`` is a 64-bit little-endian ELF without a program interpreter
+    (PT_INTERP), i.e. it runs without any shared library; False otherwise or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+            if len(head) < 64 or head[:6] != b"\x7fELF\x02\x01":
+                return False
+            phoff, = struct.unpack_from("<Q", head, 0x20)
+            phentsize, phnum = struct.unpack_from("<HH", head, 0x36)
+            f.seek(phoff)
+            table = f.read(phentsize * phnum)
+    except OSError:
+        return False
+    if phentsize < 4 or len(table) < phentsize * phnum:
+        return False
+    types = (struct.unpack_from("<I", table, i * phentsize)[0] for i in range(phnum))
+    return 3 not in types  # PT_INTERP
 
 
 def cgroup_remounts(mounts: str) -> list[list[str]]:
