@@ -16,6 +16,7 @@ commands:
   status          the cluster's subnet table from etcd (--json, --watch)
   config          get, set or validate the network config (validated before it is stored)
   lease           list, reserve or release subnet leases
+  policy          network policy: apply, delete, list, get, trace (docs/policy.md)
   mk-docker-opts  write Docker daemon options from the subnet file (like mk-docker-opts.sh)
   demo            build a local lab (etcd + nodes in network namespaces) and ping across it
   version         print the version
@@ -92,6 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pyflannel import admin
 
         return admin.main(cmd, rest)
+    if cmd == "policy":
+        from pyflannel.policy import cli as policy_cli
+
+        return policy_cli.main(rest)
     if cmd == "demo":
         from pyflannel import demo
 

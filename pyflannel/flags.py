@@ -212,6 +212,16 @@ def _check_ipv6(value: str) -> str:
     return value
 
 
+def _check_node_labels(value: str) -> str:
+    from pyflannel.policy.model import PolicyError, parse_label_flag
+
+    try:
+        parse_label_flag(value)
+    except PolicyError as e:
+        raise _Problem(str(e).removeprefix("-node-labels: ")) from None
+    return value
+
+
 def _check_ip(value: str) -> str:
     try:
         ipaddress.ip_address(value)
@@ -276,6 +286,9 @@ FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec("bgp-router-id", "bgp_router_id", STR, "",
              "pyflannel bgp backend: BGP router ID (A.B.C.D; default: the node's PublicIP, "
              "required on an IPv6-only node)", _check_ipv4),
+    FlagSpec("node-labels", "node_labels", STR, "",
+             "pyflannel network policy: this node's labels, key=value,... (published in "
+             "the lease as Labels; docs/policy.md)", _check_node_labels),
     # Hidden: for tests and measurements only (docs/operations.md, "Hidden flags").
     FlagSpec("test-lease-ttl", "test_lease_ttl", INT, 0,
              "testing only: etcd lease TTL in seconds instead of 24 h (0: 24 h)",
@@ -337,6 +350,7 @@ class Options:
     bgp_route_reflector_cluster_id: str = ""
     bgp_as_number: int = 0
     bgp_router_id: str = ""
+    node_labels: str = ""
     test_lease_ttl: int = 0
     fastpath_mode: str = "process"
     udp_gso: bool = True

@@ -38,6 +38,7 @@ from pyflannel.lease.model import NO_PUBLIC_IP, Lease
 from pyflannel.lease.policy import LEASE_TTL_S, PeerDiff
 from pyflannel.logutil import RateLimitedLog, WarnOnce
 from pyflannel.metrics import HealthServer, Metrics
+from pyflannel.policy.keeper import PolicyKeeper, node_labels, with_node_labels
 
 log = logging.getLogger("pyflannel")
 
@@ -116,6 +117,7 @@ class Daemon:
         try:
             self.backend = make_backend(cfg, ext, opts)
             attrs = await self.backend.prepare()
+            attrs = with_node_labels(attrs, node_labels(opts.node_labels))  # network policy
         except (BackendError, TunError) as e:
             raise Fatal(str(e)) from None
         self.manager = LeaseManager(
@@ -127,7 +129,8 @@ class Daemon:
         if opts.test_lease_ttl:
             log.warning("-test-lease-ttl=%d: lease TTL shortened for testing",
                         opts.test_lease_ttl)
-        self.backend.publish = self.manager.republish
+        self.backend.publish = lambda a: self.manager.republish(  # type: ignore[union-attr]
+            replace(a, labels=attrs.labels))
         await startup.refuse_a_repeated_identity(self.registry, self.backend, cfg, attrs,
                                                  self.errors)
         self.address_watch = AddressWatch(
@@ -174,7 +177,7 @@ class Daemon:
         assert self.backend is not None and self.manager is not None and self.cfg
         await self.registry.close()  # the next request connects again, from the new address
         changed = await self.backend.follow_address(ext)
-        attrs = replace(changed or self.manager.attrs,
+        attrs = replace(changed or self.manager.attrs, labels=self.manager.attrs.labels,
                         public_ip=ext.public_ip if self.cfg.enable_ipv4 else NO_PUBLIC_IP,
                         public_ipv6=ext.public_ipv6 if self.cfg.enable_ipv6 else None)
         await self.manager.republish(attrs)
@@ -248,6 +251,8 @@ class Daemon:
                 "state": state.run,
                 "config": ConfigWatcher(self.registry, cfg).run,
                 "address": self.address_watch.run,
+                "policy": PolicyKeeper(self.registry, self.opts.etcd_prefix,
+                                       lambda: m.lease, node_labels(self.opts.node_labels)).run,
             }
             tasks = [asyncio.create_task(supervise(run, name, self.task_restarts), name=name)
                      for name, run in parts.items()]

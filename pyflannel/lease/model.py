@@ -121,6 +121,15 @@ def _parse_public_ipv6(value: Any) -> IPv6Address | None:
     return addr
 
 
+def _labels(value: Any) -> tuple[tuple[str, str], ...]:
+    """A lease's Labels as sorted pairs; anything but an object of strings counts as no
+    labels (a bad Labels field must never cost the node its routes)."""
+    if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return ()
+    return tuple(sorted(value.items()))
+
+
 @dataclass(frozen=True)
 class LeaseAttrs:
     """What a node publishes about itself: where to send its subnets' traffic, and how.
@@ -135,6 +144,9 @@ class LeaseAttrs:
     backend_data: Any = None
     public_ipv6: IPv6Address | None = None
     backend_v6_data: Any = None
+    # pyflannel's node labels for network policy, sorted (key, value) pairs; flanneld's
+    # decoder (encoding/json into a struct) ignores the unknown "Labels" field.
+    labels: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.public_ipv6, str):
@@ -156,6 +168,8 @@ class LeaseAttrs:
             doc["BackendData"] = self.backend_data
         if self.backend_v6_data is not None:
             doc["BackendV6Data"] = self.backend_v6_data
+        if self.labels:
+            doc["Labels"] = dict(self.labels)
         return json.dumps(doc, separators=(",", ":"))
 
     @classmethod
@@ -184,6 +198,7 @@ class LeaseAttrs:
             backend_data=fields.get("backenddata"),
             public_ipv6=_parse_public_ipv6(fields.get("publicipv6")),
             backend_v6_data=fields.get("backendv6data"),
+            labels=_labels(fields.get("labels")),
         )
 
     @property

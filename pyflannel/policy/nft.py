@@ -69,6 +69,7 @@ class Compiled:
     rules: int = 0
     sets: int = 0
     elements: int = 0
+    digest: str = ""  # set by the keeper: what the table's comment names
 
 
 @dataclass
