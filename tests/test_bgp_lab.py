@@ -96,7 +96,9 @@ class Bird(Router):
         self.proc = self.lab.popen(self.ns, ["bird", "-f", "-c", str(self.dir / "bird.conf"),
                                              "-s", self.sock, "-P", str(self.dir / "bird.pid")],
                                    stdout=log, stderr=log)
-        wait_until(lambda: (self.dir / "bird.ctl").exists(), 10, "bird's control socket")
+        wait_until(lambda: (self.dir / "bird.ctl").exists() or self.proc.poll() is not None,
+                   10, "bird's control socket")
+        assert self.proc.poll() is None, (self.dir / "bird.log").read_text()
 
     def write(self, neighbors: str, own: str = "") -> None:
         (self.dir / "bird.conf").write_text(BIRD_CONF.format(me=self.ip, own=own,

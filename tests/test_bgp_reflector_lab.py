@@ -1,0 +1,88 @@
+"""The bgp backend with BIRD 2 as the route reflector, on a dual-stack network.
+
+The node-to-node mesh is off: each node has one session, with BIRD (RFC 4456 reflector), and
+learns the other nodes' IPv4 and IPv6 subnets through it with the originating node as next
+hop. IPv6 travels on the same IPv4 sessions (MP-BGP).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pyflannel.lab import Lab, underlay_ip6
+from tests.labtools import CONFIG_KEY, require_lab, start_node, status_json, wait_until
+from tests.test_bgp_lab import Bird
+
+pytestmark = pytest.mark.lab
+
+RR = "198.18.0.201"
+CONFIG = {"Network": "10.1.0.0/16", "EnableIPv6": True, "IPv6Network": "fc00:10:1::/48",
+          "Backend": {"Type": "bgp", "NodeToNodeMesh": False, "HoldTime": 9,
+                      "KeepaliveTime": 3, "Peers": [{"PeerIP": RR, "ASNumber": 64512}]}}
+
+REFLECTOR = """
+router id {me};
+protocol device {{ }}
+protocol direct {{ ipv4; ipv6; interface "eth0"; }}
+template bgp rrclient {{
+  local {me} as 64512;
+  rr client; rr cluster id {me};
+  hold time 9; keepalive time 3;
+  ipv4 {{ import all; export all; }};
+  ipv6 {{ import all; export all; }};
+}}
+{neighbors}
+"""
+
+
+class Reflector(Bird):
+    def write(self, neighbors: str, own: str = "") -> None:
+        (self.dir / "bird.conf").write_text(REFLECTOR.format(me=self.ip, neighbors=neighbors))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    require_lab()
+    with Lab(3) as lab:
+        lab.etcdctl("put", CONFIG_KEY, json.dumps(CONFIG))
+        rr = Reflector(lab, "rr", RR)
+        rr.start("\n".join(f"protocol bgp {n.name} from rrclient {{ neighbor {n.underlay_ip} "
+                           "as 64512; }" for n in lab.nodes))
+        nodes = {n.name: start_node(lab, n) for n in lab.nodes}
+        yield lab, nodes, rr
+
+
+def routes(lab: Lab, ns: str, family: str) -> dict[str, str]:
+    out = {}
+    for r in json.loads(lab.run(ns, ["ip", "-j", family, "route", "show", "proto", "120"],
+                                text=True).stdout):
+        out[r["dst"]] = r.get("gateway", "")
+    return out
+
+
+def test_nodes_learn_each_other_through_the_reflector_with_the_origin_as_next_hop(cluster):
+    lab, nodes, rr = cluster
+    wait_until(lambda: all(rr.established(name) for name in nodes), 15, "BIRD sessions")
+    for a in nodes.values():
+        others = [b for b in nodes.values() if b is not a]
+        want4 = {b.network: b.lab_node.underlay_ip for b in others}
+        want6 = {b.network6: underlay_ip6(b.lab_node.underlay_ip) for b in others}
+        wait_until(lambda a=a, want4=want4: routes(lab, a.lab_node.ns, "-4") == want4, 10,
+                   f"{a.lab_node.name}'s IPv4 routes {want4}")
+        wait_until(lambda a=a, want6=want6: routes(lab, a.lab_node.ns, "-6") == want6, 10,
+                   f"{a.lab_node.name}'s IPv6 routes {want6}")
+        sessions = [r for r in status_json(lab, a.lab_node) if "bgp_peer" in r]
+        assert [(r["peer"], r["state"]) for r in sessions] == [(RR, "Established")]
+
+
+def test_pods_ping_every_ordered_pair_over_ipv4_and_ipv6(cluster):
+    lab, nodes, _rr = cluster
+    for a in nodes.values():
+        for b in nodes.values():
+            if a is not b:
+                wait_until(lambda a=a, b=b: lab.ping(a.lab_node, b.gw, src_ip=a.gw), 10,
+                           f"{a.lab_node.name} -> {b.lab_node.name}")
+                wait_until(lambda a=a, b=b: lab.ping(a.lab_node, b.gw6, src_ip=a.gw6), 10,
+                           f"{a.lab_node.name} -> {b.lab_node.name} over IPv6")
