@@ -100,3 +100,46 @@ def test_status_has_a_bgp_section_that_names_a_password_mismatch():
                                "0", "0"]
     assert "connection failed (timed out) (no TCP answer" in row and "password mismatch" in row
     assert render_bgp([]) == ""
+
+
+def test_an_ipv6_only_node_needs_a_router_id_and_says_so_in_one_line():
+    import pytest
+
+    from pyflannel.backend.base import BackendError
+    from pyflannel.backend.bgp import BgpBackend
+    from pyflannel.flags import parse_flags
+    from pyflannel.host.netlink import ExternalInterface
+    from pyflannel.lease.model import NO_PUBLIC_IP
+
+    v6 = parse_config(json.dumps({"EnableIPv4": False, "EnableIPv6": True,
+                                  "IPv6Network": "fc00:10:1::/48",
+                                  "Backend": {"Type": "bgp"}}))
+    ext = ExternalInterface("eth0", 2, NO_PUBLIC_IP, NO_PUBLIC_IP, 1500,
+                            ip_address("fd00::1"), ip_address("fd00::1"))
+    with pytest.raises(BackendError) as e:
+        BgpBackend(v6, ext)
+    assert str(e.value) == ("bgp: an IPv6-only node needs -bgp-router-id=A.B.C.D (a BGP "
+                            "router ID is an IPv4 address)")
+    backend = BgpBackend(v6, ext, parse_flags(["-bgp-router-id=192.0.2.7"], environ={}))
+    assert backend.router_id == IPv4Address("192.0.2.7")
+
+
+async def test_a_port_in_use_is_one_line():
+    import socket
+
+    import pytest
+
+    from pyflannel.backend.base import BackendError
+    from pyflannel.backend.bgp import BgpBackend
+    from pyflannel.host.netlink import ExternalInterface
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ext = ExternalInterface("eth0", 2, IPv4Address("192.0.2.1"), IPv4Address("192.0.2.1"),
+                                1500)
+        backend = BgpBackend(cfg(ListenPort=port), ext)
+        with pytest.raises(BackendError) as e:
+            await backend._start_speaker()
+        assert str(e.value) == f"bgp: cannot listen on port {port}: Address already in use"

@@ -586,8 +586,12 @@ class Speaker:
         self._changed(self.rib.sweep_stale(session.key))
 
     def _changed(self, changes: Changes) -> None:
+        """Learned routes changed. Only a reflector passes learned routes on: anybody
+        else's Adj-RIBs-Out hold just its own subnets, so there is nothing to send (and a
+        mesh of N nodes does not cost N x N exports per UPDATE)."""
         if changes:
-            self.advertise()
+            if self.rib.local.cluster_id is not None:
+                self.advertise()
             self.on_routes(changes)
 
     def advertise(self) -> None:
