@@ -180,6 +180,13 @@ def _wireguard(c: dict, per_peer: dict) -> Iterator:
         failures.add_metric([reason], c.get(f"drop_{reason}", 0))
     failures.add_metric(["abandoned"], c.get("wg_handshakes_abandoned", 0))
     yield failures
+    yield CounterMetricFamily("pyflannel_wireguard_cookie_replies_sent",
+                              "WireGuard cookie replies sent to handshakes without a valid "
+                              "mac2 while under load", value=c.get("wg_cookie_replies_sent", 0))
+    yield CounterMetricFamily("pyflannel_wireguard_cookie_replies_limited",
+                              "WireGuard cookie replies not sent because the global cookie "
+                              "reply rate was used up (a handshake flood)",
+                              value=c.get("wg_cookie_replies_limited", 0))
     yield CounterMetricFamily("pyflannel_wireguard_replayed_datagrams",
                               "WireGuard transport messages refused as replays",
                               value=c.get("drop_replay", 0))
@@ -249,6 +256,7 @@ class HealthServer:
         self.server: asyncio.base_events.Server | None = None
         self._clients: dict[_Client, None] = {}  # being served, oldest first
         self.evicted = 0  # clients closed to make room for a newer one
+        metrics.registry.register(_HealthCollector(self))
 
     @property
     def active(self) -> int:
@@ -366,6 +374,18 @@ class HealthServer:
             if not data:
                 break
             dropped += len(data)
+
+
+class _HealthCollector(Collector):
+    """The health server's own figures, read from it at scrape time."""
+
+    def __init__(self, server: HealthServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator:
+        yield CounterMetricFamily("pyflannel_health_clients_evicted", "health-port clients "
+                                  "closed to make room for a newer connection at the cap",
+                                  value=self.server.evicted)
 
 
 class _Client:

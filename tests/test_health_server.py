@@ -114,6 +114,8 @@ def test_at_the_cap_the_oldest_idle_client_is_closed_and_the_newest_served():
             assert srv.active == 4
             assert await _get(_port(srv), "/readyz") == (200, b"ready\n")
             assert srv.evicted == 1
+            metrics = (await _get(_port(srv), "/metrics"))[1]
+            assert b"\npyflannel_health_clients_evicted_total 1.0\n" in metrics
             assert await _closed_within(idle[0][0], 0.5)  # the oldest made room
             for r, _w in idle[1:]:
                 assert not await _closed_within(r, 0.05)

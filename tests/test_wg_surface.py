@@ -69,6 +69,13 @@ def test_metrics_count_handshakes_failures_replays_and_unauthenticated_datagrams
     assert got[(last, (("peer", "10.1.2.0/24"), ("public_key", "KqXTRBS1…")))] == at
 
 
+def test_metrics_count_cookie_replies_sent_and_those_the_global_limit_held_back():
+    got = samples(NodeSnapshot(backend="wireguard", subnet="10.1.3.0/24", counters={
+        "wg_cookie_replies_sent": 20, "wg_cookie_replies_limited": 380}))
+    assert got[("pyflannel_wireguard_cookie_replies_sent_total", ())] == 20
+    assert got[("pyflannel_wireguard_cookie_replies_limited_total", ())] == 380
+
+
 def test_no_wireguard_metrics_on_other_backends():
     got = samples(NodeSnapshot(backend="vxlan", subnet="10.1.3.0/24"))
     assert not any(name.startswith("pyflannel_wireguard") for name, _l in got)
