@@ -143,3 +143,41 @@ async def test_a_port_in_use_is_one_line():
         with pytest.raises(BackendError) as e:
             await backend._start_speaker()
         assert str(e.value) == f"bgp: cannot listen on port {port}: Address already in use"
+
+
+def test_a_change_of_peers_is_taken_at_once_anything_else_waits_for_a_restart():
+    from pyflannel.backend.bgp import BgpBackend
+    from pyflannel.host.netlink import ExternalInterface
+
+    ext = ExternalInterface("eth0", 2, IPv4Address("192.0.2.1"), IPv4Address("192.0.2.1"), 1500)
+    backend = BgpBackend(cfg(), ext)
+    peers = [{"PeerIP": "192.0.2.200", "ASNumber": 64600}]
+    assert backend.take_config(cfg(Peers=peers, NodeToNodeMesh=False))
+    assert backend.cfg.backend["Peers"][0].asn == 64600
+    assert not backend.take_config(cfg(Peers=peers, NodeToNodeMesh=False, HoldTime=30,
+                                       KeepaliveTime=10))
+    assert not backend.take_config(parse_config(json.dumps(
+        {"Network": "10.2.0.0/16", "Backend": {"Type": "bgp", "Peers": peers,
+                                               "NodeToNodeMesh": False}})))
+    assert backend.cfg.backend["HoldTime"] == 90
+
+
+def test_the_config_watcher_hands_a_change_to_the_backend_that_takes_it(caplog):
+    import logging
+
+    from pyflannel.daemon.config_watcher import ConfigWatcher
+
+    caplog.set_level(logging.INFO)
+    taken = []
+    running = cfg()
+    watcher = ConfigWatcher(None, running, lambda new: taken.append(new) or
+                            new.backend["HoldTime"] == 90)
+    peers = json.dumps({"Network": "10.1.0.0/16", "Backend": {
+        "Type": "bgp", "Peers": [{"PeerIP": "192.0.2.200", "ASNumber": 64600}]}})
+    watcher.notice(peers.encode())
+    assert watcher.running.backend["Peers"][0].asn == 64600
+    assert "follows it without a restart" in caplog.text
+    watcher.notice(json.dumps({"Network": "10.1.0.0/16", "Backend": {
+        "Type": "bgp", "HoldTime": 30, "KeepaliveTime": 10}}).encode())
+    assert "keeping the running one until pyflanneld restarts" in caplog.text
+    assert watcher.running.backend["HoldTime"] == 90

@@ -214,6 +214,18 @@ class BgpBackend(Backend):
         self._sync_speaker()
         await self.reconcile()
 
+    def take_config(self, cfg: NetworkConfig) -> bool:
+        """Follow a new network config at once if only ``Peers`` or ``NodeToNodeMesh``
+        changed (sessions come and go); anything else waits for a restart (False)."""
+        live = ("Peers", "NodeToNodeMesh")
+        if (cfg.backend_type != self.type or cfg.pools != self.cfg.pools
+                or {k: v for k, v in cfg.backend.items() if k not in live}
+                != {k: v for k, v in self.cfg.backend.items() if k not in live}):
+            return False
+        self.cfg = cfg
+        self._sync_speaker()
+        return True
+
     def _sync_speaker(self) -> None:
         """Announce our subnet(s) and follow the leases and the config with the sessions."""
         speaker = self.speaker

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from pyflannel.backoff import Backoff
 from pyflannel.config import ConfigError, NetworkConfig, parse_config
@@ -14,11 +15,15 @@ log = logging.getLogger("pyflannel")
 
 class ConfigWatcher:
     """Says once per change that ``<prefix>/config`` changed; the running config stays in
-    force until the daemon restarts, so nothing is ever half-reprogrammed."""
+    force until the daemon restarts, so nothing is ever half-reprogrammed. The exception is
+    a change the backend says it takes whole while running (``take``: the bgp backend's
+    peers)."""
 
-    def __init__(self, registry: Registry, running: NetworkConfig) -> None:
+    def __init__(self, registry: Registry, running: NetworkConfig,
+                 take: Callable[[NetworkConfig], bool] | None = None) -> None:
         self.registry = registry
         self.running = running
+        self.take = take
         self._seen: object = None
 
     async def run(self) -> None:
@@ -44,7 +49,11 @@ class ConfigWatcher:
                           networks(self.running))
             self._seen = ("invalid", raw)
             return
-        if cfg.raw != self.running.raw and self._seen != cfg.raw:
+        if cfg.raw != self.running.raw and self.take is not None and self.take(cfg):
+            log.info("network config changed; the %s backend follows it without a restart",
+                     cfg.backend_type)
+            self.running = cfg
+        elif cfg.raw != self.running.raw and self._seen != cfg.raw:
             log.warning("network config changed (network %s -> %s, backend %s -> %s); "
                         "keeping the running one until pyflanneld restarts",
                         networks(self.running), networks(cfg), self.running.backend_type,
