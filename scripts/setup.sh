@@ -18,6 +18,7 @@ command -v iptables >/dev/null || need+=(iptables)
 command -v nft >/dev/null || need+=(nftables)
 command -v ping >/dev/null || need+=(iputils-ping)
 command -v tcpdump >/dev/null || need+=(tcpdump)  # tests read hand-built gre/ipip packets with it
+{ command -v ovs-vswitchd && command -v ovsdb-server; } >/dev/null || need+=(openvswitch-switch)  # gre interop test (userspace datapath)
 { command -v wireguard-go && command -v wg; } >/dev/null || need+=(wireguard-go wireguard-tools)
 [ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)  # bridge, host-local, portmap behind pyflannel-cni
 { [ -x /usr/sbin/dockerd ] && [ -x /usr/bin/docker ]; } || need+=(docker.io)  # a dockerd per lab node

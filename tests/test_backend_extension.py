@@ -207,3 +207,5 @@ async def test_alloc_publishes_only_its_address_and_uses_the_external_mtu():
     # flanneld's alloc lease: PublicIP only (no BackendType, no BackendData)
     assert attrs.to_json() == '{"PublicIP":"198.18.0.1","PublicIPv6":null}'
     assert b.mtu == 1400
+    # other alloc nodes' leases read as udp (no BackendType): no warning about each
+    assert b.takes_foreign_lease(peer("10.1.7.0/24", "198.18.0.7", None, btype=""))

@@ -200,3 +200,15 @@ def test_config_rules():
         parse_config(cfg({"Type": "gre", "Checksum": "yes"}))
     with pytest.raises(ConfigError, match=r"Backend.DirectRouting must be true or false"):
         parse_config(cfg({"Type": "ipip", "DirectRouting": 1}))
+
+
+def test_a_reservation_no_daemon_took_is_a_static_peer_with_our_key():
+    """``pyflannel lease reserve 10.1.200.0/24 198.18.0.200`` for an Open vSwitch host or a
+    router configured by hand: no TTL, no BackendType."""
+    b = make_backend(parse_config(cfg({"Type": "gre", "Key": 42})), EXT)
+    static = Lease.from_kv("10.1.200.0-24", '{"PublicIP":"198.18.0.200","PublicIPv6":null}')
+    expiring = Lease.from_kv("10.1.201.0-24", '{"PublicIP":"198.18.0.201","PublicIPv6":null}',
+                             lease_id=7)
+    table, problems = peers_of(b, static, expiring)
+    assert table == ["10.1.200.0/24 via 198.18.0.200"]
+    assert problems == {"10.1.201.0-24": "its BackendType is 'empty', not 'gre'"}

@@ -10,7 +10,7 @@ external interface's own MTU, since nothing is encapsulated.
 from __future__ import annotations
 
 from pyflannel.backend.base import Backend
-from pyflannel.lease.model import NO_PUBLIC_IP, LeaseAttrs
+from pyflannel.lease.model import NO_PUBLIC_IP, Lease, LeaseAttrs
 
 
 class AllocBackend(Backend):
@@ -24,6 +24,11 @@ class AllocBackend(Backend):
         v4, v6 = self.cfg.enable_ipv4, self.cfg.enable_ipv6
         return LeaseAttrs(public_ip=self.ext.public_ip if v4 else NO_PUBLIC_IP,
                           public_ipv6=self.ext.public_ipv6 if v6 else None)
+
+    def takes_foreign_lease(self, lease: Lease) -> bool:
+        """Every lease is a peer we do nothing with: no warning about its backend (alloc's
+        own leases carry no BackendType, which reads as udp)."""
+        return True
 
     async def reconcile(self) -> None:
         """Nothing to keep: the kernel's tables are the operator's."""

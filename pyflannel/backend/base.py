@@ -171,6 +171,11 @@ class Backend(abc.ABC):
         """Peers known but left out of the data path, by lease key name, with why."""
         return {}
 
+    def takes_foreign_lease(self, lease: Lease) -> bool:
+        """Whether a lease naming another backend (or none: flanneld's udp) is a peer
+        all the same: gre's static peers, alloc's silence. Default: no."""
+        return False
+
     def identity_conflict(self, others: Iterable[Lease]) -> str | None:
         """Why this node must not start beside these live leases of other nodes (one line
         for the operator), or None."""

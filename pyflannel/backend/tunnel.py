@@ -53,6 +53,11 @@ def gre_key_of(lease: Lease) -> tuple[bool, int | None]:
     return False, None
 
 
+def static_peer(lease: Lease) -> bool:
+    """``pyflannel lease reserve``'s lease for a host without a daemon."""
+    return lease.reserved and not lease.attrs.backend_type
+
+
 class RawTunnelBackend(UdpBackend):
     """What gre and ipip share: a TUN, a raw IP socket, the udp backend's table."""
 
@@ -78,8 +83,15 @@ class RawTunnelBackend(UdpBackend):
         """(BackendData, BackendV6Data) to publish."""
         return None, None
 
+    def takes_foreign_lease(self, lease: Lease) -> bool:
+        return static_peer(lease)
+
     def peer_refused(self, peer: Lease) -> str | None:
-        """Why a lease cannot be our peer at all (another backend), or None."""
+        """Why a lease cannot be our peer at all (another backend), or None. A reservation
+        no daemon has taken (no TTL, no BackendType) is a static peer: a router or an Open
+        vSwitch host configured by hand to match us."""
+        if static_peer(peer):
+            return None
         if peer.attrs.backend_type != self.type:
             return (f"its BackendType is {peer.attrs.backend_type or 'empty'!r}, "
                     f"not {self.type!r}")
@@ -205,8 +217,8 @@ class GreBackend(RawTunnelBackend):
 
     def peer_refused(self, peer: Lease) -> str | None:
         why = super().peer_refused(peer)
-        if why is not None:
-            return why
+        if why is not None or static_peer(peer):
+            return why  # a static peer is configured with our key
         stated, key = gre_key_of(peer)
         if not stated:
             return "its BackendData states no GRE key ({\"Key\": n} or {\"Key\": null})"

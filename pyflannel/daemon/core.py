@@ -209,7 +209,7 @@ class Daemon:
     def _compatible(self, lease: Lease) -> bool:
         assert self.backend is not None
         kind = lease.attrs.effective_backend
-        if kind == self.backend.type:
+        if kind == self.backend.type or self.backend.takes_foreign_lease(lease):
             return True
         self._warn.warn(("backend", lease.key_name, kind), "peer %s uses backend %s, not "
                         "%s; ignored", describe(lease), kind, self.backend.type)
