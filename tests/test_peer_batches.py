@@ -144,3 +144,27 @@ async def test_batches_end_when_the_events_end_and_leave_no_reader_behind():
     assert [b async for b in stream] == []
     await asyncio.sleep(0)
     assert asyncio.all_tasks() == before
+
+
+async def test_a_lease_the_backend_leaves_out_is_said_once_and_never_as_added_or_removed(
+        node, caplog):
+    """The backend's warning is the one line for it: the daemon does not also announce a
+    peer it never put in the data path, nor one it takes out of it when the lease goes."""
+    caplog.set_level(logging.INFO)
+    reg, backend = node
+    reg.put_lease_raw(IPv4Network("10.20.0.0/24"), LeaseAttrs(IPv4Address("240.0.0.9"),
+                                                               "host-gw"))
+    reg.put_lease_raw(IPv4Network("10.21.0.0/24"), LeaseAttrs(IPv4Address("198.18.0.9"),
+                                                               "host-gw"))
+    await until(lambda: len(backend.peers) == 2, 5)
+    assert lines(caplog, "10.20.0.0/24") == [
+        "peer 10.20.0.0/24 (240.0.0.9) ignored: its address 240.0.0.9 is a loopback, "
+        "multicast, broadcast or reserved one"]
+    assert lines(caplog, "peer added:") == ["peer added: 10.21.0.0/24 via 198.18.0.9"]
+    caplog.clear()
+
+    reg.delete_raw(f"{subnets_prefix(PREFIX)}10.20.0.0-24")
+    reg.put_lease_raw(IPv4Network("10.22.0.0/24"), LeaseAttrs(IPv4Address("198.18.0.10"),
+                                                               "host-gw"))
+    await until(lambda: lines(caplog, "peer added: 10.22.0.0/24"), 5)  # the delete is done
+    assert "10.20.0.0-24" not in backend.peers and lines(caplog, "10.20.0.0/24") == []

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pyflannel.backend import Backend, BackendError, make_backend
+from pyflannel.backend.base import peer_address
 from pyflannel.config import NetworkConfig
 from pyflannel.daemon import startup
 from pyflannel.daemon.address_watch import AddressWatch
@@ -198,12 +199,17 @@ class Daemon:
         started = time.monotonic()
         removed = [lease for lease in diff.removed if self._compatible(lease)]
         added = [lease for lease in diff.added if self._compatible(lease)]
+        left_out_before = self.backend.peer_problems()
         for lease in removed:
             await self.backend.remove_peer(lease)
         for lease in added:
             await self.backend.add_peer(lease)
-        log_peer_changes(removed, added)
         await self.backend.commit()
+        # A lease the backend leaves out was said by its one warning (Backend.skip_peer):
+        # it is neither added to the data path nor, later, removed from it.
+        left_out = self.backend.peer_problems()
+        log_peer_changes([lease for lease in removed if lease.key_name not in left_out_before],
+                         [lease for lease in added if lease.key_name not in left_out])
         self.metrics.programming.observe(time.monotonic() - started)
 
     def _compatible(self, lease: Lease) -> bool:
@@ -311,9 +317,9 @@ def log_peer_changes(removed: list[Lease], added: list[Lease]) -> None:
     thousand keys must not write two thousand lines."""
     if len(removed) + len(added) <= PEER_LINES:
         for lease in removed:
-            log.info("peer removed: %s (%s)", describe(lease), _peer_address(lease))
+            log.info("peer removed: %s (%s)", describe(lease), peer_address(lease))
         for lease in added:
-            log.info("peer added: %s via %s", describe(lease), _peer_address(lease))
+            log.info("peer added: %s via %s", describe(lease), peer_address(lease))
         return
 
     def some(leases: list[Lease]) -> str:
@@ -322,10 +328,3 @@ def log_peer_changes(removed: list[Lease], added: list[Lease]) -> None:
 
     log.info("peers changed in one batch: %d removed%s, %d added%s",
              len(removed), some(removed), len(added), some(added))
-
-
-def _peer_address(lease: Lease) -> str:
-    """Where a peer's traffic goes: its PublicIP, or PublicIPv6 for an IPv6-only peer."""
-    if lease.has_ipv4 or lease.attrs.public_ipv6 is None:
-        return str(lease.attrs.public_ip)
-    return str(lease.attrs.public_ipv6)
