@@ -89,11 +89,12 @@ def containers(lab: Lab) -> int:
 
     docker = LabDocker(lab)
     addresses: dict[str, str] = {}
+    envs = {node.name: lab.wait_subnet_file(node) for node in lab.nodes}
+    options = docker.start_all()
     for node in lab.nodes:
-        env = lab.wait_subnet_file(node)
-        options = docker.start(node)
+        env = envs[node.name]
         say(f"{node.name} ({node.underlay_ip}): FLANNEL_SUBNET={env['FLANNEL_SUBNET']} "
-            f"FLANNEL_MTU={env['FLANNEL_MTU']}; dockerd {' '.join(options)}")
+            f"FLANNEL_MTU={env['FLANNEL_MTU']}; dockerd {' '.join(options[node.name])}")
         docker[node].import_busybox()
         page = f"hello from a container on {node.name}"
         addresses[node.name] = docker[node].run(

@@ -217,8 +217,8 @@ def _cluster(backend: str) -> Iterator[Cluster]:
             lab.start_daemon(node, f"-healthz-port={HEALTHZ_PORT}")
         envs = {node.name: lab.wait_subnet_file(node) for node in lab.nodes}
         docker = LabDocker(lab)
+        docker.start_all()
         for node in lab.nodes:
-            docker.start(node)
             docker[node].import_busybox()
         n1, n2 = lab.nodes
         cluster = Cluster(backend, lab, docker, n1, n2,
@@ -228,7 +228,7 @@ def _cluster(backend: str) -> Iterator[Cluster]:
         yield cluster
 
 
-@pytest.fixture(scope="module", params=["udp", "vxlan", "host-gw", "wireguard"])
+@pytest.fixture(scope="module", params=["udp", "vxlan", "host-gw", "wireguard", "bgp"])
 def cluster(request) -> Iterator[Cluster]:
     yield from _cluster(request.param)
 
@@ -257,9 +257,9 @@ def test_a_container_pings_one_on_another_node_and_fetches_10_mb_intact_at_flann
 def test_with_dockers_own_masquerading_the_server_sees_the_client_nodes_address(cluster):
     """mk-docker-opts' default is --ip-masq=true: Docker masquerades what leaves docker0,
     so the server sees n1's address on the way out (its flannel device, or eth0 when
-    host-gw routes over the underlay), never the container's."""
+    host-gw or bgp route over the underlay), never the container's."""
     seen = cluster.seen_client_address()
-    if cluster.backend == "host-gw":
+    if cluster.backend in ("host-gw", "bgp"):  # routed over eth0, no flannel device
         assert seen == cluster.client_node.underlay_ip
     else:
         assert seen == str(ipaddress.ip_interface(cluster.subnets["n1"]).network.network_address)
@@ -294,8 +294,7 @@ def test_with_pyflanneld_ip_masq_the_server_sees_the_containers_own_address(clus
     """pyflanneld -ip-masq writes FLANNEL_IPMASQ=true, so mk-docker-opts turns Docker's
     masquerading off; flannel's own rules leave traffic inside the network alone."""
     cluster.restart_daemons(cluster.client_node, cluster.server_node, extra=("-ip-masq",))
-    for node in (cluster.client_node, cluster.server_node):
-        cluster.docker[node].stop()
-        assert "--ip-masq=false" in cluster.docker.start(node)
+    cluster.docker.stop_all()
+    assert all("--ip-masq=false" in opts for opts in cluster.docker.start_all().values())
     cluster.start_containers()
     assert cluster.seen_client_address() == cluster.client
