@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from ipaddress import IPv4Address, IPv4Network
 from types import MappingProxyType
 
@@ -11,8 +12,11 @@ import pytest
 from pyflannel.backend import BackendError, make_backend
 from pyflannel.backend.wireguard import WireguardBackend, lease_public_key
 from pyflannel.config import parse_config
+from pyflannel.daemon.core import Daemon
+from pyflannel.flags import Options
 from pyflannel.host.netlink import ExternalInterface
 from pyflannel.lease.model import Lease, LeaseAttrs
+from pyflannel.lease.policy import PeerDiff
 from pyflannel.wireguard.keys import PrivateKey
 
 
@@ -200,6 +204,28 @@ async def test_a_lease_repeating_another_lease_s_key_is_ignored_the_first_keeps_
     await be.remove_peer(original)
     (row,) = be.peer_table()
     assert row.subnets == ("10.1.9.0/24",) and not be.peer_problems()
+
+
+async def test_the_daemon_announces_as_added_only_the_peers_the_table_takes(caplog):
+    """A low-order key and a repeated key are each said once, by the backend's warning;
+    the daemon's own line names only the peer that went into the table."""
+    caplog.set_level(logging.INFO)
+    daemon = Daemon(Options())
+    daemon.backend = be = WireguardBackend(cfg(), ext())
+
+    async def install() -> None:  # what commit hands a running device's fast path
+        be.peer_table()
+
+    be.commit = install  # type: ignore[method-assign]
+    await daemon.on_peers(PeerDiff(added=(
+        lease("10.1.2.0/24", "198.18.0.2", KEYS[0]),
+        lease("10.1.77.0/24", "192.0.2.77", LOW_ORDER),
+        lease("10.1.9.0/24", "198.18.0.9", KEYS[0])), removed=()))
+    said = [r.getMessage() for r in caplog.records]
+    assert [m for m in said if m.startswith("peer added")] == [
+        "peer added: 10.1.2.0/24 via 198.18.0.2"]
+    assert [m.split(" ignored: ")[0] for m in said if " ignored: " in m] == [
+        "peer 10.1.77.0/24 (192.0.2.77)", "peer 10.1.9.0/24 (198.18.0.9)"]
 
 
 def test_a_node_whose_key_another_lease_publishes_refuses_to_start_saying_what_to_do():
