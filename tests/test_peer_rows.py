@@ -91,16 +91,23 @@ class QuietFastPath:
         return Installed(len(self.tables))
 
 
-async def test_a_table_the_fast_path_did_not_confirm_keeps_the_node_unready_until_resent():
-    reg = MemoryRegistry()
-    daemon = Daemon(Options())
+def udp_on(fastpath: QuietFastPath) -> UdpBackend:
+    """A udp backend handing its tables to ``fastpath``; the host's routes are not these
+    tests' business."""
     be = UdpBackend(cfg("udp"), EXT)
-    be.fastpath = fastpath = QuietFastPath()  # type: ignore[assignment]
+    be.fastpath = fastpath  # type: ignore[assignment]
 
-    async def no_routes() -> None:  # the host's routes are not this test's business
+    async def no_routes() -> None:
         return None
 
     be.reconcile = no_routes  # type: ignore[method-assign]
+    return be
+
+
+async def test_a_table_the_fast_path_did_not_confirm_keeps_the_node_unready_until_resent():
+    reg = MemoryRegistry()
+    daemon = Daemon(Options())
+    be = udp_on(fastpath := QuietFastPath())
     manager = LeaseManager(reg, be.cfg, LeaseAttrs(ME, "udp"))
     daemon.backend, daemon.manager, daemon.cfg = be, manager, be.cfg
     lease = await manager.acquire()
@@ -154,13 +161,7 @@ class PickyFastPath(QuietFastPath):
 
 
 async def test_rows_the_fast_path_refused_are_named_once_and_the_table_sent_again(caplog):
-    be = UdpBackend(cfg("udp"), EXT)
-    be.fastpath = fastpath = PickyFastPath()  # type: ignore[assignment]
-
-    async def no_routes() -> None:
-        return None
-
-    be.reconcile = no_routes  # type: ignore[method-assign]
+    be = udp_on(fastpath := PickyFastPath())
     be.lease = peer("10.1.1.0/24", str(ME), "udp")
     await be.add_peer(peer("10.1.3.0/24", "198.18.0.3", "udp"))
     await be.commit()
@@ -187,13 +188,7 @@ async def test_a_table_not_confirmed_before_the_reconciler_starts_is_sent_at_onc
             pass
 
     monkeypatch.setattr("pyflannel.backend.base.NetlinkMonitor", NoMonitor)
-    be = UdpBackend(cfg("udp"), EXT)
-    be.fastpath = fastpath = QuietFastPath()  # type: ignore[assignment]
-
-    async def no_routes() -> None:
-        return None
-
-    be.reconcile = no_routes  # type: ignore[method-assign]
+    be = udp_on(fastpath := QuietFastPath())
     be.lease = peer("10.1.1.0/24", str(ME), "udp")
     await be.commit()  # at start-up, before the reconciler runs: not answered
     fastpath.answering = True
