@@ -116,3 +116,18 @@ def test_ipip_carries_pods_and_direct_routing_goes_direct(lab):
     n1, n2 = nodes["n1"], nodes["n2"]
     route = lab.run(n1.lab_node.ns, ["ip", "route", "get", n2.gw], text=True).stdout
     assert f"via {n2.lab_node.underlay_ip} dev eth0" in route, route
+
+
+def test_gre_carries_ipv6_pods_inside_ipv4_in_a_dual_stack_network(lab):
+    for n in lab.nodes:
+        lab.stop_daemon(n)
+    lab.etcdctl("put", CONFIG_KEY, json.dumps({
+        "Network": "10.1.0.0/16", "EnableIPv6": True, "IPv6Network": "fc00:10:1::/48",
+        "Backend": {"Type": "gre", "Key": 5}}))
+    nodes = {n.name: start_node(lab, n) for n in lab.nodes}
+    n1, n2 = nodes["n1"], nodes["n2"]
+    assert n1.gw6 and n2.gw6
+    wait_until(lambda: lab.ping(n1.lab_node, n2.gw6, src_ip=n1.gw6), 10, "n1 -> n2 over IPv6")
+    wait_until(lambda: lab.ping(n2.lab_node, n1.gw, src_ip=n2.gw), 5, "n2 -> n1 over IPv4")
+    tcp_transfer(lab, n2.lab_node, n2.gw6, n1.lab_node, n1.gw6, 2 * 1024 * 1024, port=5005)
+    assert metric(lab, n1.lab_node, "pyflannel_ipv6_packets_total", direction="rx") > 0
