@@ -44,7 +44,8 @@ def main(argv: list[str]) -> int:
         doc.update(EnableIPv6=True, IPv6Network=args.ipv6)
     config = json.dumps(doc)
     with Lab(args.nodes) as lab:
-        say(f"lab {lab.prefix}: etcd at {lab.etcd_endpoint}, {args.nodes} nodes on 198.18.0.0/24")
+        say(f"lab {lab.prefix}: etcd at {lab.etcd_endpoint}, {args.nodes} nodes on 198.18.0.0/24"
+            + (f", work directory {lab.workdir}" if args.docker else ""))
         lab.etcdctl("put", "/coreos.com/network/config", config)
         say(f"network config: {config}")
         gateways: dict[str, list[str]] = {}

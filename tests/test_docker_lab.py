@@ -56,18 +56,20 @@ def namespaces() -> set[str]:
     return {line.split()[0] for line in out.splitlines() if line.strip()}
 
 
-def leftovers(prefix: str) -> list[str]:
+def leftovers(prefix: str, workdir: str) -> list[str]:
     """Anything of lab ``prefix``'s Docker still on the host: namespaces, cgroup
-    directories, mounts, processes."""
+    directories, mounts, processes (dockerd, containerd, shims, containers), files."""
     found = [ns for ns in namespaces() if ns.startswith(prefix + "-")]
     found += [str(p) for p in Path("/sys/fs/cgroup").glob(f"*/pyflannel-{prefix}-*")]
     found += [str(p) for p in Path("/sys/fs/cgroup").glob(f"pyflannel-{prefix}-*")]
     found += [line for line in Path("/proc/self/mounts").read_text().splitlines()
-              if prefix in line or "pyflannel-run" in line]
+              if prefix in line or workdir in line or "pyflannel-run" in line]
+    found += [workdir] if Path(workdir).exists() else []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if f"pyflannel-{prefix}-".encode() in cmdline.read_bytes():
-                found.append(str(cmdline))
+            argv = cmdline.read_bytes()
+            if f"pyflannel-{prefix}-".encode() in argv or workdir.encode() in argv:
+                found.append(f"{cmdline}: {argv!r}")
         except OSError:
             pass
     return found
@@ -88,8 +90,9 @@ def test_the_docker_demo_runs_real_containers_and_leaves_nothing_on_the_host():
     pairs = [line for line in out.stdout.splitlines() if line.startswith("== ping+http")]
     assert len(pairs) == 2 and all(": ok" in line for line in pairs), out.stdout
     assert "dockerd --bip=10.1." in out.stdout
-    prefix = re.search(r"^== lab (\S+):", out.stdout, re.M).group(1)
-    assert leftovers(prefix) == []
+    prefix, workdir = re.search(r"^== lab (\S+):.*, work directory (\S+)$", out.stdout,
+                                re.M).groups()
+    assert leftovers(prefix, workdir) == []
     assert host_paths() == before
 
 
@@ -114,6 +117,20 @@ def test_a_dynamically_linked_busybox_is_refused_with_the_package_to_install(mon
     monkeypatch.setattr(labdocker, "BUSYBOX", Path(sys.executable).resolve())
     assert "not statically linked: apt-get install docker.io busybox-static" in (
         labdocker.docker_missing() or "")
+
+
+def test_lab_cleanups_run_first_and_after_the_namespaces_are_gone():
+    """A dockerd and its containers go before the lab stops its processes; the cgroup
+    directories only once the lab's namespaces (and what ran in them) are gone."""
+    require_lab()
+    seen: list[tuple[str, bool]] = []
+    lab = Lab(1, with_etcd=False)
+    with lab:
+        ns = Path("/run/netns") / lab.nodes[0].ns
+        lab.add_cleanup(before=lambda: seen.append(("first", ns.exists())),
+                        after=lambda: seen.append(("first", ns.exists())))
+        lab.add_cleanup(before=lambda: seen.append(("second", ns.exists())))
+    assert seen == [("second", True), ("first", True), ("first", False)]
 
 
 # ------------------------------------------------------------------ pure parts
