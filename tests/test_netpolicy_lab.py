@@ -1,6 +1,6 @@
 """Network policy with real packets: three nodes, each with a container behind its docker0
 (n1 and n2 tenant=blue, n3 tenant=red), policy applied with `pyflannel policy` and enforced
-by each node's nftables ruleset."""
+by each node's nftables ruleset, alike on host-gw, vxlan and udp."""
 
 from __future__ import annotations
 
@@ -94,12 +94,12 @@ class Cluster:
         return {(a, b): self.ping(a, b) for a in LABELS for b in LABELS if a != b}
 
 
-@pytest.fixture(scope="module")
-def cluster():
+@pytest.fixture(scope="module", params=["host-gw", "vxlan", "udp"])
+def cluster(request):
     require_lab()
     with Lab(3) as lab:
-        lab.etcdctl("put", CONFIG_KEY,
-                    json.dumps({"Network": "10.1.0.0/16", "Backend": {"Type": "host-gw"}}))
+        lab.etcdctl("put", CONFIG_KEY, json.dumps({"Network": "10.1.0.0/16",
+                                                   "Backend": {"Type": request.param}}))
         c = Cluster(lab)
         for n in lab.nodes:
             c.nodes[n.name] = start_node(lab, n, f"-node-labels={LABELS[n.name]}")
