@@ -15,7 +15,7 @@ from pyflannel.backend import make_backend
 from pyflannel.backend.tunnel import GreBackend, IpipBackend
 from pyflannel.config import ConfigError, parse_config
 from pyflannel.fastpath.packet import checksum
-from pyflannel.fastpath.rawip import gre_header, outer_ipv4, parse_gre
+from pyflannel.fastpath.rawip import fast_checksum, gre_header, outer_ipv4, parse_gre
 from pyflannel.host.netlink import ExternalInterface
 from pyflannel.lease.model import Lease
 
@@ -53,6 +53,18 @@ def test_a_checksum_covers_header_and_payload_and_comes_before_the_key():
     assert head[:4] == bytes.fromhex("a0000800") and head[6:8] == b"\0\0"
     assert head[8:] == bytes.fromhex("0000002a")
     assert checksum(head + INNER) == 0
+
+
+@pytest.mark.parametrize("data", [b"", b"\0\0", b"\xff\xff", b"\x01", b"\xff\xff\0\0",
+                                  bytes(range(256)) * 6, b"\x80\x00" * 700 + b"\x7f"])
+def test_the_fast_checksum_is_the_internet_checksum(data):
+    import random
+
+    assert fast_checksum(data) == checksum(data)
+    rng = random.Random(len(data))
+    for size in (1, 2, 3, 40, 1401, 1500):
+        blob = rng.randbytes(size)
+        assert fast_checksum(blob) == checksum(blob)
 
 
 @pytest.mark.parametrize("key,csum", [(None, False), (42, False), (None, True), (7, True)])
