@@ -12,7 +12,7 @@ import time
 import pytest
 
 from pyflannel.lab import Lab
-from tests.labtools import CONFIG_KEY, require_lab, start_node, wait_until
+from tests.labtools import CONFIG_KEY, require_lab, restart_node, start_node, wait_until
 
 pytestmark = pytest.mark.lab
 
@@ -39,6 +39,31 @@ def isolation(tenant: str, ingress: list | None = None, egress: list | None = No
     return {"Name": tenant, "Order": 100, "Selector": same, "Types": ["Ingress", "Egress"],
             "Ingress": [{"Action": "Allow", "Source": {"Selector": same}}] + (ingress or []),
             "Egress": [{"Action": "Allow", "Destination": {"Selector": same}}] + (egress or [])}
+
+
+FLOOD = r"""
+import select, socket, struct, sys, time
+# ICMP echo requests every 2 ms until stdin closes; print how many replies came back
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); s.setblocking(False)
+def csum(b):
+    t = sum(struct.unpack("!%dH" % (len(b) // 2), b)); t = (t >> 16) + (t & 0xFFFF)
+    return ~(t + (t >> 16)) & 0xFFFF
+sent = replies = 0
+while not select.select([sys.stdin], [], [], 0)[0]:
+    sent += 1
+    body = struct.pack("!BBHHH", 8, 0, 0, 0x4242, sent & 0xFFFF) + b"x" * 16
+    s.sendto(body[:2] + struct.pack("!H", csum(body)) + body[4:], (sys.argv[1], 0))
+    time.sleep(0.002)
+    try:
+        while True:
+            data = s.recv(2048)
+            if data[20] == 0 and data[24:26] == b"\x42\x42":
+                replies += 1
+    except BlockingIOError:
+        pass
+print(sent, replies)
+"""
+OUTSIDE = "198.18.0.200"
 
 
 class Cluster:
@@ -189,3 +214,51 @@ def test_deleting_the_policies_restores_every_pair_within_2s(policies):
         assert c.policy("delete", name).returncode == 0
     wait_until(lambda: all(c.ping(a, b) for a, b in ALL_PAIRS), 2, "every pair again")
     print(f"restored in {time.monotonic() - deleted:.2f} s")
+
+
+def test_a_network_set_lets_an_outside_host_reach_one_port_only(policies):
+    c = policies
+    lab = c.lab
+    host = lab.hosts.get("out") or lab.add_host("out", OUTSIDE)
+    n1 = c.nodes["n1"]
+    subprocess.run(["ip", "-n", host, "route", "replace", n1.network, "via",
+                    n1.lab_node.underlay_ip], check=True)
+    office = {"Labels": {"role": "office"}, "Nets": [f"{OUTSIDE}/32"]}
+    done = c.policy("apply", "-f", "-", "--networkset", "office", stdin=json.dumps(office))
+    assert done.returncode == 0, done.stderr
+    from_office = {"Action": "Allow", "Protocol": "TCP",
+                   "Source": {"Selector": "role == 'office'"}, "Destination": {"Ports": [8080]}}
+    c.apply(isolation("blue", ingress=[from_office]))
+    dst = c.containers["n1"][1]
+
+    def reach(argv: list[str]) -> bool:
+        return subprocess.run(["ip", "netns", "exec", host, *argv], capture_output=True,
+                              timeout=5).returncode == 0
+
+    try:
+        wait_until(lambda: not reach(["ping", "-c1", "-W0.3", dst]), 5, "ping denied")
+        assert reach([sys.executable, "-c", CLIENT, dst]), "TCP 8080 from the office"
+        out = c.policy("trace", "--from", OUTSIDE, "--to", dst, "--protocol", "tcp",
+                       "--port", "22").stdout
+        assert "role=office" in out and "verdict: DENY" in out, out
+    finally:
+        c.policy("delete", "office", "--networkset")
+
+
+def test_a_daemon_restart_keeps_the_verdicts_with_no_allow_all_window(policies):
+    c = policies
+    c.apply(isolation("blue"), isolation("red"))
+    wait_until(lambda: {p for p, ok in c.pings().items() if ok} == BLUE_PAIRS, 5, "isolated")
+    ns, _ = c.containers["n3"]
+    flood = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", FLOOD,
+                              c.containers["n1"][1]], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    n1 = c.nodes["n1"].lab_node
+    c.lab.stop_daemon(n1)
+    c.nodes["n1"] = restart_node(c.lab, n1, f"-node-labels={LABELS['n1']}")
+    time.sleep(0.5)  # the restarted keeper's first rebuild
+    out, _ = flood.communicate("", timeout=30)
+    sent, replies = map(int, out.split())
+    print(f"red -> blue across n1's restart: {sent} echo requests, {replies} replies")
+    assert sent > 300 and replies == 0
+    assert {p for p, ok in c.pings().items() if ok} == BLUE_PAIRS
