@@ -160,3 +160,15 @@ def test_gobgp_and_bird_learn_every_node_from_the_reflector(cluster):
                                         (nodes["n2"], "198.18.0.2"), (nodes["n3"], N3))}
     wait_until(lambda: gobgp.rib() == want, 15, f"gobgpd's rib {want}")
     wait_until(lambda: bird.next_hops() == want, 15, f"BIRD's routes {want}")
+
+
+def test_a_peer_removed_from_the_config_goes_without_a_restart(cluster):
+    lab, nodes, _router, gobgp, _bird = cluster
+    pid = nodes["n1"].lab_node.process.pid
+    config = dict(CONFIG, Backend=dict(CONFIG["Backend"], Peers=[
+        p for p in CONFIG["Backend"]["Peers"] if p["PeerIP"] != GOBGP]))
+    lab.etcdctl("put", CONFIG_KEY, json.dumps(config))
+    wait_until(lambda: GOBGP not in established(lab, nodes["n1"]), 15,
+               "n1 to end its session with gobgpd")
+    wait_until(lambda: gobgp.rib() == {}, 15, "gobgpd to lose the routes")
+    assert nodes["n1"].lab_node.process.pid == pid and nodes["n1"].lab_node.process.poll() is None

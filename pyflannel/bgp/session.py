@@ -433,6 +433,7 @@ class Speaker:
         self._servers: list[asyncio.base_events.Server] = []
         self._listen_socks: list[socket.socket] = []
         self.unknown_connections = 0
+        self._advertise_pending = False
         self.started = time.monotonic()
 
     # -- life cycle
@@ -591,11 +592,19 @@ class Speaker:
         mesh of N nodes does not cost N x N exports per UPDATE)."""
         if changes:
             if self.rib.local.cluster_id is not None:
-                self.advertise()
+                self._advertise_soon()
             self.on_routes(changes)
+
+    def _advertise_soon(self) -> None:
+        """One advertise for a burst of UPDATEs: a reflector hearing from N clients at once
+        computes every Adj-RIB-Out once, not N times."""
+        if not self._advertise_pending:
+            self._advertise_pending = True
+            asyncio.get_running_loop().call_soon(self.advertise)
 
     def advertise(self) -> None:
         """Bring every established peer's Adj-RIB-Out up to date."""
+        self._advertise_pending = False
         for session in self.sessions.values():
             if not session.established or session.key not in self.rib.peers:
                 continue
