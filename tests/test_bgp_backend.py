@@ -181,3 +181,32 @@ def test_the_config_watcher_hands_a_change_to_the_backend_that_takes_it(caplog):
         "Type": "bgp", "HoldTime": 30, "KeepaliveTime": 10}}).encode())
     assert "keeping the running one until pyflanneld restarts" in caplog.text
     assert watcher.running.backend["HoldTime"] == 90
+
+
+async def test_an_address_change_restarts_the_speaker_with_the_new_next_hop(monkeypatch):
+    import socket
+
+    from pyflannel.backend.bgp import BgpBackend
+    from pyflannel.host.netlink import ExternalInterface
+
+    async def no_kernel():
+        pass
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    old = ExternalInterface("eth0", 2, IPv4Address("192.0.2.1"), IPv4Address("192.0.2.1"), 1500)
+    new = ExternalInterface("eth0", 2, IPv4Address("192.0.2.9"), IPv4Address("192.0.2.9"), 1500)
+    backend = BgpBackend(cfg(ListenPort=port), old)
+    monkeypatch.setattr(backend, "reconcile", no_kernel)
+    await backend._start_speaker()
+    try:
+        first = backend.speaker
+        assert await backend.follow_address(new) is None
+        assert backend.speaker is not first
+        local = backend.speaker.rib.local
+        assert (local.router_id, local.next_hops) == (IPv4Address("192.0.2.9"),
+                                                      (IPv4Address("192.0.2.9"),))
+        assert backend.speaker.source == (IPv4Address("192.0.2.9"),)
+    finally:
+        await backend.speaker.stop()

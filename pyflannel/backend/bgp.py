@@ -147,20 +147,39 @@ class BgpBackend(Backend):
         self.asn = opts.bgp_as_number or b["ASNumber"]
         self.cluster_id = (IPv4Address(opts.bgp_route_reflector_cluster_id)
                            if opts.bgp_route_reflector_cluster_id else None)
-        router_id = opts.bgp_router_id or (
-            str(ext.public_ip) if cfg.enable_ipv4 and ext.public_ip != NO_PUBLIC_IP else "")
-        if not router_id:
-            raise BackendError("bgp: an IPv6-only node needs -bgp-router-id=A.B.C.D (a BGP "
-                               "router ID is an IPv4 address)")
-        self.router_id = IPv4Address(router_id)
+        self._router_id_flag = opts.bgp_router_id
+        self.router_id = self._router_id(ext)
         self.speaker: Speaker | None = None
         self._announced: set = set()
         self._started = time.monotonic()
         self._swept = False
 
+    def _router_id(self, ext: ExternalInterface) -> IPv4Address:
+        router_id = self._router_id_flag or (
+            str(ext.public_ip) if self.cfg.enable_ipv4 and ext.public_ip != NO_PUBLIC_IP
+            else "")
+        if not router_id:
+            raise BackendError("bgp: an IPv6-only node needs -bgp-router-id=A.B.C.D (a BGP "
+                               "router ID is an IPv4 address)")
+        return IPv4Address(router_id)
+
     @property
     def mtu(self) -> int:
         return self.ext.mtu
+
+    async def follow_address(self, ext: ExternalInterface) -> LeaseAttrs | None:
+        """The node's address moved: the speaker starts again with the new next hop, source
+        address and router ID (its sessions end; the peers learn the new next hop from the
+        new ones), and the sessions follow the republished lease."""
+        moved = (ext.public_ip, ext.public_ipv6) != (self.ext.public_ip, self.ext.public_ipv6)
+        self.ext = ext
+        if moved and self.speaker is not None:
+            await self.speaker.stop()
+            self.router_id = self._router_id(ext)
+            self._announced = set()
+            await self._start_speaker()
+        await self.commit()
+        return None
 
     @property
     def me(self) -> NodeRole:
