@@ -12,6 +12,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -255,6 +256,28 @@ def hostile_prefixes_are_refused(lab, nodes, tor, n1) -> None:
         assert "10.1.0.0/16" not in routes and n.network not in routes
         out = lab.run(n.lab_node.ns, ["ip", "route", "show", "192.168.77.0/24"], text=True)
         assert out.stdout.strip() == ""
+
+
+GARBAGE = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], 179), 5)
+s.sendall(bytes(64) + b"GET / HTTP/1.0\r\n\r\n")
+s.settimeout(5)
+try:
+    print("closed" if s.recv(100) == b"" else "answered")
+except ConnectionResetError:
+    print("closed")  # closed with our garbage unread: a reset
+"""
+
+
+def test_garbage_on_port_179_from_a_stranger_is_closed_and_sessions_stay(cluster):
+    lab, nodes, tor, _pw, gobgp_i, _ge, dc = cluster
+    n1 = nodes["n1"]
+    out = lab.run(dc, [sys.executable, "-c", GARBAGE, n1.lab_node.underlay_ip], text=True)
+    assert out.stdout.strip() == "closed"
+    assert all(tor.established(name) for name in nodes)
+    sessions = {r["peer"]: r["state"] for r in status_json(lab, n1.lab_node) if "bgp_peer" in r}
+    assert sessions[TOR] == sessions[GOBGP_I] == "Established", sessions
 
 
 def test_passwords_right_and_wrong(cluster):
