@@ -224,3 +224,23 @@ def test_a_reservation_no_daemon_took_is_a_static_peer_with_our_key():
     table, problems = peers_of(b, static, expiring)
     assert table == ["10.1.200.0/24 via 198.18.0.200"]
     assert problems == {"10.1.201.0-24": "its BackendType is 'empty', not 'gre'"}
+
+
+def test_an_ipv6_only_network_runs_gre_over_the_ipv6_underlay():
+    from ipaddress import IPv6Address
+
+    ext6 = ExternalInterface("eth0", 2, IPv4Address("0.0.0.0"), IPv4Address("0.0.0.0"), 1500,
+                             IPv6Address("fd00:198::1"), IPv6Address("fd00:198::1"))
+    v6only = {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fc00:10:1::/48",
+              "Backend": {"Type": "gre", "Key": 3}}
+    b = make_backend(parse_config(json.dumps(v6only)), ext6)
+    assert b.mtu == 1500 - 40 - 8  # outer IPv6, GRE with a key
+    peer = Lease.from_kv("0.0.0.0-0&fc00:10:1:4f::-64", json.dumps(
+        {"PublicIP": "0.0.0.0", "PublicIPv6": "fd00:198::2", "BackendType": "gre",
+         "BackendV6Data": {"Key": 3}}))
+    other = Lease.from_kv("0.0.0.0-0&fc00:10:1:50::-64", json.dumps(
+        {"PublicIP": "0.0.0.0", "PublicIPv6": "fd00:198::3", "BackendType": "gre",
+         "BackendV6Data": {"Key": 4}}))
+    table, problems = peers_of(b, peer, other)
+    assert table == ["fc00:10:1:4f::/64 via fd00:198::2"]
+    assert problems == {other.key_name: "its GRE key is 4, ours is 3"}

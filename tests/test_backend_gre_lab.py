@@ -131,3 +131,17 @@ def test_gre_carries_ipv6_pods_inside_ipv4_in_a_dual_stack_network(lab):
     wait_until(lambda: lab.ping(n2.lab_node, n1.gw, src_ip=n2.gw), 5, "n2 -> n1 over IPv4")
     tcp_transfer(lab, n2.lab_node, n2.gw6, n1.lab_node, n1.gw6, 2 * 1024 * 1024, port=5005)
     assert metric(lab, n1.lab_node, "pyflannel_ipv6_packets_total", direction="rx") > 0
+
+
+def test_gre_over_an_ipv6_underlay_in_an_ipv6_only_network(lab):
+    for n in lab.nodes:
+        lab.stop_daemon(n)
+    lab.etcdctl("put", CONFIG_KEY, json.dumps({
+        "EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fc00:10:1::/48",
+        "Backend": {"Type": "gre"}}))
+    nodes = {n.name: start_node(lab, n) for n in lab.nodes}
+    n1, n3 = nodes["n1"], nodes["n3"]
+    wait_until(lambda: lab.ping(n1.lab_node, n3.gw6, src_ip=n1.gw6), 10, "n1 -> n3")
+    wait_until(lambda: lab.ping(n3.lab_node, n1.gw6, src_ip=n3.gw6), 5, "n3 -> n1")
+    tcp_transfer(lab, n1.lab_node, n1.gw6, n3.lab_node, n3.gw6, 2 * 1024 * 1024, port=5007)
+    assert lab.wait_subnet_file(n1.lab_node)["FLANNEL_MTU"] == "1456"  # 1500 - 40 - 4

@@ -33,17 +33,20 @@ from pyflannel.host import netlink
 from pyflannel.host.nlsession import run_netlink
 from pyflannel.host.routes import IPNetwork, RouteSpec
 from pyflannel.host.tun import open_tun, set_overlay_ipv6
-from pyflannel.lease.model import Lease, LeaseAttrs
+from pyflannel.lease.model import NO_PUBLIC_IP, Lease, LeaseAttrs
 
 log = logging.getLogger("pyflannel.tunnel")
 
 OUTER_IPV4 = 20
+OUTER_IPV6 = 40
 TX_QUEUE_LEN = 10000
 
 
 def gre_key_of(lease: Lease) -> tuple[bool, int | None]:
     """(whether the lease states a key, the key): ``{"Key": n}`` or ``{"Key": null}``."""
     data = lease.attrs.backend_data
+    if not isinstance(data, dict):  # an IPv6-only lease states it in BackendV6Data
+        data = lease.attrs.backend_v6_data
     if not isinstance(data, dict) or "Key" not in data:
         return False, None
     key = data["Key"]
@@ -68,7 +71,8 @@ class RawTunnelBackend(UdpBackend):
         super().__init__(cfg, ext, framing="flannel", mode=mode, gso=False, gro=False,
                          coalesce=False)
         self.vnet = self.vnet_tun = False
-        self.underlay = 4
+        # gre: IPv4 wherever the network has it (IPv6 rides inside), else IPv6
+        self.underlay = 4 if cfg.enable_ipv4 else 6
         self.l2_networks: list = []
 
     @property
@@ -77,7 +81,8 @@ class RawTunnelBackend(UdpBackend):
 
     @property
     def mtu(self) -> int:
-        return self.ext.mtu - self.overhead
+        return self.ext.mtu - self.overhead - (OUTER_IPV6 - OUTER_IPV4
+                                               if self.underlay == 6 else 0)
 
     def lease_data(self) -> tuple[object, object]:
         """(BackendData, BackendV6Data) to publish."""
@@ -98,9 +103,10 @@ class RawTunnelBackend(UdpBackend):
         return None
 
     async def prepare(self) -> LeaseAttrs:
-        if not self.cfg.enable_ipv4:
-            raise BackendError(f"{self.type}: an IPv6-only network (EnableIPv4 false) is "
-                               "not supported yet; the underlay must be IPv4")
+        if self.underlay == 6 and (self.ext.address6 is None or self.ext.public_ipv6 is None):
+            raise BackendError(f"{self.type}: an IPv6-only network (EnableIPv4 false) needs "
+                               f"an IPv6 address on interface {self.ext.name}; give it one, "
+                               "or pick another with -iface")
         gone = await run_netlink(netlink.remove_stale_devices, self.device)
         if gone:
             log.info("removed devices of an earlier backend: %s", ", ".join(gone))
@@ -111,8 +117,9 @@ class RawTunnelBackend(UdpBackend):
         self.l2_networks = await run_netlink(netlink.interface_networks, self.ext.index)
         data, data6 = self.lease_data()
         v6 = self.cfg.enable_ipv6
-        return LeaseAttrs(public_ip=self.ext.public_ip, backend_type=self.type,
-                          backend_data=data,
+        return LeaseAttrs(public_ip=self.ext.public_ip if self.cfg.enable_ipv4 else NO_PUBLIC_IP,
+                          backend_type=self.type,
+                          backend_data=data if self.cfg.enable_ipv4 else None,
                           public_ipv6=self.ext.public_ipv6 if v6 else None,
                           backend_v6_data=data6 if v6 else None)
 
@@ -129,17 +136,19 @@ class RawTunnelBackend(UdpBackend):
 
     def _bind(self) -> socket.socket:
         try:
-            sock = open_raw_socket(self.protocol, str(self.ext.address))
+            sock = open_raw_socket(self.protocol, self._bind_address())
         except OSError as e:
             raise BackendError(f"{self.type}: cannot open a raw IP socket (protocol "
-                               f"{self.protocol}) on {self.ext.address}: {e.strerror}") from None
+                               f"{self.protocol}) on {self._bind_address()}: "
+                               f"{e.strerror}") from None
         tune_socket(sock)
         return sock
 
     async def activate(self, lease: Lease) -> None:
-        self.tun_index = await run_netlink(netlink.set_device_address, self.device,
-                                           lease.subnet.network_address, self.mtu,
-                                           TX_QUEUE_LEN, None)
+        if lease.has_ipv4:
+            self.tun_index = await run_netlink(netlink.set_device_address, self.device,
+                                               lease.subnet.network_address, self.mtu,
+                                               TX_QUEUE_LEN, None)
         if lease.ipv6_subnet is not None and self.cfg.enable_ipv6:
             self.tun_index = await run_netlink(
                 netlink.set_device_address, self.device, lease.ipv6_subnet.network_address,
@@ -150,21 +159,29 @@ class RawTunnelBackend(UdpBackend):
     def _direct(self, peer: Lease) -> bool:
         return False
 
+    def _on_underlay(self, peer: Lease) -> bool:
+        """Is the peer on our underlay at all (an IPv6-only peer is not on an IPv4 one)?"""
+        return peer.has_ipv4 if self.underlay == 4 else peer.ipv6_subnet is not None
+
     def _problem(self, peer: Lease) -> str | None:
-        return self.peer_refused(peer) or endpoint_problem(peer.attrs.public_ip)
+        at = peer.attrs.public_ip if self.underlay == 4 else peer.attrs.public_ipv6
+        return self.peer_refused(peer) or endpoint_problem(at)
 
     def peer_problems(self) -> dict[str, str]:
         return {name: why for name, p in self.peers.items()
-                if p.has_ipv4 and (why := self._problem(p)) is not None}
+                if self._on_underlay(p) and (why := self._problem(p)) is not None}
 
     def routes(self) -> list[Route]:
         out = []
         for p in self.peers.values():
-            if not p.has_ipv4:
-                continue  # an IPv6-only peer is not on our IPv4 underlay
+            if not self._on_underlay(p):
+                continue
             why = self._problem(p)
             if why is not None:
                 self.skip_peer(p, why)
+                continue
+            if self.underlay == 6:
+                out.append(Route(p.ipv6_subnet, p.attrs.public_ipv6, self.port))
                 continue
             if self._direct(p):
                 continue
@@ -186,8 +203,10 @@ class RawTunnelBackend(UdpBackend):
         if fastpath is not None and lease is not None:
             v6 = self.cfg.enable_ipv6 and lease.ipv6_subnet is not None
             routes = fastpath.route_rows(self.routes())
+            v4 = lease.has_ipv4
             await self.install_table(self.device, fastpath.configure_async(
-                lease.subnet, self.cfg.network.network_address, routes,
+                lease.subnet if v4 else None,
+                self.cfg.network.network_address if v4 else None, routes,
                 lease.ipv6_subnet if v6 else None,
                 self.cfg.ipv6_network.network_address if v6 else None),
                 [f"{r.subnet} via {r.public_ip}" for r in routes])

@@ -129,9 +129,10 @@ def outer_ipv4(buf: bytes | bytearray | memoryview, n: int) -> tuple[int, bytes]
 
 
 def open_raw_socket(protocol: int, bind_address: str) -> socket.socket:
-    """The raw IPv4 socket of ``protocol`` (GRE or IPIP), bound to our underlay address so
-    that what we send leaves from it."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, protocol)
+    """The raw socket of ``protocol`` (GRE or IPIP) in the family of ``bind_address``, our
+    underlay address, bound to it so that what we send leaves from it."""
+    family = socket.AF_INET6 if ":" in bind_address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_RAW, protocol)
     try:
         sock.bind((bind_address, 0))
     except OSError:
@@ -190,8 +191,8 @@ class RawIpForwarder(Forwarder):
             else:
                 start = HEAD_ROOM
             addr = peer[0]
-            try:
-                self.sock.sendto(mv[start:end], addr)
+            try:  # the port of a raw IPv6 socket's address names the protocol: leave it 0
+                self.sock.sendto(mv[start:end], (addr[0], 0))
             except OSError:
                 c[C["drop_send_error"]] += 1
                 continue
@@ -199,19 +200,23 @@ class RawIpForwarder(Forwarder):
 
     def from_udp(self) -> None:
         buf, mv, c = self._rbuf2, self._rmv2, self.c
-        recv, sources = self.sock.recv_into, self.sources
+        recv, sources = self.sock.recvfrom_into, self.sources
         gre, key = self.protocol == IPPROTO_GRE, self.key
+        v6 = self.sock.family == socket.AF_INET6
         for _ in range(BATCH):
             try:
-                n = recv(buf, 0, socket.MSG_DONTWAIT)
+                n, sender = recv(buf, 0, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
-            outer = outer_ipv4(buf, n)
-            if outer is None:
-                c[UNEXPECTED] += 1
-                continue
-            ihl, src_bytes = outer
-            src = sources.get(socket.inet_ntoa(src_bytes))
+            if v6:  # an IPv6 raw socket hands over the payload alone
+                ihl, src_ip = 0, sender[0]
+            else:
+                outer = outer_ipv4(buf, n)
+                if outer is None:
+                    c[UNEXPECTED] += 1
+                    continue
+                ihl, src_ip = outer[0], socket.inet_ntoa(outer[1])
+            src = sources.get(src_ip)
             if src is None:
                 c[C["drop_unknown_source"]] += 1
                 continue
