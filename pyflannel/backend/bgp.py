@@ -40,6 +40,9 @@ from pyflannel.lease.model import NO_PUBLIC_IP, Lease, LeaseAttrs
 log = logging.getLogger("pyflannel.bgp")
 
 IPAddress = IPv4Address | IPv6Address
+# A new node refuses our connection until it has listed the leases and knows us (tens of ms):
+# the first retry comes this soon, then the wait doubles (jittered) up to a minute.
+FIRST_RETRY_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,7 @@ class BgpBackend(Backend):
                              tuple(community(c) for c in b["Communities"]))
         timing = Timing(hold_time=b["HoldTime"], keepalive_time=b["KeepaliveTime"],
                         graceful_restart_time=b["GracefulRestartTime"] or None,
-                        restarting=True)
+                        restarting=True, idle_hold_first=FIRST_RETRY_S)
         self.speaker = Speaker(local, ImportPolicy.from_pools(self.cfg.pools),
                                on_routes=lambda changes: self.on_netlink("bgp", "routes"),
                                port=b["ListenPort"], source=next_hops, timing=timing)
