@@ -294,6 +294,83 @@ def test_peer_restart_with_a_new_key(net: Net) -> None:
     assert [p[20:] for p, _ in net.tun[B]] == [b"new"]
 
 
+def test_a_restarted_peer_greets_the_one_still_sending_on_the_lost_session(
+        net: Net) -> None:
+    """b restarts (a fresh device, the same key and table) while a holds a session with
+    it: a's next packet is refused (unknown index), b starts a handshake at once, and the
+    keepalive that completes it moves a to the new session. No clock moves: nothing
+    waits for a's timers (KEEPALIVE_TIMEOUT + REKEY_TIMEOUT, some 15 s by default)."""
+    a, b, ka, kb = connect(net)
+    b2 = net.add(B, kb)  # replaces b: all of b's state is gone
+    b2.set_peers({ka.public: PeerConfig((NET_A, NET6_A), A)})
+    a.send(ip4("10.1.1.5", "10.1.2.7", b"lost"))
+    net.pump()
+    assert b2.drops["unknown_index"] == 1 and b2.stats["greetings_sent"] == 1
+    assert b2.peers[ka.public].current is not None and a.stats["keepalives_received"] >= 1
+    a.send(ip4("10.1.1.5", "10.1.2.7", b"again"))
+    b2.send(ip4("10.1.2.7", "10.1.1.5", b"back"))
+    net.pump()
+    assert [p[20:] for p, _ in net.tun[B]] == [b"again"]
+    assert [p[20:] for p, _ in net.tun[A]][-1] == b"back"
+    # more refused messages from a peer we now share a session with: no more handshakes
+    b2.receive(net.sent(A, MSG_TRANSPORT)[0], A)
+    assert b2.stats["initiations_sent"] == 1
+
+
+def test_greetings_only_to_peers_and_paced(net: Net, clock: Clock) -> None:
+    """A refused transport message greets only a peer in the table, at its endpoint
+    there, and only once while that handshake is on its way; a restart among 40 peers
+    sends 16 initiations at once, the rest at half the load threshold a second, so that
+    their responses do not put the node under load (cookies) or overrun the fast path's
+    handshake budget."""
+    me = net.add(A, PrivateKey.generate())
+    keys = [PrivateKey.generate() for _ in range(40)]
+    ends = [(f"198.18.1.{i}", 51820) for i in range(40)]
+    me.set_peers({k.public: PeerConfig((f"10.1.{100 + i}.0/24",), e)
+                  for i, (k, e) in enumerate(zip(keys, ends, strict=True))})
+    stale = bytes([MSG_TRANSPORT, 0, 0, 0]) + os.urandom(DATA_MIN_LEN - 4)
+    me.receive(stale, ("198.18.9.9", 51820))  # no peer's address
+    me.receive(stale, (ends[0][0], 4000))  # a peer's address, another port
+    assert me.stats["greetings_sent"] == 0 and not me.drain()[1]
+    for e in ends:
+        me.receive(stale, e)
+        me.receive(stale, e)  # the same peer again: one greeting
+    first = me.drain()[1]
+    assert len(first) == 16 and {e for _, e in first} == set(ends[:16])
+    assert all(m[0] == MSG_INITIATION for m, _ in first)
+    rate = me.load_threshold / 2
+    assert me.next_deadline() == pytest.approx(clock.t + 1 / rate)
+    clock.advance(1.0)
+    me.tick()
+    assert len(me.drain()[1]) == int(rate)  # a second's worth, no more
+    while me.next_deadline() is not None and me.stats["greetings_sent"] < 40:
+        clock.advance(me.next_deadline() - clock.t)
+        me.tick()
+    assert me.stats["greetings_sent"] == 40
+    # a peer that keeps sending on the lost session while our handshake is on its way:
+    # nothing more (the handshake's own retransmissions, every REKEY_TIMEOUT, go on)
+    me.drain()
+    me.receive(stale, ends[0])
+    assert not me.drain()[1] and me.stats["greetings_sent"] == 40
+
+
+def test_simultaneous_initiations_both_complete(net: Net) -> None:
+    """Both ends initiate at once (a greeting crossing a rekey): each keeps its own
+    handshake and answers the other's, so both have a session after one exchange, where
+    dropping one's own on either side would leave neither one until a retransmission."""
+    a, b, ka, kb = pair(net)
+    a.initiate(kb.public)
+    b.initiate(ka.public)
+    net.pump()
+    assert a.peers[kb.public].current is not None and b.peers[ka.public].current is not None
+    a.send(ip4("10.1.1.5", "10.1.2.7", b"a->b"))
+    b.send(ip4("10.1.2.7", "10.1.1.5", b"b->a"))
+    net.pump()
+    assert [p[20:] for p, _ in net.tun[B]] == [b"a->b"]
+    assert [p[20:] for p, _ in net.tun[A]] == [b"b->a"]
+    assert not a.drops and not b.drops
+
+
 def test_garbage_on_the_port_is_counted_never_raised(net: Net) -> None:
     a, b, _, _ = connect(net)
     junk = [b"", b"\x01", b"\x04\0\0", b"\x04\0\0\0" + bytes(27), b"\x05\0\0\0" + bytes(60),

@@ -335,6 +335,39 @@ def test_a_peer_restarted_with_a_new_key_is_replaced(cluster):
     assert n2.network in rows
 
 
+def test_a_restarted_node_has_traffic_both_ways_within_2_s_of_ready(cluster):
+    """n2's daemon restarts (same key, same lease) while n1 pings it every 0.1 s on the
+    session n2 no longer has: n2, refusing those messages (unknown index), starts a
+    handshake with n1 at once, so pings resume within 2 s of n2 being ready instead of
+    after n1's own timers (KEEPALIVE_TIMEOUT + REKEY_TIMEOUT, some 15 s)."""
+    c, lab = cluster, cluster.lab
+    n1, n2 = c.nodes["n1"], c.nodes["n2"]
+    assert pings(c, n1.lab_node, n1.gw, n2.gw)  # a session to lose
+    out = n1.lab_node.workdir / "restart-ping.txt"
+    with open(out, "wb") as f:
+        pinger = lab.popen(n1.lab_node.ns, ["stdbuf", "-oL", "ping", "-n", "-D", "-i", "0.1",
+                                            "-W", "1", "-I", n1.gw, n2.gw], stdout=f)
+    try:
+        lab.stop_daemon(n2.lab_node)
+        lab.start_daemon(n2.lab_node, f"-healthz-port={HEALTHZ_PORT}",
+                         env=c.env(n2.lab_node))
+        wait_until(lambda: ready(lab, n2.lab_node), 20, "n2 ready again")
+        t_ready = time.time()
+
+        def replies_after() -> list[float]:
+            stamps = re.findall(r"^\[(\d+\.\d+)\] \d+ bytes from", out.read_text(), re.M)
+            return [float(t) for t in stamps if float(t) > t_ready]
+
+        wait_until(lambda: replies_after(), 5, "a ping reply after n2 was ready")
+        gap = replies_after()[0] - t_ready
+        print(f"first reply {gap:.2f} s after n2 was ready")
+        assert gap < 2.0
+        assert pings(c, n2.lab_node, n2.gw, n1.gw)
+    finally:
+        pinger.terminate()
+        pinger.wait(5)
+
+
 DUAL = ('{"Network": "10.1.0.0/16", "EnableIPv6": true, "IPv6Network": "fc00:10:1::/48", '
         '"Backend": {"Type": "wireguard"}}')
 

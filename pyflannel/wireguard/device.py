@@ -91,6 +91,7 @@ from .peer import (
     V6_DST,
     V6_SRC,
     Endpoint,
+    Pacer,
     Peer,
     PeerConfig,
     Prefixes,
@@ -111,6 +112,16 @@ _v4_length_source = struct.Struct(  # IPv4 total length and source address
 _NONCE_PAD = b"\0\0\0\0"  # the transport nonce: four zero bytes, then the LE64 counter
 COOKIE_REPLIES_PER_SECOND = 500.0  # for the whole device
 COOKIE_REPLY_BURST = 50.0
+# Greetings (handshakes we start because a peer sends on a session we do not have, e.g.
+# after our restart): bursts of 16, then half the load threshold a second, so that their
+# responses alone never put this node under load (where a response without mac2 is
+# answered with a cookie and dropped) nor overrun the fast path's HANDSHAKE_BUDGET.
+GREETING_BURST = 16.0
+
+
+def _host_port(endpoint: Endpoint) -> tuple[str, int]:
+    """An endpoint as (address, port), whatever socket address form it came in."""
+    return str(endpoint[0]).split("%")[0], int(endpoint[1])
 
 
 def _same_run(data: bytes | bytearray | memoryview, index: int) -> bool:
@@ -175,6 +186,11 @@ class Device:
         # cookie replies, from every source together: a flood of initiations must not
         # turn the node into a sender of as many replies (one bucket, the key b"")
         self._cookie_replies = SourceLimiter(COOKIE_REPLIES_PER_SECOND, COOKIE_REPLY_BURST)
+        # peers to greet (they send on a session we lost), in order: a dict as ordered set
+        self._greetings: dict[Peer, None] = {}
+        self._by_endpoint: dict[tuple[str, int], Peer] = {}  # the table's endpoints
+        self._greeting_pacer = Pacer(max(1.0, load_threshold / 2), GREETING_BURST)
+        self._greet_at: float | None = None
 
     def __repr__(self) -> str:
         return f"Device({short_key(self.local.public)}, peers={len(self.peers)})"
@@ -232,7 +248,41 @@ class Device:
             peer.prefixes = prefixes
             peer.keepalive_interval = max(0.0, config.persistent_keepalive)
         self._build_routes(prepared)
+        self._by_endpoint = {_host_port(p.config.endpoint): p for p in self.peers.values()
+                             if p.config.endpoint is not None}
         return refused
+
+    def _greet(self, src: Endpoint, now: float) -> None:
+        """A transport message to an index we do not know came from ``src``. If that is a
+        peer's endpoint (as the table gives it) and we have no session with it, it still
+        sends on one we lost (we restarted), and would until its own timers gave up on it
+        (some 15 s): start a handshake now; the keepalive that completes it moves the
+        peer to the new session. Paced (:data:`GREETING_BURST`), each peer at most once per
+        REKEY_TIMEOUT (:meth:`_initiate`); a forged source gets the real peer a handshake."""
+        peer = self._by_endpoint.get(_host_port(src))
+        if peer is None or peer.current is not None or peer in self._greetings:
+            return
+        self._greetings[peer] = None
+        if self._greet_at is None:
+            self._send_greetings(now)
+
+    def _send_greetings(self, now: float) -> None:
+        queue = self._greetings
+        while queue:
+            peer = next(iter(queue))
+            if (self.peers.get(peer.public_key) is not peer or peer.current is not None
+                    or peer.pending is not None
+                    or now - peer.last_initiation_sent < self.limits.rekey_timeout):
+                del queue[peer]  # gone, talking, or a handshake on its way: nothing to say
+                continue
+            wait = self._greeting_pacer.wait(now)
+            if wait > 0:
+                self._greet_at = now + wait
+                return
+            del queue[peer]
+            self.stats["greetings_sent"] += 1
+            self._initiate(peer, now, retry=False)
+        self._greet_at = None
 
     def _forget(self, peer: Peer) -> None:
         for kp in (peer.current, peer.previous, peer.next):
@@ -393,6 +443,8 @@ class Device:
             while j < total and _same_run(batch[j][0], index):
                 j += 1
             drops["unknown_index" if kp is None else "stale_key"] += j - i
+            if kp is None:
+                self._greet(batch[i][1], now)
             return j
         peer: Peer = kp.peer  # type: ignore[assignment]
         decrypt, accept = kp.opener()
@@ -553,9 +605,11 @@ class Device:
         peer.last_timestamp = init.timestamp
         peer.last_initiation_consumed = now
         peer.rx_bytes += INIT_LEN
-        if peer.pending is not None:  # simultaneous initiations: theirs wins, as in the kernel
-            self._pending.pop(peer.pending.sender_index, None)
-            peer.pending = None
+        # Simultaneous initiations (two greetings, a greeting and a rekey): ours stays
+        # pending. Both sides answer both, each then sends on the session it initiated and
+        # receives on the other (kept as `previous`); a peer that drops its own (the
+        # kernel, wireguard-go) still gets our response and confirms ours. Dropping ours
+        # when both do so would leave neither side a session until a retransmission.
         index = self._new_index()
         reply, keys = create_response(self.local, init, index)
         peer.last_mac1 = seal_macs(reply, peer.identity.mac1_key, self._cookie_for_peer(peer, now))
@@ -772,7 +826,7 @@ class Device:
 
     def next_deadline(self) -> float | None:
         """The earliest armed timer (device clock), for the caller's poll timeout."""
-        best: float | None = None
+        best: float | None = self._greet_at
         for peer in self.peers.values():
             for t in (peer.t_retransmit, peer.t_keepalive, peer.t_new_handshake,
                       peer.t_persistent, peer.t_zero_keys):
@@ -784,6 +838,8 @@ class Device:
         """Run every timer that is due: retransmissions, keepalives, rekeys, key expiry."""
         now = self.clock()
         limits = self.limits
+        if self._greet_at is not None and now >= self._greet_at:
+            self._send_greetings(now)
         for peer in list(self.peers.values()):
             if peer.t_retransmit is not None and now >= peer.t_retransmit:
                 peer.t_retransmit = None

@@ -146,3 +146,25 @@ class SourceLimiter:
         return True
 
 
+
+
+class Pacer:
+    """One token bucket for the whole device: how fast a queue of our own handshakes may go
+    out. ``wait(now)`` says how long until the next token (0: take one now)."""
+
+    __slots__ = ("_tokens", "_last", "rate", "burst")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._tokens = burst
+        self._last = float("-inf")
+
+    def wait(self, now: float) -> float:
+        """Seconds until a token is there; takes it when that is now."""
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return 0.0
+        return (1.0 - self._tokens) / self.rate
