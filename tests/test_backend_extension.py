@@ -209,3 +209,17 @@ async def test_alloc_publishes_only_its_address_and_uses_the_external_mtu():
     assert b.mtu == 1400
     # other alloc nodes' leases read as udp (no BackendType): no warning about each
     assert b.takes_foreign_lease(peer("10.1.7.0/24", "198.18.0.7", None, btype=""))
+
+
+async def test_a_command_that_exits_without_reading_stdin_is_no_error():
+    """The peer's data is written before the command starts: nothing writes to a pipe the
+    command already closed (under uvloop that raised instead of running the command)."""
+    import uvloop
+
+    async def many() -> list:
+        data = "x" * 100_000  # more than a pipe holds
+        return [await run_command("exit 0", {}, data, 5) for _ in range(60)]
+
+    results = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: uvloop.run(many()))
+    assert all(r.ok for r in results)

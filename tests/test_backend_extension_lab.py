@@ -22,7 +22,7 @@ EXTENSION = {
     "PreStartupCommand": f"ip link del {DEV} 2>/dev/null; "
                          f"ip link add {DEV} type vxlan id 7 dstport 4789 nolearning "
                          f"&& cat /sys/class/net/{DEV}/address",
-    "PostStartupCommand": f"ip addr add ${{SUBNET%/*}}/32 dev {DEV} && ip link set {DEV} up",
+    "PostStartupCommand": f"ip addr replace ${{SUBNET%/*}}/32 dev {DEV} && ip link set {DEV} up",
     "SubnetAddCommand": f"read VTEP; ip route replace $SUBNET via ${{SUBNET%/*}} dev {DEV} "
                         f"onlink && ip neigh replace ${{SUBNET%/*}} lladdr $VTEP dev {DEV} "
                         f"&& bridge fdb append $VTEP dev {DEV} dst $PUBLIC_IP",

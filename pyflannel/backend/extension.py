@@ -63,12 +63,20 @@ async def run_command(command: str, env: dict[str, str], stdin: str,
     """``sh -c command`` with ``env`` added to ours and ``stdin`` plus a newline on its
     stdin (flanneld's runCmd). At ``timeout`` its whole process group is killed, so a
     child it left behind cannot hold the pipe open."""
-    proc = await asyncio.create_subprocess_exec(
-        "sh", "-c", command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT, env={**os.environ, **env},
-        start_new_session=True)
+    # stdin from a memfd written beforehand: a command that exits without reading it must
+    # not turn into a write to a closed pipe (uvloop raises RuntimeError for that).
+    fd = os.memfd_create("pyflannel-stdin", 0)
     try:
-        out, _ = await asyncio.wait_for(proc.communicate((stdin + "\n").encode()), timeout)
+        os.write(fd, (stdin + "\n").encode())
+        os.lseek(fd, 0, os.SEEK_SET)
+        proc = await asyncio.create_subprocess_exec(
+            "sh", "-c", command, stdin=fd, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, env={**os.environ, **env},
+            start_new_session=True)
+    finally:
+        os.close(fd)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
         _kill_group(proc.pid)
         await proc.wait()
@@ -162,7 +170,11 @@ class ExtensionBackend(Backend):
 
     async def _sync(self) -> None:
         while True:
-            await self.sync_once()
+            try:
+                await self.sync_once()
+            except (OSError, RuntimeError, ValueError) as e:  # e.g. no sh, fork failed
+                self._errors.error("commands", "extension commands cannot run (%s: %s); "
+                                   "will retry", type(e).__name__, e)
             if not self._again:
                 return
             self._again = False
