@@ -117,6 +117,31 @@ class DaemonCollector(Collector):
             yield from _wireguard(c, per_peer)
         if s.get("bgp"):
             yield from _bgp(s["bgp"])
+        if s.get("policy"):
+            yield from _policy(s["policy"])
+
+
+def _policy(p: dict) -> Iterator:
+    """Network policy: what is in force, what is broken, rule hits by action, rebuilds."""
+    yield GaugeMetricFamily("pyflannel_policies", "network policies in force (the last good "
+                            "version of each)", value=p.get("policies", 0))
+    broken = GaugeMetricFamily("pyflannel_policy_broken", "policies and network sets in "
+                               "etcd that do not parse now, by kind", labels=["kind"])
+    kinds = [tag.split("/", 1)[0] for tag in p.get("broken") or {}]
+    for kind in ("policy", "networkset"):
+        broken.add_metric([kind], kinds.count(kind))
+    yield broken
+    hits = CounterMetricFamily("pyflannel_policy_rule_hits", "packets matched by policy "
+                               "rules, by action (NoRuleDecided: the default deny)",
+                               labels=["action"])
+    for action, n in sorted((p.get("hits") or {}).items()):
+        hits.add_metric([action], n)
+    yield hits
+    yield CounterMetricFamily("pyflannel_policy_rebuilds", "rulesets applied to nftables",
+                              value=p.get("rebuilds", 0))
+    yield GaugeMetricFamily("pyflannel_policy_last_rebuild_seconds", "how long the last "
+                            "applied rebuild took (etcd reads, compile, nft)",
+                            value=p.get("last_rebuild_s", 0.0))
 
 
 def _bgp(sessions: list[dict]) -> Iterator:

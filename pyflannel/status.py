@@ -326,6 +326,23 @@ def render_bgp(rows: list[dict[str, Any]]) -> str:
         for row in lines)
 
 
+def policy_status(opts: Options) -> dict[str, Any]:
+    """The policy keeper's view on this host ({} without a daemon or policy)."""
+    policy = (_state(opts) or {}).get("policy")
+    return policy if isinstance(policy, dict) else {}
+
+
+def render_policy(policy: dict[str, Any]) -> str:
+    """One line of policy counts, then each broken policy or network set with its reason."""
+    broken = policy.get("broken")
+    broken = broken if isinstance(broken, dict) else {}
+    if not policy.get("policies") and not broken:
+        return ""
+    lines = [f"\nNetwork policy: {policy.get('policies', 0)} in force, {len(broken)} broken"]
+    lines += [f"  broken {tag}: {reason}" for tag, reason in sorted(broken.items())]
+    return "\n".join(lines)
+
+
 def run(opts: Options, as_json: bool = False, watch: float = 0.0) -> int:
     if watch:
         try:
@@ -351,6 +368,8 @@ def run_once(opts: Options, as_json: bool = False, clear: bool = False) -> int:
         return 1
     bgp = bgp_rows(opts)
     text = json.dumps(rows + bgp, indent=2) if as_json else render_table(rows) + render_bgp(bgp)
+    if not as_json:
+        text += render_policy(policy_status(opts))
     if clear:  # --watch: redraw in place
         text = "\x1b[H\x1b[2J" + time.strftime("%H:%M:%S ") + "pyflannel status\n" + text
     print(text, flush=True)

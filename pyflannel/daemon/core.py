@@ -63,6 +63,7 @@ class Daemon:
         self._warn = WarnOnce(log)
         self.metrics = Metrics(lambda: self.snapshot().for_metrics())
         self.http: HealthServer | None = None
+        self.policy_keeper: PolicyKeeper | None = None
 
     # -- what the node looks like ------------------------------------------------------
 
@@ -93,6 +94,7 @@ class Daemon:
             peer_counters=self.peer_counters,
             task_restarts=dict(self.task_restarts),
             bgp=b.bgp_status() if b is not None and hasattr(b, "bgp_status") else [],
+            policy=self.policy_keeper.status() if self.policy_keeper is not None else {},
         )
 
     def state_file(self) -> Path:
@@ -249,6 +251,8 @@ class Daemon:
             assert m is not None and b is not None and ipt is not None and cfg is not None
             assert self.address_watch is not None
             state = StatePublisher(self.state_file(), self.snapshot, self.poll_peer_counters)
+            self.policy_keeper = PolicyKeeper(self.registry, self.opts.etcd_prefix,
+                                              lambda: m.lease, node_labels(self.opts.node_labels))
             parts = {
                 "watch": m.watch_forever,
                 "lease": m.renew_forever,
@@ -258,8 +262,7 @@ class Daemon:
                 "config": ConfigWatcher(self.registry, cfg,
                                         getattr(b, "take_config", None)).run,
                 "address": self.address_watch.run,
-                "policy": PolicyKeeper(self.registry, self.opts.etcd_prefix,
-                                       lambda: m.lease, node_labels(self.opts.node_labels)).run,
+                "policy": self.policy_keeper.run,
             }
             tasks = [asyncio.create_task(supervise(run, name, self.task_restarts), name=name)
                      for name, run in parts.items()]

@@ -35,6 +35,7 @@ class NodeSnapshot:
     peer_counters: dict[str, dict] = field(default_factory=dict)
     task_restarts: dict[str, int] = field(default_factory=dict)
     bgp: list[dict] = field(default_factory=list)  # the bgp backend's sessions
+    policy: dict = field(default_factory=dict)  # the policy keeper's status() ({}: none yet)
 
     def for_metrics(self) -> dict[str, Any]:
         return asdict(self)
@@ -46,7 +47,7 @@ class NodeSnapshot:
             "subnet": self.subnet or None, "ipv6_subnet": self.ipv6_subnet or None,
             "lease_expiry": self.lease_expiry if self.subnet or self.ipv6_subnet else None,
             "ready": self.ready, "counters": self.counters, "peers": self.peer_counters,
-            "ignored": self.peers_ignored, "bgp": self.bgp,
+            "ignored": self.peers_ignored, "bgp": self.bgp, "policy": self.policy,
         }
 
 

@@ -47,6 +47,8 @@ from pyflannel.policy.verdict import Endpoint, PolicyModel
 log = logging.getLogger("pyflannel")
 SETTLE_S = 0.05  # a burst of etcd changes becomes one rebuild
 RETRY_S = 2.0
+HITS_EVERY_S = 10.0  # how often the per-rule nft counters are read for the metrics
+NO_RULE_DECIDED = "NoRuleDecided"  # the action label of an endpoint chain's final drop
 
 
 def with_node_labels(attrs: LeaseAttrs, labels: Mapping[str, str]) -> LeaseAttrs:
@@ -192,7 +194,45 @@ class PolicyKeeper:
         self.applied_without_policy = False
         self.rebuilds = 0
         self.last_rebuild_s = 0.0
+        self.hits: dict[str, int] = {}  # packets by rule action, from the nft counters
         self._warn = WarnOnce(log)
+
+    def status(self) -> dict[str, Any]:
+        """What the metrics and ``pyflannel status`` show (plain data, for the snapshot)."""
+        return {"policies": len(self.book.policies),
+                "network_sets": len(self.book.network_sets),
+                "broken": dict(self.book.broken), "rebuilds": self.rebuilds,
+                "last_rebuild_s": self.last_rebuild_s, "hits": dict(self.hits)}
+
+    def actions(self) -> dict[str, str]:
+        """Each rule's counter comment (``NAME Direction[i]``, as the compiler writes it)
+        to its action."""
+        out = {f"no rule decided {d}": NO_RULE_DECIDED for d in ("Ingress", "Egress")}
+        for p in self.book.policies.values():
+            for direction in ("Ingress", "Egress"):
+                for i, rule in enumerate(p.rules(direction)):
+                    out[f"{p.name[:100]} {direction}[{i}]"] = rule.action
+        return out
+
+    def count_hits(self, listing: str) -> None:
+        """Packets by action from ``nft -j list table`` output."""
+        actions = self.actions()
+        hits = dict.fromkeys(("Allow", "Deny", "Log", "Pass", NO_RULE_DECIDED), 0)
+        for comment, (packets, _) in nft.counters(listing).items():
+            action = actions.get(comment)
+            if action is not None:
+                hits[action] = hits.get(action, 0) + packets
+        self.hits = hits
+
+    async def read_hits_forever(self, every: float = HITS_EVERY_S) -> None:
+        """Read the table's counters now and then (only while a ruleset is applied)."""
+        while True:
+            if self.applied and not self.applied_without_policy:
+                try:
+                    self.count_hits(await nft.list_json())
+                except nft.NftError as e:
+                    self._warn.warn(("hits", str(e)), "policy: cannot read rule counters: %s", e)
+            await asyncio.sleep(every)
 
     async def rebuild(self) -> bool:
         """List, compile, apply if changed; True when the kernel holds the current model."""
@@ -232,13 +272,17 @@ class PolicyKeeper:
         return True
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self._follow()
-            except (EtcdUnavailable, EtcdAuthError, WatchCompacted) as e:
-                self._warn.warn(("etcd", type(e).__name__), "policy: cannot follow etcd (%s); "
-                                "the kernel keeps the last ruleset", str(e)[:200])
-            await asyncio.sleep(RETRY_S)
+        hits = asyncio.create_task(self.read_hits_forever())
+        try:
+            while True:
+                try:
+                    await self._follow()
+                except (EtcdUnavailable, EtcdAuthError, WatchCompacted) as e:
+                    self._warn.warn(("etcd", type(e).__name__), "policy: cannot follow etcd "
+                                    "(%s); the kernel keeps the last ruleset", str(e)[:200])
+                await asyncio.sleep(RETRY_S)
+        finally:
+            hits.cancel()
 
     async def _follow(self) -> None:
         """Rebuild now and after each change under the prefix, until the watch ends."""

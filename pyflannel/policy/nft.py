@@ -244,6 +244,26 @@ async def apply(text: str, timeout: float = 30) -> None:
         raise NftError(f"nft refused the ruleset: {first}")
 
 
+async def list_json(timeout: float = 10) -> str:
+    """``nft -j list table`` of the policy table, without blocking the event loop."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            "nft", "-j", "list", "table", FAMILY, TABLE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+    except OSError as e:
+        raise NftError(f"cannot run nft: {e}") from None
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise NftError(f"nft did not finish in {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        first = (err.decode(errors="replace").strip().splitlines() or ["?"])[0]
+        raise NftError(f"nft cannot list the table: {first}")
+    return out.decode(errors="replace")
+
+
 def counters(listing: str) -> dict[str, tuple[int, int]]:
     """Packets and bytes per rule comment (``NAME Ingress[0]``) from ``nft -j list table``
     output; the IPv4 and IPv6 halves of one rule add up."""
