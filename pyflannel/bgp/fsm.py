@@ -387,6 +387,20 @@ _UNEXPECTED = {State.OPENSENT: E.FSM_UNEXPECTED_IN_OPENSENT,
 class Fsm:
     """One peer's session state. ``handle(event)`` returns the actions to carry out, in order.
 
+    One method per state of RFC 4271 8.2.2, reacting to these events (any other is ignored in
+    Idle, ends the attempt in Connect/Active, and is an FSM error NOTIFICATION after that;
+    ManualStart outside Idle changes nothing):
+
+    * Idle: ManualStart or the IdleHoldTimer starts; ManualStop; connections are rejected.
+    * Connect, Active (alike here): ManualStop; ConnectRetryTimer; TcpCRAcked and
+      TcpConnectionConfirmed send our OPEN; TcpConnectionFails.
+    * OpenSent, OpenConfirm, Established share ``_common``: ManualStop, HoldTimer,
+      TcpConnectionFails, NotifMsg, header and OPEN errors, TcpCRAcked (a collision).
+      Then OpenSent: BGPOpen, TcpConnectionConfirmed (a collision);
+      OpenConfirm: KeepaliveTimer, KeepAliveMsg, TcpConnectionConfirmed (6.8 collision);
+      Established: KeepaliveTimer, KeepAliveMsg, UpdateMsg, RouteRefreshMsg, UpdateMsgErr,
+      TcpConnectionConfirmed (a graceful restart, else a collision).
+
     ``jitter`` returns a number in [0, 1); timers that RFC 4271 10 says to jitter run for
     0.75..1.0 of their length by it. Tests inject a fixed one.
     """
@@ -448,9 +462,21 @@ class Fsm:
         if self.config.passive:
             self._goto(State.ACTIVE, "waiting for the peer to connect")
         else:
-            self._start(Timer.CONNECT_RETRY, self.config.connect_retry_time, jittered=True)
-            self._emit(Connect())
-            self._goto(State.CONNECT, "connecting")
+            self._connect("connecting")
+
+    def _connect(self, reason: str) -> None:
+        self._start(Timer.CONNECT_RETRY, self.config.connect_retry_time, jittered=True)
+        self._emit(Connect())
+        self._goto(State.CONNECT, reason)
+
+    def _stopped_by_hand(self) -> None:
+        """ManualStop: no restart after the idle hold time, and the backoff starts over."""
+        self._started = False
+        self.connect_retry_counter = 0
+
+    def _reject_collision(self) -> None:
+        """Refuse the connection just reported: the session already has one (RFC 4271 6.8)."""
+        self._emit(RejectConnection(Notification(E.CEASE, E.CEASE_CONNECTION_COLLISION)))
 
     def _send_open(self, reason: str) -> None:
         self._stop(Timer.CONNECT_RETRY)
@@ -496,8 +522,7 @@ class Fsm:
     def _common(self, event: Event) -> bool:
         """Events handled alike in OpenSent, OpenConfirm and Established; True if handled."""
         if isinstance(event, ManualStop):
-            self._started = False  # before _to_idle: no restart, no restart timer
-            self.connect_retry_counter = 0
+            self._stopped_by_hand()  # before _to_idle: no restart, no restart timer
             if event.graceful:
                 self._to_idle("stopped for a graceful restart", restart=False, graceful=True)
             else:
@@ -511,7 +536,7 @@ class Fsm:
         elif isinstance(event, BGPHeaderErr | BGPOpenMsgErr):
             self._notify_and_idle(event.error)
         elif isinstance(event, TcpCRAcked):
-            self._emit(RejectConnection(Notification(E.CEASE, E.CEASE_CONNECTION_COLLISION)))
+            self._reject_collision()
         elif isinstance(event, ManualStart):
             pass
         else:
@@ -526,8 +551,7 @@ class Fsm:
             self._started = True
             self._begin()
         elif isinstance(event, ManualStop):
-            self._started = False
-            self.connect_retry_counter = 0
+            self._stopped_by_hand()
             self._stop(Timer.IDLE_HOLD)
         elif isinstance(event, TcpConnectionConfirmed | TcpCRAcked):
             self._emit(RejectConnection(Notification(E.CEASE, E.CEASE_CONNECTION_REJECTED)))
@@ -542,14 +566,11 @@ class Fsm:
         if isinstance(event, ManualStart):
             return
         if isinstance(event, ManualStop):
-            self._started = False
-            self.connect_retry_counter = 0
+            self._stopped_by_hand()
             self._to_idle("stopped", restart=False)
         elif isinstance(event, TimerExpired) and event.timer is Timer.CONNECT_RETRY:
             self._emit(DropConnection())
-            self._start(Timer.CONNECT_RETRY, self.config.connect_retry_time, jittered=True)
-            self._emit(Connect())
-            self._goto(State.CONNECT, "connect retry")
+            self._connect("connect retry")
         elif isinstance(event, TcpCRAcked):
             self._outgoing = True
             self._send_open("connected")
@@ -566,7 +587,7 @@ class Fsm:
         if self._common(event):
             return
         if isinstance(event, TcpConnectionConfirmed):
-            self._emit(RejectConnection(Notification(E.CEASE, E.CEASE_CONNECTION_COLLISION)))
+            self._reject_collision()
         elif isinstance(event, BGPOpen):
             error = check_open(self.config, event.message)
             if error is not None:
@@ -618,8 +639,7 @@ class Fsm:
                 self._outgoing = False
                 self._send_open("connection collision: the peer's connection stays")
             else:
-                self._emit(RejectConnection(Notification(E.CEASE,
-                                                         E.CEASE_CONNECTION_COLLISION)))
+                self._reject_collision()
         else:
             self._unexpected(event)
 
@@ -644,8 +664,7 @@ class Fsm:
             self._notify_and_idle(event.error)
         elif isinstance(event, TcpConnectionConfirmed):
             if n.peer_graceful_restart is None:
-                self._emit(RejectConnection(Notification(E.CEASE,
-                                                         E.CEASE_CONNECTION_COLLISION)))
+                self._reject_collision()
                 return
             # RFC 4724 4.2: a new connection from a restarting peer ends the old session.
             self._to_idle("peer reconnected (graceful restart)", restart=False, graceful=True)
