@@ -59,6 +59,10 @@ SETUPS = [
     Setup("wireguard-go", None, wireguard_go=True),
     Setup("vxlan", "vxlan"),
     Setup("host-gw", "host-gw"),
+    Setup("bgp", "bgp"),  # routes learned over BGP: the same kernel path as host-gw
+    # raw-socket tunnels, one inner packet per datagram like udp-flannel
+    Setup("gre", "gre"),
+    Setup("ipip", "ipip"),
     Setup("udp-fast-v6", "udp", ipv6=True),
     Setup("vxlan-v6", "vxlan", ipv6=True),
     Setup("host-gw-v6", "host-gw", ipv6=True),

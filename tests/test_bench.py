@@ -23,7 +23,8 @@ def test_quick_benchmark_runs_every_setup(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     setups = {"underlay", "udp-flannel-nocoalesce", "udp-flannel", "udp-fast", "vxlan",
-              "host-gw", "wireguard", "wireguard-go", "udp-fast-v6", "vxlan-v6", "host-gw-v6"}
+              "host-gw", "bgp", "gre", "ipip", "wireguard", "wireguard-go", "udp-fast-v6",
+              "vxlan-v6", "host-gw-v6"}
     for setup in setups:
         assert setup in out.stdout
     (doc_path,) = tmp_path.glob("bench-*.json")
