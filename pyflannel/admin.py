@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
+from typing import Any
 
 from pyflannel.config import ConfigError, NetworkConfig, parse_config
 from pyflannel.flags import FLAGS, INT, LIST, REPEAT, STR, FlagError, Options, parse_flags
@@ -250,13 +251,23 @@ def main(group: str, argv: Sequence[str]) -> int:
         from pyflannel import status
 
         return status.run(opts, as_json=as_json)
+    return run_etcd_command(group, _dispatch(group, words, opts), (AdminError, ConfigError))
+
+
+ETCD_ANSWER_SECONDS = 30
+
+
+def run_etcd_command(name: str, command: Coroutine[Any, Any, str],
+                     user_errors: tuple[type[Exception], ...]) -> int:
+    """Run one etcd-backed CLI command: its answer on stdout and exit 0, or one line on stderr
+    and exit 1 for a bad input (``user_errors``, ValueError), an etcd failure or a silent etcd."""
     try:
-        print(asyncio.run(asyncio.wait_for(_dispatch(group, words, opts), 30)))
+        print(asyncio.run(asyncio.wait_for(command, ETCD_ANSWER_SECONDS)))
         return 0
-    except (AdminError, ConfigError, EtcdUnavailable, EtcdAuthError, EtcdTlsError,
-            ValueError) as e:
-        print(f"pyflannel {group}: {e}", file=sys.stderr)
+    except (*user_errors, EtcdUnavailable, EtcdAuthError, EtcdTlsError, ValueError) as e:
+        print(f"pyflannel {name}: {e}", file=sys.stderr)
         return 1
     except TimeoutError:
-        print(f"pyflannel {group}: etcd did not answer within 30s", file=sys.stderr)
+        print(f"pyflannel {name}: etcd did not answer within {ETCD_ANSWER_SECONDS}s",
+              file=sys.stderr)
         return 1

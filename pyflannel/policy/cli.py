@@ -9,7 +9,6 @@ kernel's for the direction this node enforces.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import subprocess
@@ -18,8 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pyflannel.admin import run_etcd_command
 from pyflannel.flags import FlagError, parse_flags
-from pyflannel.lease.etcd import EtcdAuthError, EtcdTlsError, EtcdUnavailable, registry_for
+from pyflannel.lease.etcd import registry_for
 from pyflannel.policy import nft
 from pyflannel.policy.keeper import EtcdKeys, PolicyBook, build_model, ruleset_for
 from pyflannel.policy.model import (
@@ -266,13 +266,4 @@ def main(argv: Sequence[str]) -> int:
     except FlagError as e:
         print(f"pyflannel policy: {e}", file=sys.stderr)
         return 2
-    try:
-        print(asyncio.run(asyncio.wait_for(_dispatch(words, own, opts), 30)))
-        return 0
-    except (CliError, PolicyError, EtcdUnavailable, EtcdAuthError, EtcdTlsError,
-            ValueError) as e:
-        print(f"pyflannel policy: {e}", file=sys.stderr)
-        return 1
-    except TimeoutError:
-        print("pyflannel policy: etcd did not answer within 30s", file=sys.stderr)
-        return 1
+    return run_etcd_command("policy", _dispatch(words, own, opts), (CliError, PolicyError))
