@@ -1,9 +1,10 @@
 """The bgp backend against real BGP speakers: BIRD 2 as a top-of-rack router and GoBGP.
 
 One lab for the module: three nodes (mesh), BIRD at .201 peering over eBGP with every node
-(and announcing what nobody may install), gobgpd at .202 (iBGP) and .203 (eBGP), and a second
-BIRD at .204 that only n1 has the right TCP MD5 password for. A host behind the router, on
-its own link, stands for the data centre.
+(and announcing what nobody may install), gobgpd at .202 (iBGP) and .203 (eBGP), a second
+BIRD at .204 that only n1 has the right TCP MD5 password for, and at .205 a small speaker
+built on pyflannel's codec that establishes with n1 and then sends what it must not. A host
+behind the router, on its own link, stands for the data centre.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ from tests.labtools import (
 pytestmark = pytest.mark.lab
 
 TOR, GOBGP_I, GOBGP_E, BIRD_PW = "198.18.0.201", "198.18.0.202", "198.18.0.203", "198.18.0.204"
+HOSTILE = "198.18.0.205"  # a configured peer that turns hostile once Established
 CONFIG = {"Network": "10.1.0.0/16", "Backend": {
     "Type": "bgp", "HoldTime": 9, "KeepaliveTime": 3, "GracefulRestartTime": 5,
     "Peers": [{"PeerIP": TOR, "ASNumber": 64600},
               {"PeerIP": GOBGP_I, "ASNumber": 64512},
               {"PeerIP": GOBGP_E, "ASNumber": 64700},
-              {"PeerIP": BIRD_PW, "ASNumber": 64600, "Password": "right"}]}}
+              {"PeerIP": BIRD_PW, "ASNumber": 64600, "Password": "right"},
+              {"PeerIP": HOSTILE, "ASNumber": 64800}]}}
 
 BIRD_CONF = """
 router id {me};
@@ -138,6 +141,91 @@ class GoBgp(Router):
         return out
 
 
+HOSTILE_SPEAKER = r"""
+import select, socket, sys, time
+from ipaddress import IPv4Address, IPv4Network
+from pyflannel.bgp.attributes import AS_SEQUENCE, AsPathSegment, CodecOptions, PathAttributes
+from pyflannel.bgp.messages import (Capabilities, Keepalive, Notification, Open, Update,
+                                    decode, encode, split_stream)
+
+me, node, log_path, bound = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+end = time.monotonic() + bound  # never outlives its test, whatever happens
+opts = CodecOptions(four_octet_as=True, ibgp=False)
+log = open(log_path, "a", buffering=1)
+server = socket.create_server((me, 179))
+while True:  # the other nodes also connect: only n1's connection is kept
+    server.settimeout(max(0.1, end - time.monotonic()))
+    conn, peer = server.accept()
+    if peer[0] == node:
+        break
+    conn.close()
+conn.settimeout(5)
+conn.sendall(encode(Open(64800, 9, IPv4Address(me), Capabilities(
+    multiprotocol=((1, 1),), four_octet_as=True)), opts))
+buffer, seen = b"", set()
+while not {"Open", "Keepalive"} <= seen:
+    buffer += conn.recv(4096)
+    messages, buffer = split_stream(buffer)
+    seen.update(type(decode(m, opts)).__name__ for m in messages)
+conn.sendall(encode(Keepalive(), opts))
+log.write("established\n")
+last_keepalive = time.monotonic()
+while time.monotonic() < end:
+    ready, _, _ = select.select([conn, sys.stdin], [], [], 1)
+    if time.monotonic() - last_keepalive > 2:
+        conn.sendall(encode(Keepalive(), opts))
+        last_keepalive = time.monotonic()
+    if sys.stdin in ready:
+        command = sys.stdin.readline().split()
+        if command[:1] == ["update"]:  # ORIGIN 7 does not exist: RFC 7606 treat-as-withdraw
+            attrs = PathAttributes(origin=7, as_path=(AsPathSegment(AS_SEQUENCE, (64800,)),),
+                                   next_hop=IPv4Address(me))
+            conn.sendall(encode(Update(attributes=attrs, nlri=(IPv4Network(command[1]),)), opts))
+            log.write("sent update\n")
+        elif command[:1] == ["marker"]:  # a KEEPALIVE whose marker is not all ones
+            conn.sendall(b"\xfe" * 16 + bytes((0, 19, 4)))
+            log.write("sent marker\n")
+    if conn in ready:
+        data = conn.recv(65536)
+        if not data:
+            log.write("closed\n")
+            break
+        buffer += data
+        messages, buffer = split_stream(buffer)
+        for m in messages:
+            msg = decode(m, opts)
+            if isinstance(msg, Notification):
+                log.write(f"notification {msg.code}/{msg.subcode}\n")
+"""
+
+
+class HostilePeer:
+    """A configured eBGP peer (AS 64800) that n1 connects to: it establishes with pyflannel's
+    own codec, then sends what it is told on stdin; what it sees goes to its log."""
+
+    def __init__(self, lab: Lab, node_ip: str) -> None:
+        self.lab = lab
+        self.ns = lab.add_host("hostile", HOSTILE)
+        self.log = lab.workdir / "hostile.log"
+        self.log.touch()
+        self.proc = lab.popen(self.ns, [sys.executable, "-c", HOSTILE_SPEAKER, HOSTILE,
+                                        node_ip, str(self.log), "300"],
+                              stdin=subprocess.PIPE,
+                              stderr=open(lab.workdir / "hostile.err", "ab"))  # noqa: SIM115
+
+    def send(self, command: str) -> None:
+        self.proc.stdin.write(f"{command}\n".encode())
+        self.proc.stdin.flush()
+
+    def saw(self, line: str) -> bool:
+        return line in self.log.read_text().splitlines()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # by PID: the Popen we started
+        self.proc.wait(5)
+
+
 def behind_router(lab: Lab, tor: Router) -> str:
     """A namespace on its own link (198.19.5.0/24) behind the router: the data centre."""
     ns = f"{lab.prefix}-dc"
@@ -174,11 +262,13 @@ def cluster():
         gobgp_i, gobgp_e = GoBgp(lab, "gobgpi", GOBGP_I), GoBgp(lab, "gobgpe", GOBGP_E)
         gobgp_i.start(64512, [n.underlay_ip for n in lab.nodes])
         gobgp_e.start(64700, [n.underlay_ip for n in lab.nodes])
+        hostile = HostilePeer(lab, lab.nodes[0].underlay_ip)
         dc = behind_router(lab, tor)
         for n in lab.nodes:  # the nodes' way back to the data centre
             lab.run(n.ns, ["ip", "route", "add", "198.19.5.0/24", "via", TOR])
         nodes = {n.name: start_node(lab, n) for n in lab.nodes}
-        yield lab, nodes, tor, bird_pw, gobgp_i, gobgp_e, dc
+        yield lab, nodes, tor, bird_pw, gobgp_i, gobgp_e, dc, hostile
+        hostile.stop()
 
 
 def kernel_routes(lab: Lab, ns: str) -> dict[str, str]:
@@ -197,7 +287,7 @@ def test_top_of_rack_bird_learns_every_subnet_with_its_node_as_next_hop(cluster)
 
 
 def test_a_host_behind_the_router_pings_every_nodes_docker0(cluster):
-    lab, nodes, tor, _pw, _gi, _ge, dc = cluster
+    lab, nodes, tor, _pw, _gi, _ge, dc, _hostile = cluster
     for n in nodes.values():
         wait_until(lambda n=n: lab.ping(dc, n.gw), 15, f"dc -> {n.lab_node.name}")
 
@@ -218,7 +308,7 @@ def test_pods_ping_every_ordered_pair_over_the_mesh_without_a_device(cluster):
 
 
 def test_gobgp_as_ibgp_and_ebgp_peer_learns_every_node(cluster):
-    _lab, nodes, _tor, _pw, gobgp_i, gobgp_e, _dc = cluster
+    _lab, nodes, _tor, _pw, gobgp_i, gobgp_e, *_ = cluster
     want = {n.network: n.lab_node.underlay_ip for n in nodes.values()}
     for g in (gobgp_i, gobgp_e):
         wait_until(lambda g=g: g.rib() == want, 20, f"gobgpd {g.ip} rib {want}")
@@ -249,8 +339,8 @@ def hostile_prefixes_are_refused(lab, nodes, tor, n1) -> None:
     assert all(tor.established(name) for name in nodes)
     assert metric(lab, n1.lab_node, "pyflannel_bgp_prefixes_refused_total", peer=TOR,
                   reason="own_subnet") == 1
-    # n1: two mesh sessions, BIRD, both gobgpd and the BIRD with its password.
-    assert metric(lab, n1.lab_node, "pyflannel_bgp_sessions_established") == 6
+    # n1: two mesh sessions, BIRD, both gobgpd, the BIRD with its password, the hostile peer.
+    assert metric(lab, n1.lab_node, "pyflannel_bgp_sessions_established") == 7
     for n in nodes.values():
         routes = kernel_routes(lab, n.lab_node.ns)
         assert "10.1.0.0/16" not in routes and n.network not in routes
@@ -271,7 +361,7 @@ except ConnectionResetError:
 
 
 def test_garbage_on_port_179_from_a_stranger_is_closed_and_sessions_stay(cluster):
-    lab, nodes, tor, _pw, gobgp_i, _ge, dc = cluster
+    lab, nodes, tor, _pw, gobgp_i, _ge, dc, _hostile = cluster
     n1 = nodes["n1"]
     out = lab.run(dc, [sys.executable, "-c", GARBAGE, n1.lab_node.underlay_ip], text=True)
     assert out.stdout.strip() == "closed"
@@ -294,7 +384,7 @@ def test_passwords_right_and_wrong(cluster):
 def test_a_restart_of_pyflanneld_loses_at_most_a_packet(cluster):
     """Graceful restart, restarting side: BIRD keeps n3's route while n3's daemon restarts,
     n3 keeps its kernel routes, and a host pinging n3's docker0 every 0.1 s sees no gap."""
-    lab, nodes, tor, _pw, _gi, _ge, dc = cluster
+    lab, nodes, tor, _pw, _gi, _ge, dc, _hostile = cluster
     n3 = nodes["n3"]
     wait_until(lambda: lab.ping(dc, n3.gw), 15, "dc -> n3 before the restart")
     ping = lab.popen(dc, ["ping", "-n", "-q", "-i", "0.1", "-c", "50", "-W", "1", n3.gw],
@@ -334,3 +424,46 @@ def test_a_killed_peers_routes_stay_until_its_restart_time(cluster):
     assert 2.5 < time.monotonic() - killed < 6
     assert metric(lab, n1.lab_node, "pyflannel_bgp_graceful_restart_events_total",
                   peer=BIRD_PW, event="stale_swept") == 1
+
+
+def test_a_hostile_peer_over_tcp_costs_only_its_own_session(cluster):
+    """A configured peer, Established over real TCP, sends an UPDATE whose ORIGIN does not
+    exist (RFC 7606: treat as withdraw, the session stays), then a header with a bad marker
+    (RFC 4271 6.1: NOTIFICATION 1/1, that session closes). n1 counts both, installs nothing,
+    and its sessions with BIRD, gobgpd and the mesh stay Established throughout."""
+    lab, nodes, tor, _pw, gobgp_i, gobgp_e, _dc, hostile = cluster
+    n1 = nodes["n1"]
+    taken = {n.network for n in nodes.values()}
+    target = next(f"10.1.{i}.0/24" for i in range(249, 1, -1) if f"10.1.{i}.0/24" not in taken)
+    others = {n.lab_node.underlay_ip for n in nodes.values() if n is not n1} | {TOR, GOBGP_I,
+                                                                               GOBGP_E}
+
+    def row() -> dict:
+        return next(r for r in status_json(lab, n1.lab_node) if r.get("bgp_peer") == HOSTILE)
+
+    def others_established() -> None:
+        states = {r["peer"]: r["state"] for r in status_json(lab, n1.lab_node)
+                  if r.get("bgp_peer") in others}
+        assert set(states) == others and set(states.values()) == {"Established"}, states
+        assert all(tor.established(name) for name in nodes)
+
+    wait_until(lambda: hostile.saw("established") and row()["state"] == "Established", 15,
+               "the hostile peer's session")
+    hostile.send(f"update {target}")
+    wait_until(lambda: row()["refused"].get("treat_as_withdraw") == 1, 10,
+               "the malformed UPDATE to be counted")
+    assert row()["state"] == "Established"  # treat-as-withdraw keeps the session
+    others_established()
+    hostile.send("marker")
+    wait_until(lambda: hostile.saw("notification 1/1"), 10, "NOTIFICATION 1/1 for the marker")
+    wait_until(lambda: row()["notifications_out"] == {"1/1": 1}, 10,
+               "n1's status to count the NOTIFICATION")
+    assert metric(lab, n1.lab_node, "pyflannel_bgp_notifications_total", peer=HOSTILE,
+                  direction="out", code="1/1") == 1
+    assert metric(lab, n1.lab_node, "pyflannel_bgp_prefixes_refused_total", peer=HOSTILE,
+                  reason="treat_as_withdraw") == 1
+    for n in nodes.values():
+        assert target not in kernel_routes(lab, n.lab_node.ns)
+    others_established()
+    assert gobgp_i.rib() == gobgp_e.rib() == {n.network: n.lab_node.underlay_ip
+                                               for n in nodes.values()}
