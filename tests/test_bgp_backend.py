@@ -210,3 +210,64 @@ async def test_an_address_change_restarts_the_speaker_with_the_new_next_hop(monk
         assert backend.speaker.source == (IPv4Address("192.0.2.9"),)
     finally:
         await backend.speaker.stop()
+
+
+class FakeSession:
+    def __init__(self, key: str, synced: bool = False) -> None:
+        self.key, self.synced = key, synced
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_starting_node_is_ready_once_every_session_brought_its_routes():
+    from pyflannel.backend.bgp import FirstSync
+
+    clock = FakeClock()
+    first = FirstSync(30, clock)
+    mesh, tor = FakeSession("198.18.0.2"), FakeSession("192.0.2.200")
+    assert first.behind([mesh, tor])
+    mesh.synced = True
+    assert first.behind([mesh, tor])
+    mesh.synced = False  # once synced is enough: a flap later does not count against it
+    tor.synced = True
+    assert not first.behind([mesh, tor])
+    # Ready stays ready: a node joining later (a new session) never takes it back.
+    assert not first.behind([mesh, tor, FakeSession("198.18.0.9")])
+
+
+def test_a_peer_that_never_comes_up_delays_readiness_only_for_the_grace():
+    from pyflannel.backend.bgp import FirstSync
+
+    clock = FakeClock()
+    first = FirstSync(5, clock)
+    dead = FakeSession("198.18.0.7")
+    clock.now += 4.9
+    assert first.behind([dead])
+    clock.now += 0.1
+    assert not first.behind([dead])
+    assert not FirstSync(30, clock).behind([])  # nobody to wait for: the first node
+
+
+def test_the_backend_is_behind_until_its_sessions_synced_and_the_grace_is_capped():
+    from types import SimpleNamespace
+
+    from pyflannel.backend.bgp import READY_GRACE_MAX_S, BgpBackend
+    from pyflannel.host.netlink import ExternalInterface
+
+    ext = ExternalInterface("eth0", 2, IPv4Address("192.0.2.1"), IPv4Address("192.0.2.1"), 1500)
+    backend = BgpBackend(cfg(), ext)  # GracefulRestartTime 120: the wait is capped at 30 s
+    assert backend.first_sync.deadline - backend.first_sync.clock() <= READY_GRACE_MAX_S
+    assert backend.data_path_behind()  # no speaker yet
+    peer = FakeSession("198.18.0.2")
+    backend.speaker = SimpleNamespace(sessions={peer.key: peer})
+    assert backend.data_path_behind()
+    peer.synced = True
+    assert not backend.data_path_behind()
+    short = BgpBackend(cfg(GracefulRestartTime=5), ext)
+    assert short.first_sync.deadline - short.first_sync.clock() <= 5

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
 from pyflannel.backend.base import Backend, BackendError, endpoint_problem, peer_address
 from pyflannel.bgp.attributes import community
 from pyflannel.bgp.rib import ImportPolicy, LocalSpeaker
-from pyflannel.bgp.session import PeerSpec, Speaker, Timing
+from pyflannel.bgp.session import PeerSpec, Session, Speaker, Timing
 from pyflannel.config import NetworkConfig
 from pyflannel.flags import Options
 from pyflannel.host import netlink
@@ -43,6 +43,33 @@ IPAddress = IPv4Address | IPv6Address
 # A new node refuses our connection until it has listed the leases and knows us (tens of ms):
 # the first retry comes this soon, then the wait doubles (jittered) up to a minute.
 FIRST_RETRY_S = 0.2
+# The longest a starting node waits for its sessions before it says ready all the same: a
+# peer whose lease outlived it (or a router that is down) must not keep the node unready.
+READY_GRACE_MAX_S = 30.0
+
+
+class FirstSync:
+    """Readiness at start: not ready until every session planned has been synced once
+    (Established and End-of-RIB received, so its routes are in the RIB) or the grace ran
+    out, whichever comes first. Once ready, later peers (a node joining) never take it back:
+    the routes to everybody else are still there."""
+
+    def __init__(self, grace: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.deadline = clock() + grace
+        self.synced: set[str] = set()
+        self.done = False
+
+    def behind(self, sessions: Iterable[Session]) -> bool:
+        if not self.done:
+            pending = []
+            for s in sessions:
+                if s.synced:
+                    self.synced.add(s.key)
+                elif s.key not in self.synced:
+                    pending.append(s.key)
+            self.done = not pending or self.clock() >= self.deadline
+        return not self.done
 
 
 @dataclass(frozen=True)
@@ -156,6 +183,8 @@ class BgpBackend(Backend):
         self._announced: set = set()
         self._started = time.monotonic()
         self._swept = False
+        gr = cfg.backend["GracefulRestartTime"]
+        self.first_sync = FirstSync(min(gr, READY_GRACE_MAX_S) if gr else READY_GRACE_MAX_S)
 
     def _router_id(self, ext: ExternalInterface) -> IPv4Address:
         router_id = self._router_id_flag or (
@@ -277,6 +306,11 @@ class BgpBackend(Backend):
             speaker.remove_peer(key)
         for spec in wanted.values():
             speaker.add_peer(spec)
+
+    def data_path_behind(self) -> bool:
+        """Not ready while the sessions of a starting node have not brought in the routes
+        (see :class:`FirstSync`)."""
+        return self.speaker is None or self.first_sync.behind(self.speaker.sessions.values())
 
     def _sweep_allowed(self) -> bool:
         """Our own leftover routes go once every peer is back and finished (End-of-RIB), or

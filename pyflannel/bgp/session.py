@@ -202,6 +202,13 @@ class Session:
     def established(self) -> bool:
         return self.fsm.state is State.ESTABLISHED
 
+    @property
+    def synced(self) -> bool:
+        """Established, and the peer has sent End-of-RIB for every family negotiated: all
+        it had to tell us is in the RIB."""
+        n = self.fsm.negotiated
+        return self.established and n is not None and set(n.families) <= self.end_of_rib
+
     # -- events in
 
     def handle(self, event: Event, implicit_adopt: bool = False) -> None:
@@ -617,9 +624,7 @@ class Speaker:
     def synced(self) -> bool:
         """Every established session has sent End-of-RIB for all it negotiated: what is not
         learned by now is not coming back (our own restart sweeps then)."""
-        return all(s.fsm.negotiated is not None
-                   and set(s.fsm.negotiated.families) <= s.end_of_rib
-                   for s in self.sessions.values() if s.established)
+        return all(s.synced for s in self.sessions.values() if s.established)
 
     def status(self) -> list[dict]:
         return [s.status() for s in sorted(self.sessions.values(), key=lambda s: s.key)]
