@@ -243,10 +243,6 @@ def main(group: str, argv: Sequence[str]) -> int:
     except FlagError as e:
         print(f"pyflannel {group}: {e}", file=sys.stderr)
         return 2
-    if opts.etcd_password:
-        from pyflannel.host.cmdline import scrub
-
-        scrub(opts.etcd_password)
     if group == "lease" and words == ["list"]:
         from pyflannel import status
 

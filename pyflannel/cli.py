@@ -35,15 +35,33 @@ def _parse(prog: str, argv: Sequence[str]) -> Options | None:
     if opts.version:
         print(__version__)
         return None
-    if opts.etcd_password:
+    return opts
+
+
+def etcd_password_given(argv: Sequence[str]) -> str:
+    """The value of -etcd-password on a command line (any of the forms flags take), or ''."""
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            break
+        name, eq, value = arg.lstrip("-").partition("=")
+        if arg.startswith("-") and name == "etcd-password":
+            return value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+    return ""
+
+
+def hide_etcd_password(argv: Sequence[str]) -> None:
+    """Keep a password given on the command line out of `ps`, for every command: the one
+    place this rule lives, before any command parses its flags."""
+    secret = etcd_password_given(argv)
+    if secret:
         from pyflannel.host.cmdline import scrub
 
-        scrub(opts.etcd_password)  # keep it out of `ps`
-    return opts
+        scrub(secret)
 
 
 def daemon_main(argv: Sequence[str] | None = None, prog: str = "pyflanneld") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    hide_etcd_password(argv)
     opts = _parse(prog, argv)
     if opts is None:
         return 0
@@ -81,6 +99,7 @@ def status_main(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    hide_etcd_password(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(COMMANDS, end="")
         return 0 if argv else 2

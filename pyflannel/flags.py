@@ -464,6 +464,10 @@ def parse_flags(argv: Sequence[str], environ: Mapping[str, str] | None = None) -
     values = {spec.field: spec.default for spec in FLAGS}
     values.update(_from_env(env, given))
     values.update(given)
+    if bool(values["etcd_username"]) != bool(values["etcd_password"]):
+        # etcd authenticates a user with a password; one alone would reach the client library
+        # as a traceback (aetcd refuses it) or be silently ignored
+        raise FlagError("flags -etcd-username and -etcd-password go together: give both or neither")
     return Options(**values)
 
 

@@ -52,8 +52,8 @@ def test_every_value_form(argv):
 
 
 def test_value_may_contain_equals_and_look_like_a_flag():
-    assert parse("-etcd-password=a=b").etcd_password == "a=b"
-    assert parse("-etcd-password", "-x").etcd_password == "-x"
+    assert parse("-etcd-username=u", "-etcd-password=a=b").etcd_password == "a=b"
+    assert parse("-etcd-username=u", "-etcd-password", "-x").etcd_password == "-x"
 
 
 def test_empty_value_is_allowed_for_strings():
@@ -269,6 +269,7 @@ def test_env_sets_every_kind():
     opts = parse(
         FLANNELD_ETCD_ENDPOINTS="http://a:2379, http://b:2379",
         FLANNELD_ETCD_PREFIX="/env/net/",
+        FLANNELD_ETCD_USERNAME="flannel",
         FLANNELD_ETCD_PASSWORD="hunter2",
         FLANNELD_IFACE="eth0, eth1,",
         FLANNELD_IFACE_REGEX="^en",
