@@ -263,7 +263,7 @@ class IpipBackend(RawTunnelBackend):
     async def prepare(self) -> LeaseAttrs:
         if self.cfg.enable_ipv6:
             raise BackendError("ipip: carries IPv4 only, as flanneld's (EnableIPv6 needs "
-                               "gre, udp, vxlan, host-gw or wireguard)")
+                               "gre, udp, vxlan, host-gw, wireguard or bgp)")
         return await super().prepare()
 
     def _direct(self, peer: Lease) -> bool:
