@@ -12,6 +12,7 @@ from ipaddress import IPv4Address
 import pytest
 
 from pyflannel.backend import make_backend
+from pyflannel.backend.base import BackendError
 from pyflannel.backend.tunnel import GreBackend, IpipBackend
 from pyflannel.config import ConfigError, parse_config
 from pyflannel.fastpath.packet import checksum
@@ -244,3 +245,37 @@ def test_an_ipv6_only_network_runs_gre_over_the_ipv6_underlay():
     table, problems = peers_of(b, peer, other)
     assert table == ["fc00:10:1:4f::/64 via fd00:198::2"]
     assert problems == {other.key_name: "its GRE key is 4, ours is 3"}
+
+
+# -- start-up refusals: one line, before any device ---------------------------------------
+
+async def test_ipip_refuses_a_dual_stack_network_in_one_line_before_any_device(monkeypatch):
+    from pyflannel.backend import tunnel
+
+    touched = []
+    monkeypatch.setattr(tunnel, "run_netlink", lambda *a: touched.append(a))
+    dual = {"EnableIPv6": True, "IPv6Network": "fc00:10:1::/48", "Backend": {"Type": "ipip"}}
+    b = make_backend(parse_config(cfg({"Type": "ipip"}, **dual)), EXT)
+    with pytest.raises(BackendError) as e:
+        await b.prepare()
+    assert str(e.value).startswith("ipip: carries IPv4 only") and "\n" not in str(e.value)
+    assert touched == []
+
+
+async def test_a_raw_socket_that_cannot_be_opened_is_one_line_naming_the_protocol(monkeypatch):
+    from pyflannel.backend import tunnel
+
+    async def no_stale_devices(*args):
+        return []
+
+    def refused(protocol, address):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(tunnel, "run_netlink", no_stale_devices)
+    monkeypatch.setattr(tunnel, "open_raw_socket", refused)
+    b = make_backend(parse_config(cfg({"Type": "gre"})), EXT)
+    with pytest.raises(BackendError) as e:
+        await b.prepare()
+    assert str(e.value) == (f"gre: cannot open a raw IP socket (protocol 47) on "
+                            f"{b._bind_address()}: Operation not permitted")
+    assert b.tun is None and b.fastpath is None  # nothing opened after the refusal
