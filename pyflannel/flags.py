@@ -289,6 +289,9 @@ FLAGS: tuple[FlagSpec, ...] = (
     FlagSpec("node-labels", "node_labels", STR, "",
              "pyflannel network policy: this node's labels, key=value,... (published in "
              "the lease as Labels; docs/policy.md)", _check_node_labels),
+    FlagSpec("docker-socket", "docker_socket", STR, "/var/run/docker.sock",
+             "pyflannel network policy: dockerd's API socket, followed for this node's "
+             "containers and their labels (empty: none)"),
     # Hidden: for tests and measurements only (docs/operations.md, "Hidden flags").
     FlagSpec("test-lease-ttl", "test_lease_ttl", INT, 0,
              "testing only: etcd lease TTL in seconds instead of 24 h (0: 24 h)",
@@ -351,6 +354,7 @@ class Options:
     bgp_as_number: int = 0
     bgp_router_id: str = ""
     node_labels: str = ""
+    docker_socket: str = "/var/run/docker.sock"
     test_lease_ttl: int = 0
     fastpath_mode: str = "process"
     udp_gso: bool = True

@@ -39,6 +39,7 @@ from pyflannel.lease.model import NO_PUBLIC_IP, Lease
 from pyflannel.lease.policy import LEASE_TTL_S, PeerDiff
 from pyflannel.logutil import RateLimitedLog, WarnOnce
 from pyflannel.metrics import HealthServer, Metrics
+from pyflannel.policy.docker import DockerWatcher
 from pyflannel.policy.keeper import PolicyKeeper, node_labels, with_node_labels
 
 log = logging.getLogger("pyflannel")
@@ -251,8 +252,11 @@ class Daemon:
             assert m is not None and b is not None and ipt is not None and cfg is not None
             assert self.address_watch is not None
             state = StatePublisher(self.state_file(), self.snapshot, self.poll_peer_counters)
-            self.policy_keeper = PolicyKeeper(self.registry, self.opts.etcd_prefix,
-                                              lambda: m.lease, node_labels(self.opts.node_labels))
+            docker = DockerWatcher(self.opts.docker_socket) if self.opts.docker_socket else None
+            self.policy_keeper = keeper = PolicyKeeper(
+                self.registry, self.opts.etcd_prefix, lambda: m.lease,
+                node_labels(self.opts.node_labels),
+                containers=lambda: docker.containers.values() if docker is not None else ())
             parts = {
                 "watch": m.watch_forever,
                 "lease": m.renew_forever,
@@ -262,8 +266,11 @@ class Daemon:
                 "config": ConfigWatcher(self.registry, cfg,
                                         getattr(b, "take_config", None)).run,
                 "address": self.address_watch.run,
-                "policy": self.policy_keeper.run,
+                "policy": keeper.run,
             }
+            if docker is not None:
+                docker.changed = keeper.poke
+                parts["docker"] = docker.run
             tasks = [asyncio.create_task(supervise(run, name, self.task_restarts), name=name)
                      for name, run in parts.items()]
             tasks.append(asyncio.create_task(self.watch_health(), name="health"))

@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from ipaddress import ip_address
+from ipaddress import ip_address, ip_network
 from typing import Any
 
 from pyflannel.lease.model import Lease, LeaseAttrs
@@ -70,6 +70,28 @@ def workload_of(lease: Lease, labels: Mapping[str, str]) -> Endpoint:
                     host_addresses=hosts)
 
 
+def container_workloads(own: Lease, labels: Mapping[str, str], containers: Iterable[Any],
+                        warn: Callable[[str, str], Any] | None = None) -> list[Endpoint]:
+    """This node's Docker containers as workloads: each its own addresses (those in the
+    node's subnets), its labels over the node's (a label Kubernetes would refuse is left
+    out, said once)."""
+    nets = [n for n in (own.subnet if own.has_ipv4 else None, own.ipv6_subnet) if n]
+    out = []
+    for c in containers:
+        mine = tuple(ip_network(a) for a in c.addresses if any(a in n for n in nets))
+        if not mine:
+            continue  # a host-network or other-bridge container: not in the overlay
+        merged = dict(labels)
+        for key, value in sorted(c.labels.items()):
+            try:
+                merged.update(check_labels({key: value}, f"container {c.name} Labels"))
+            except PolicyError as e:
+                if warn is not None:
+                    warn(f"{c.id}/{key}", f"{e}; that label is left out")
+        out.append(Endpoint(f"{own.key_name}/{c.name}", mine, merged, node=own.key_name))
+    return out
+
+
 @dataclass
 class PolicyBook:
     """What etcd says, parsed: the last good version of each policy and network set, and
@@ -112,9 +134,10 @@ class PolicyBook:
 
 def build_model(book: PolicyBook, leases: Iterable[Lease],
                 own: tuple[Lease, Mapping[str, str]] | None = None,
-                warn: Callable[[str, str], Any] | None = None) -> PolicyModel:
+                warn: Callable[[str, str], Any] | None = None,
+                containers: Iterable[Any] = ()) -> PolicyModel:
     """The model from the policy book and every lease (a node's labels from its lease;
-    this node's from its own flag)."""
+    this node's from its own flag, its containers' from Docker)."""
     workloads = []
     own_key = own[0].key_name if own is not None else None
     for lease in leases:
@@ -130,6 +153,7 @@ def build_model(book: PolicyBook, leases: Iterable[Lease],
         workloads.append(workload_of(lease, labels))
     if own is not None:
         workloads.append(workload_of(own[0], own[1]))
+        workloads.extend(container_workloads(own[0], own[1], containers, warn))
     return PolicyModel(list(book.policies.values()), workloads,
                        list(book.network_sets.values()))
 
@@ -182,7 +206,8 @@ class PolicyKeeper:
     """Keeps ``table inet pyflannel`` equal to the policy in etcd, for this node's subnets."""
 
     def __init__(self, registry: Any, etcd_prefix: str, own_lease: Callable[[], Lease | None],
-                 labels: Mapping[str, str], apply: Callable[[str], Any] = nft.apply) -> None:
+                 labels: Mapping[str, str], apply: Callable[[str], Any] = nft.apply,
+                 containers: Callable[[], Iterable[Any]] = lambda: ()) -> None:
         self.keys = EtcdKeys(registry)
         self.registry = registry
         self.prefix = etcd_prefix
@@ -195,7 +220,14 @@ class PolicyKeeper:
         self.rebuilds = 0
         self.last_rebuild_s = 0.0
         self.hits: dict[str, int] = {}  # packets by rule action, from the nft counters
+        self.containers = containers  # this node's Docker containers, now
+        self._changed: asyncio.Event | None = None
         self._warn = WarnOnce(log)
+
+    def poke(self) -> None:
+        """Rebuild soon (something outside etcd changed: this node's containers)."""
+        if self._changed is not None:
+            self._changed.set()
 
     def status(self) -> dict[str, Any]:
         """What the metrics and ``pyflannel status`` show (plain data, for the snapshot)."""
@@ -248,7 +280,8 @@ class PolicyKeeper:
             return True  # nothing to enforce, and the kernel holds no policy: no lease list
         listing = await self.registry.list_leases()
         model = build_model(self.book, listing.leases, (own, self.labels),
-                            lambda key, msg: self._warn.warn(("labels", key), "%s", msg))
+                            lambda key, msg: self._warn.warn(("labels", key), "%s", msg),
+                            list(self.containers()))
         compiled = ruleset_for(model, own)
         if compiled.text == self.applied:
             return True
@@ -287,7 +320,7 @@ class PolicyKeeper:
     async def _follow(self) -> None:
         """Rebuild now and after each change under the prefix, until the watch ends."""
         watch = await self.keys.changes()
-        changed = asyncio.Event()
+        changed = self._changed = asyncio.Event()
         ended: list[BaseException] = []
 
         async def consume() -> None:

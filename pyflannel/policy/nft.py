@@ -82,8 +82,7 @@ class _Builder:
         """The named set of addresses ``selector`` matches, shared by every rule using it."""
         key = (str(selector), version)
         if key not in self.sets:
-            nets = _nets((n for e in self.model.labelled() if selector.matches(e.labels)
-                          for n in e.nets), version)
+            nets = _nets(self.model.selected_nets(selector), version)
             self.sets[key] = (f"s{len(self.sets)}_{version}", nets)
         return self.sets[key]
 
@@ -146,15 +145,19 @@ def compile_ruleset(model: PolicyModel, local: Sequence[Endpoint]) -> Compiled:
     b = _Builder(model)
     chains: list[tuple[str, list[str]]] = []
     policy_chain: dict[tuple[str, str], str] = {}
-    dispatch: dict[str, list[str]] = {"Egress": [], "Ingress": []}
+    dispatch: dict[str, list[tuple[int, int, str]]] = {"Egress": [], "Ingress": []}
     hosts = sorted({a for e in local for a in e.host_addresses}, key=lambda a: (a.version, a))
-    # most specific first: a container's own chain before its node's (the seam for them)
-    endpoints = sorted(local, key=lambda e: -max((n.prefixlen for n in e.nets), default=0))
-    for k, ep in enumerate(endpoints):
+    for k, ep in enumerate(local):
         for direction in DIRECTIONS:
             selecting = model.selecting(ep, direction)
-            if not selecting:
-                continue  # selected by no policy: allowed
+            side = "s" if direction == "Egress" else "d"
+            if not selecting:  # selected by no policy: allowed, also inside its node's range
+                for version in (4, 6) if _nested(ep, local) else ():
+                    nets = _nets(ep.nets, version)
+                    if nets:
+                        dispatch[direction].append((version, -max(n.prefixlen for n in nets),
+                            f"{_ip(version)} {side}addr {_elements(nets)} accept"))
+                continue
             body = []
             for policy in selecting:
                 key = (policy.name, direction)
@@ -168,12 +171,11 @@ def compile_ruleset(model: PolicyModel, local: Sequence[Endpoint]) -> Compiled:
             body.append(f"counter drop comment {json.dumps('no rule decided ' + direction)}")
             ep_chain = f"ep{k}_{_DIR[direction]}"
             chains.append((ep_chain, body))
-            side = "s" if direction == "Egress" else "d"
             for version in (4, 6):
                 nets = _nets(ep.nets, version)
                 if nets:
-                    dispatch[direction].append(
-                        f"{_ip(version)} {side}addr {_elements(nets)} goto {ep_chain}")
+                    dispatch[direction].append((version, -max(n.prefixlen for n in nets),
+                        f"{_ip(version)} {side}addr {_elements(nets)} goto {ep_chain}"))
     out = [f"table {FAMILY} {TABLE}", f"delete table {FAMILY} {TABLE}",
            f"table {FAMILY} {TABLE} {{"]
     elements = 0
@@ -196,7 +198,9 @@ def compile_ruleset(model: PolicyModel, local: Sequence[Endpoint]) -> Compiled:
                 out.append(f"    {_ip(version)} {side}addr {addrs} accept")
                 if direction == "Ingress":
                     out.append(f"    {_ip(version)} saddr {addrs} accept")
-        out.extend(f"    {line}" for line in dispatch[direction])
+        # most specific first (per family): a container's own rule before its node's
+        ordered = sorted(dispatch[direction], key=lambda item: item[:2])
+        out.extend(f"    {line}" for _, _, line in ordered)
         out.append("  }")
     for name, body in chains:
         out.append(f"  chain {name} {{")
@@ -205,6 +209,12 @@ def compile_ruleset(model: PolicyModel, local: Sequence[Endpoint]) -> Compiled:
     out.append("}")
     return Compiled("\n".join(out) + "\n", len(chains) + 2, b.rules,
                     sum(1 for _, nets in b.sets.values() if nets), elements)
+
+
+def _nested(ep: Endpoint, local: Sequence[Endpoint]) -> bool:
+    """Whether another local endpoint's range holds ``ep``'s (a container in its node's)."""
+    return any(o is not ep and any(n != m and n.version == m.version and n.subnet_of(m)
+                                   for n in ep.nets for m in o.nets) for o in local)
 
 
 EMPTY = (f"table {FAMILY} {TABLE}\ndelete table {FAMILY} {TABLE}\n"

@@ -104,6 +104,17 @@ class Trace:
         return self.egress.allowed and self.ingress.allowed
 
 
+def _exclude(nets: list[IPNetwork], holes: Sequence[IPNetwork]) -> list[IPNetwork]:
+    """``nets`` less ``holes`` (each hole inside one of them)."""
+    for hole in holes:
+        if not any(n.version == hole.version and hole.subnet_of(n) for n in nets):
+            continue
+        nets = [part for n in nets for part in (
+            n.address_exclude(hole) if n.version == hole.version and hole.subnet_of(n)
+            else [n])]
+    return nets
+
+
 @dataclass
 class PolicyModel:
     """Everything a node needs to decide: the policies, the cluster's workloads (one per
@@ -113,6 +124,7 @@ class PolicyModel:
     workloads: Sequence[Endpoint]
     network_sets: Sequence[NetworkSet] = ()
     _sets: list[Endpoint] = field(default_factory=list, init=False)
+    _nested_cache: dict[int, list[Endpoint]] | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.policies = ordered(self.policies)
@@ -141,9 +153,43 @@ class PolicyModel:
         return merged if any(s.holds(addr) for s in self._sets) else None
 
     def selected(self, selector: Selector, addr: IPAddress) -> bool:
-        """Whether ``addr`` is in a labelled range that ``selector`` matches (the rule
-        selector's meaning: the nft set for it is the union of those ranges)."""
-        return any(e.holds(addr) and selector.matches(e.labels) for e in self.labelled())
+        """Whether ``addr``'s workload (the most specific one: a container inside its
+        node's subnet) or a network set holding it has labels ``selector`` matches."""
+        w = self.workload_of(addr)
+        if w is not None and selector.matches(w.labels):
+            return True
+        return any(s.holds(addr) and selector.matches(s.labels) for s in self._sets)
+
+    def selected_nets(self, selector: Selector) -> list[IPNetwork]:
+        """The address ranges :meth:`selected` is true for (the nft set of a rule
+        selector): matching workloads less the workloads nested in them that do not match,
+        and matching network sets."""
+        out: list[IPNetwork] = []
+        nested = self._nested()
+        for k, w in enumerate(self.workloads):
+            if selector.matches(w.labels):
+                out.extend(_exclude(list(w.nets), [
+                    n for inner in nested.get(k, ()) if not selector.matches(inner.labels)
+                    for n in inner.nets]))
+        out.extend(n for s in self._sets if selector.matches(s.labels) for n in s.nets)
+        return out
+
+    def _nested(self) -> dict[int, list[Endpoint]]:
+        """Workload index -> the workloads inside its ranges (containers in their node's
+        subnet); found through each range's supernets, not by comparing every pair."""
+        if self._nested_cache is None:
+            owner = {n: k for k, w in enumerate(self.workloads) for n in w.nets}
+            lengths = sorted({n.prefixlen for n in owner})
+            found: dict[int, list[Endpoint]] = {}
+            for w in self.workloads:
+                for n in w.nets:
+                    for p in (p for p in lengths if p < n.prefixlen):
+                        k = owner.get(n.supernet(new_prefix=p))
+                        if k is not None and self.workloads[k] is not w and \
+                                w not in found.setdefault(k, []):
+                            found[k].append(w)
+            self._nested_cache = found
+        return self._nested_cache
 
     def selecting(self, endpoint: Endpoint, direction: str) -> list[Policy]:
         return [p for p in self.policies
