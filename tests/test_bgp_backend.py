@@ -36,6 +36,10 @@ def test_without_the_mesh_only_configured_peers():
         {"PeerIP": "198.18.0.200", "ASNumber": 64600, "Password": "pw", "Port": 1179}]))
     assert summary(plan) == {"198.18.0.200": ("configured", False, False, 64600, 1179)}
     assert plan["198.18.0.200"].password == "pw"
+    assert not plan["198.18.0.200"].keep_next_hop
+    keep = plan_peers(node(2), [], cfg(Peers=[
+        {"PeerIP": "198.18.0.200", "ASNumber": 64600, "KeepOriginalNextHop": True}]))
+    assert keep["198.18.0.200"].keep_next_hop
 
 
 def test_reflectors_peer_with_everybody_and_the_others_only_with_reflectors():

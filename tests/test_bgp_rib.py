@@ -265,6 +265,33 @@ def test_reflector_does_not_send_a_route_back_to_its_originator():
     assert N("10.1.12.0/24") not in rib.export("c2")
 
 
+def test_keep_original_next_hop_a_reflector_tells_that_ebgp_peer_each_nodes_route():
+    """Calico's keepOriginalNextHop: a router peering only with the reflectors learns every
+    node's subnet with that node as next hop, as an eBGP route from our AS."""
+    keep = PeerInfo("tor2", 64600, A("198.18.0.201"), A("198.18.0.201"), keep_next_hop=True)
+    rib = make_rib(cluster_id=A("198.18.0.1"), peers=(
+        PeerInfo("c1", 64512, A("198.18.0.11"), A("198.18.0.11"), rr_client=True), TOR, keep))
+    rib.originate(OWN4)
+    rib.apply_update("c1", ann(["10.1.11.0/24"], next_hop="198.18.0.11"))
+    rib.apply_update(TOR.key, ann(["10.1.99.0/24"], next_hop="198.18.0.200", ebgp_from=64600))
+    export = rib.export("tor2")
+    assert set(export) == {OWN4, N("10.1.11.0/24")}  # not the other eBGP peer's route
+    passed = export[N("10.1.11.0/24")]
+    assert passed.next_hop == A("198.18.0.11")  # the originating node, not the reflector
+    assert passed.attributes.as_path == (AsPathSegment(AS_SEQUENCE, (64512,)),)
+    assert passed.attributes.local_pref is None
+    assert (passed.attributes.originator_id, passed.attributes.cluster_list) == (None, ())
+    assert N("10.1.11.0/24") not in rib.export(TOR.key)  # without it: only our own subnet
+
+
+def test_keep_original_next_hop_on_a_node_that_reflects_nothing_passes_nothing_on():
+    keep = PeerInfo("tor2", 64600, A("198.18.0.201"), A("198.18.0.201"), keep_next_hop=True)
+    rib = make_rib(peers=(MESH2, keep))
+    rib.originate(OWN4)
+    rib.apply_update(MESH2.key, ann(["10.1.2.0/24"]))
+    assert set(rib.export("tor2")) == {OWN4}  # nodes are not transit routers
+
+
 def test_exports_pack_into_updates_that_decode_to_the_same_routes():
     rib = rr_rib()
     rib.originate(OWN4)

@@ -136,7 +136,8 @@ def plan_peers(me: NodeRole, others: Iterable[NodeRole], cfg: NetworkConfig
         for n in nodes:
             node_peer(n, "mesh")
     for p in cfg.backend["Peers"]:
-        out[str(p.peer_ip)] = PeerSpec(p.peer_ip, p.asn, p.port, p.password, "configured")
+        out[str(p.peer_ip)] = PeerSpec(p.peer_ip, p.asn, p.port, p.password, "configured",
+                                       keep_next_hop=p.keep_original_next_hop)
     return out
 
 

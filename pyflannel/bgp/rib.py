@@ -104,6 +104,7 @@ class PeerInfo:
     address: Address
     router_id: ipaddress.IPv4Address | None = None  # from its OPEN, once known
     rr_client: bool = False  # we are its route reflector
+    keep_next_hop: bool = False  # eBGP: a reflector passes on learned routes, next hop kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,7 +372,21 @@ class Rib:
                 out[prefix] = self._export_local(best, ebgp)
             elif not ebgp and self._reflects(best, peer):
                 out[prefix] = self._reflect(best)
+            elif ebgp and peer.keep_next_hop and self._passes_on(best):
+                out[prefix] = self._pass_on(best)
         return out
+
+    def _passes_on(self, path: Path) -> bool:
+        """Calico's keepOriginalNextHop: a reflector tells an eBGP peer (a router that peers
+        only with the reflectors) every node's subnet with that node as next hop. Only
+        routes from iBGP peers: no node carries one external AS's routes to another."""
+        return self.local.cluster_id is not None and not path.ebgp
+
+    def _pass_on(self, path: Path) -> Export:
+        attrs = replace(path.attributes, as_path=prepend_as(path.attributes.as_path,
+                                                            self.local.asn),
+                        local_pref=None, originator_id=None, cluster_list=())
+        return Export(attrs, path.next_hop)
 
     def _export_local(self, path: Path, ebgp: bool) -> Export:
         attrs = path.attributes

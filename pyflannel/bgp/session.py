@@ -124,6 +124,7 @@ class PeerSpec:
     kind: str = "configured"  # mesh, reflector, client or configured: for status
     passive: bool = False  # the higher address of a mesh pair only listens
     rr_client: bool = False  # this node reflects routes to it
+    keep_next_hop: bool = False  # KeepOriginalNextHop: see rib.Rib._passes_on
 
     @property
     def key(self) -> str:
@@ -500,7 +501,8 @@ class Speaker:
             self.remove_peer(spec.key)
         session = self.sessions[spec.key] = Session(self, spec)
         self._listener_md5(spec, spec.password)
-        self.rib.add_peer(PeerInfo(spec.key, spec.asn, spec.address, rr_client=spec.rr_client))
+        self.rib.add_peer(PeerInfo(spec.key, spec.asn, spec.address, rr_client=spec.rr_client,
+                                   keep_next_hop=spec.keep_next_hop))
         session.start()
         return session
 
@@ -567,7 +569,8 @@ class Speaker:
         spec = session.spec
         self.rib.add_peer(PeerInfo(spec.key, spec.asn, spec.address,
                                    router_id=negotiated.peer_open.router_id,
-                                   rr_client=spec.rr_client))
+                                   rr_client=spec.rr_client,
+                                   keep_next_hop=spec.keep_next_hop))
         changes = self.rib.peer_reestablished(spec.key, negotiated.peer_graceful_restart)
         if negotiated.peer_open.capabilities.graceful_restart and \
                 negotiated.peer_open.capabilities.graceful_restart.restarting:
