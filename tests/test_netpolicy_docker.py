@@ -212,3 +212,25 @@ def test_a_container_that_overrides_a_label_leaves_the_nodes_rule_selector_set()
 def test_the_docker_socket_flag_has_dockers_default_and_can_be_turned_off():
     assert parse_flags([]).docker_socket == "/var/run/docker.sock"
     assert parse_flags(["-docker-socket="]).docker_socket == ""
+
+
+def test_a_node_without_docker_says_so_once_at_info_and_follows_it_once_it_appears(
+        tmp_path, caplog):
+    async def main() -> None:
+        dockerd = FakeDockerd(str(tmp_path / "docker.sock"))
+        dockerd.docs["a"] = inspect_doc("a", "10.1.1.2")
+        w = DockerWatcher(dockerd.path, backoff=Backoff(0.01, 0.02))
+        task = asyncio.create_task(w.run())
+        await asyncio.sleep(0.1)  # several tries without a socket
+        await dockerd.start()
+        await asyncio.wait_for(w.connected.wait(), 5)
+        assert addresses(w) == {"c-a": ["10.1.1.2"]}
+        task.cancel()
+        await dockerd.stop()
+
+    with caplog.at_level(logging.INFO, "pyflannel"):
+        asyncio.run(main())
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said[0] == ("INFO", f"policy: no Docker socket at {tmp_path}/docker.sock; "
+                       "containers are followed once it appears")
+    assert [s for s in said[1:] if "Docker socket" in s[1] or s[0] != "INFO"] == []

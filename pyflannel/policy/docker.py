@@ -32,6 +32,10 @@ class DockerError(Exception):
     """dockerd cannot be reached or answered something unusable (one line)."""
 
 
+class DockerAbsent(DockerError):
+    """No socket at the path: a node without Docker, or dockerd not started yet."""
+
+
 @dataclass(frozen=True)
 class Container:
     """A running container: its id, name, addresses and labels (as Docker gives them)."""
@@ -82,6 +86,8 @@ class _Http:
         try:
             reader, writer = await asyncio.open_unix_connection(self.socket_path,
                                                                 limit=MAX_EVENT)
+        except FileNotFoundError:
+            raise DockerAbsent(f"no Docker socket at {self.socket_path}") from None
         except OSError as e:
             raise DockerError(f"cannot connect to {self.socket_path}: {e}") from None
         writer.write(f"GET {path} HTTP/1.1\r\nHost: docker\r\n\r\n".encode())
@@ -152,7 +158,8 @@ class DockerWatcher:
         self.containers: dict[str, Container] = {}
         self.connected = asyncio.Event()  # set while the event stream is followed
         self.backoff = backoff or Backoff(0.5, 30.0)
-        self._warn = WarnOnce(log)
+        self._warn = WarnOnce(log)  # one line per problem per outage
+        self._said_absent = False
 
     async def run(self) -> None:
         while True:
@@ -161,10 +168,18 @@ class DockerWatcher:
                 problem = "dockerd closed the event stream"
             except DockerError as e:
                 problem = str(e)
+                absent = isinstance(e, DockerAbsent)
+            else:
+                absent = False
             self.connected.clear()
             delay = self.backoff.next()
-            self._warn.warn(("docker", problem), "policy: Docker containers: %s; "
-                            "retrying (the containers known stay)", problem)
+            if absent and not self.containers:  # no Docker here (yet): normal, said once
+                if not self._said_absent:
+                    self._said_absent = True
+                    log.info("policy: %s; containers are followed once it appears", problem)
+            else:
+                self._warn.warn(("docker", problem), "policy: Docker containers: %s; "
+                                "retrying (the containers known stay)", problem)
             await asyncio.sleep(delay)
 
     async def _follow(self) -> None:
@@ -182,6 +197,7 @@ class DockerWatcher:
             self._replace(fresh)
             self.connected.set()
             self.backoff.reset()
+            self._warn = WarnOnce(log)
             log.info("policy: following Docker at %s (%d containers)", self.socket_path,
                      len(fresh))
             buffer = b""
