@@ -576,7 +576,7 @@ class Speaker:
                 negotiated.peer_open.capabilities.graceful_restart.restarting:
             session.graceful_restart["peer_restarted"] += 1
         session.end_of_rib = set()
-        export = self.rib.export(spec.key)
+        export = self._export_for(session)
         for update in updates_for(export, negotiated.codec_options):
             session.send(update)
         for family in negotiated.families:
@@ -618,11 +618,19 @@ class Speaker:
         for session in self.sessions.values():
             if not session.established or session.key not in self.rib.peers:
                 continue
-            wanted = self.rib.export(session.key)
+            wanted = self._export_for(session)
             changed, gone = out_changes(session.sent, wanted)
             for update in withdraw(gone) + updates_for(changed, session.options):
                 session.send(update)
             session.sent = wanted
+
+    def _export_for(self, session: Session) -> dict:
+        """The peer's Adj-RIB-Out in the families it negotiated only (RFC 4760): a router
+        peering over IPv6 for IPv6 alone is never sent our IPv4 subnet."""
+        n = session.fsm.negotiated
+        families = n.families if n is not None else ()
+        return {p: e for p, e in self.rib.export(session.key).items()
+                if family_of(p) in families}
 
     def synced(self) -> bool:
         """Every established session has sent End-of-RIB for all it negotiated: what is not
