@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from ipaddress import IPv4Address, IPv4Network, ip_address
+from dataclasses import replace
+from ipaddress import IPv4Address, IPv4Network, ip_address, ip_network
 
 import pytest
 
@@ -254,3 +255,29 @@ async def test_a_graceful_stop_leaves_our_routes_with_the_peer_as_stale():
         assert b.speaker.sessions[a.host].graceful_restart == {"routes_kept": 1}
     finally:
         await stop(b)
+
+
+async def test_a_peer_is_sent_only_the_families_it_negotiated():
+    """RFC 4760: a peer whose OPEN offers no multiprotocol capability speaks IPv4 unicast
+    only; our IPv6 subnet is never sent to it (nor, the other way, IPv4 to an IPv6-only one)."""
+    a = await Node(1).start()
+    a.speaker.rib.local = replace(a.speaker.rib.local, next_hops=(
+        IPv4Address("192.0.2.1"), ip_address("2001:db8::1")))
+    a.speaker.originate(ip_network("fc00:10:1:1::/64"))
+    ipv4_only = RawPeer(3)
+    a.speaker.add_peer(PeerSpec(ip_address(ipv4_only.host), AS, 179, passive=True))
+    try:
+        await until(lambda: a.state(ipv4_only.host) == "Active", what="a to listen")
+        await ipv4_only.establish(a)
+        announced, buffer, done = [], b"", False
+        while not done:
+            buffer += await asyncio.wait_for(ipv4_only.reader.read(65536), 5)
+            messages, buffer = split_stream(buffer)
+            for update in (m for m in map(decode, messages) if isinstance(m, Update)):
+                done = done or update.end_of_rib() is not None
+                announced += update.announcements()
+        assert announced == [IPv4Network("10.1.1.0/24")]
+        assert a.speaker.status()[0]["sent"] == 1
+    finally:
+        ipv4_only.writer.close()
+        await stop(a)
