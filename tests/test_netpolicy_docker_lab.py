@@ -1,6 +1,6 @@
 """Docker container labels on a real dockerd: two containers on one node, labelled
 differently, get different verdicts from the same remote container (the node's own
-labels would give them one)."""
+labels would give them one); the rule hits show in the node's metrics."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from pyflannel.lab import Lab
 from pyflannel.labdocker import IMAGE, LabDocker
-from tests.labtools import CONFIG_KEY, HEALTHZ_PORT, wait_until
+from tests.labtools import CONFIG_KEY, HEALTHZ_PORT, metric, wait_until
 from tests.test_docker_lab import require_docker
 
 ONLY_RED_IN = {"Name": "only-red-in", "Selector": "tenant == 'red'",
@@ -54,3 +54,9 @@ def test_two_containers_on_one_node_with_different_labels_get_different_verdicts
         # container takes the red node's container in, the blue one keeps it out
         wait_until(lambda: pings("red") and not pings("blue"), 40,
                    f"red {addr['red']} reachable from {remote}, blue not")
+        # the metrics read the per-rule nft counters (every 10 s)
+        assert metric(lab, n2, "pyflannel_policies") == 2
+        wait_until(lambda: metric(lab, n2, "pyflannel_policy_rule_hits_total",
+                                  action="Allow") > 0
+                   and metric(lab, n2, "pyflannel_policy_rule_hits_total",
+                              action="NoRuleDecided") > 0, 15, "rule hits in the metrics")
