@@ -6,7 +6,7 @@ router, its only way to the others. n1 is a route reflector
 their sessions and their pods' traffic cross the router, and each next hop that is not on a
 connected network is resolved through the kernel's route to it. gobgpd and a second BIRD,
 iBGP peers of n1 only, learn every node's subnet from n1 with the originating node as next
-hop.
+hop; so does a second gobgpd, an eBGP peer of n1 only with ``KeepOriginalNextHop``.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ from tests.test_bgp_lab import Bird, GoBgp
 pytestmark = pytest.mark.lab
 
 TOR, GOBGP, BIRD_IBGP = "198.18.0.201", "198.18.0.202", "198.18.0.203"
+GOBGP_KEEP = "198.18.0.204"  # eBGP, AS 64700: a router that peers with the reflector only
 SEGMENT2, TOR2, N3 = "198.19.6.0/24", "198.19.6.1", "198.19.6.3"
 CONFIG = {"Network": "10.1.0.0/16", "Backend": {
     "Type": "bgp", "HoldTime": 9, "KeepaliveTime": 3,
     "Peers": [{"PeerIP": TOR, "ASNumber": 64600}, {"PeerIP": GOBGP, "ASNumber": 64512},
-              {"PeerIP": BIRD_IBGP, "ASNumber": 64512}]}}
+              {"PeerIP": BIRD_IBGP, "ASNumber": 64512},
+              {"PeerIP": GOBGP_KEEP, "ASNumber": 64700, "KeepOriginalNextHop": True}]}}
 
 ROUTER = """
 router id {me};
@@ -102,16 +104,18 @@ def cluster():
         n1, n2, n3 = lab.nodes
         router = Router(lab, "tor", TOR)
         gobgp = GoBgp(lab, "gobgp", GOBGP)
+        gobgp_keep = GoBgp(lab, "gobgpkeep", GOBGP_KEEP)
         bird = IbgpBird(lab, "bird", BIRD_IBGP)
         second_segment(lab, router, n3)
         router.start("\n".join(f"protocol bgp {n.name} from node {{ neighbor {ip} as 64512; }}"
                                for n, ip in ((n1, n1.underlay_ip), (n2, n2.underlay_ip),
                                              (n3, N3))))
         gobgp.start(64512, [n1.underlay_ip])
+        gobgp_keep.start(64700, [n1.underlay_ip])
         bird.start("")
         nodes = {"n1": start_node(lab, n1, "-bgp-route-reflector-cluster-id=10.0.0.1"),
                  "n2": start_node(lab, n2), "n3": start_node(lab, n3)}
-        yield lab, nodes, router, gobgp, bird
+        yield lab, nodes, router, gobgp, bird, gobgp_keep
 
 
 def kernel_routes(lab: Lab, ns: str) -> dict[str, str]:
@@ -131,7 +135,7 @@ def test_clients_peer_only_with_the_reflector_and_the_router(cluster):
             "198.18.0.1": "reflector", TOR: "configured"}, 15, f"{name}'s sessions")
     wait_until(lambda: established(lab, nodes["n1"]) == {
         "198.18.0.2": "client", N3: "client", TOR: "configured", GOBGP: "configured",
-        BIRD_IBGP: "configured"}, 15, "n1's sessions")
+        BIRD_IBGP: "configured", GOBGP_KEEP: "configured"}, 15, "n1's sessions")
 
 
 def test_next_hops_across_the_router_are_resolved_through_it(cluster):
@@ -155,15 +159,18 @@ def test_pods_ping_every_ordered_pair_across_the_segments(cluster):
 
 
 def test_gobgp_and_bird_learn_every_node_from_the_reflector(cluster):
-    _lab, nodes, _router, gobgp, bird = cluster
+    _lab, nodes, _router, gobgp, bird, gobgp_keep = cluster
     want = {n.network: ip for n, ip in ((nodes["n1"], "198.18.0.1"),
                                         (nodes["n2"], "198.18.0.2"), (nodes["n3"], N3))}
     wait_until(lambda: gobgp.rib() == want, 15, f"gobgpd's rib {want}")
     wait_until(lambda: bird.next_hops() == want, 15, f"BIRD's routes {want}")
+    # KeepOriginalNextHop: an eBGP router peering with the reflector alone learns every node
+    # with that node as next hop (only n1's own subnet without it).
+    wait_until(lambda: gobgp_keep.rib() == want, 15, f"the eBGP gobgpd's rib {want}")
 
 
 def test_a_peer_removed_from_the_config_goes_without_a_restart(cluster):
-    lab, nodes, _router, gobgp, _bird = cluster
+    lab, nodes, _router, gobgp, *_ = cluster
     pid = nodes["n1"].lab_node.process.pid
     config = dict(CONFIG, Backend=dict(CONFIG["Backend"], Peers=[
         p for p in CONFIG["Backend"]["Peers"] if p["PeerIP"] != GOBGP]))
