@@ -2,6 +2,7 @@
 network namespace: whole or not at all, and fast enough for a thousand endpoints."""
 
 import json
+import os
 import secrets
 import subprocess
 import time
@@ -129,3 +130,26 @@ def test_a_thousand_endpoints_and_two_hundred_policies_rebuild_in_under_a_second
           f"{1000 * (done - compiled_at):.0f} ms, {compiled.rules} rules, {compiled.sets} sets, "
           f"{compiled.elements} elements")
     assert done - started < 1.0
+
+
+def test_nft_refusing_a_ruleset_before_reading_it_all_is_an_nft_error_under_uvloop(
+        tmp_path, monkeypatch):
+    """The daemon runs on uvloop, where feeding a pipe that nft closed early raised
+    RuntimeError and the policy task failed and restarted for ever; the ruleset now waits
+    in a file nft reads from."""
+    import uvloop
+
+    from pyflannel.policy import nft
+
+    fake = tmp_path / "nft"
+    fake.write_text("#!/bin/sh\necho 'Error: syntax error at line 1' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+
+    async def apply_a_large_ruleset() -> str:
+        with pytest.raises(NftError) as e:
+            await nft.apply("table inet pyflannel {}\n" * 200_000)  # 4.6 MB, far past a pipe
+        return str(e.value)
+
+    assert uvloop.run(apply_a_large_ruleset()) == (
+        "nft refused the ruleset: Error: syntax error at line 1")

@@ -29,6 +29,7 @@ import signal
 from dataclasses import dataclass
 
 from pyflannel.backend.base import Backend, BackendError
+from pyflannel.host.childstdin import stdin_file
 from pyflannel.lease.model import Lease, LeaseAttrs
 
 log = logging.getLogger("pyflannel.extension")
@@ -63,18 +64,11 @@ async def run_command(command: str, env: dict[str, str], stdin: str,
     """``sh -c command`` with ``env`` added to ours and ``stdin`` plus a newline on its
     stdin (flanneld's runCmd). At ``timeout`` its whole process group is killed, so a
     child it left behind cannot hold the pipe open."""
-    # stdin from a memfd written beforehand: a command that exits without reading it must
-    # not turn into a write to a closed pipe (uvloop raises RuntimeError for that).
-    fd = os.memfd_create("pyflannel-stdin", 0)
-    try:
-        os.write(fd, (stdin + "\n").encode())
-        os.lseek(fd, 0, os.SEEK_SET)
+    with stdin_file((stdin + "\n").encode()) as fd:
         proc = await asyncio.create_subprocess_exec(
             "sh", "-c", command, stdin=fd, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, env={**os.environ, **env},
             start_new_session=True)
-    finally:
-        os.close(fd)
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:

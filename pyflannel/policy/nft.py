@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import collapse_addresses
 
+from pyflannel.host.childstdin import stdin_file
 from pyflannel.policy.model import DIRECTIONS, EntityRule, IPNetwork, Policy, PortRange, Rule
 from pyflannel.policy.selector import Selector
 from pyflannel.policy.verdict import Endpoint, PolicyModel
@@ -238,13 +239,14 @@ def apply_sync(text: str, netns: str | None = None, timeout: float = 30) -> None
 async def apply(text: str, timeout: float = 30) -> None:
     """:func:`apply_sync` without blocking the event loop."""
     try:
-        proc = await asyncio.create_subprocess_exec(
-            "nft", "-f", "-", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE)
+        with stdin_file(text.encode()) as ruleset:
+            proc = await asyncio.create_subprocess_exec(
+                "nft", "-f", "-", stdin=ruleset, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE)
     except OSError as e:
         raise NftError(f"cannot run nft: {e}") from None
     try:
-        _, err = await asyncio.wait_for(proc.communicate(text.encode()), timeout)
+        _, err = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
         proc.kill()
         await proc.wait()
