@@ -1,6 +1,7 @@
 """Network policy with real packets: three nodes, each with a container behind its docker0
 (n1 and n2 tenant=blue, n3 tenant=red), policy applied with `pyflannel policy` and enforced
-by each node's nftables ruleset, alike on host-gw, vxlan and udp."""
+by each node's nftables ruleset, alike on host-gw, vxlan and udp, over IPv4 and IPv6 (every
+cluster here is dual-stack)."""
 
 from __future__ import annotations
 
@@ -71,12 +72,14 @@ class Cluster:
         self.lab = lab
         self.nodes = {}
         self.containers: dict[str, tuple[str, str]] = {}  # node -> (netns, address)
+        self.containers6: dict[str, str] = {}  # node -> IPv6 address (dual-stack clusters)
 
     def add_container(self, node) -> None:
         """A namespace behind the node's docker0 at .2 of its subnet: traffic to and from it
         is forwarded by the node, where policy applies."""
         ns = f"{self.lab.prefix}-c{node.lab_node.name}"
         addr = node.gw.rsplit(".", 1)[0] + ".2"
+        addr6 = node.gw6[:-1] + "2" if node.subnet6 else ""
         subprocess.run(["ip", "netns", "add", ns], check=True)
         self.lab.add_cleanup(after=lambda: subprocess.run(["ip", "netns", "del", ns],
                                                           check=False))
@@ -89,6 +92,12 @@ class Cluster:
                      ["ip", "-n", ns, "link", "set", "eth0", "up"],
                      ["ip", "-n", ns, "route", "add", "default", "via", node.gw]):
             subprocess.run(argv, check=True, capture_output=True)
+        if addr6:
+            for argv in (["ip", "-n", ns, "addr", "add", f"{addr6}/64", "dev", "eth0",
+                          "nodad"],
+                         ["ip", "-n", ns, "-6", "route", "add", "default", "via", node.gw6]):
+                subprocess.run(argv, check=True, capture_output=True)
+            self.containers6[node.lab_node.name] = addr6
         self.containers[node.lab_node.name] = (ns, addr)
 
     def in_container(self, name: str, argv: list[str], timeout: float = 5) -> bool:
@@ -99,6 +108,10 @@ class Cluster:
     def ping(self, a: str, b: str) -> bool:
         return self.in_container(a, ["ping", "-n", "-q", "-c", "1", "-W", "0.3",
                                      self.containers[b][1]])
+
+    def ping6(self, a: str, b: str) -> bool:
+        return self.in_container(a, ["ping", "-6", "-n", "-q", "-c", "1", "-W", "0.3",
+                                     self.containers6[b]])
 
     def tcp(self, a: str, b: str) -> bool:
         return self.in_container(a, [sys.executable, "-c", CLIENT, self.containers[b][1]])
@@ -118,13 +131,17 @@ class Cluster:
     def pings(self) -> dict[tuple[str, str], bool]:
         return {(a, b): self.ping(a, b) for a in LABELS for b in LABELS if a != b}
 
+    def pings6(self) -> dict[tuple[str, str], bool]:
+        return {(a, b): self.ping6(a, b) for a in LABELS for b in LABELS if a != b}
+
 
 @pytest.fixture(scope="module", params=["host-gw", "vxlan", "udp"])
 def cluster(request):
     require_lab()
     with Lab(3) as lab:
-        lab.etcdctl("put", CONFIG_KEY, json.dumps({"Network": "10.1.0.0/16",
-                                                   "Backend": {"Type": request.param}}))
+        lab.etcdctl("put", CONFIG_KEY, json.dumps({
+            "Network": "10.1.0.0/16", "EnableIPv6": True, "IPv6Network": "fc00:10:1::/48",
+            "Backend": {"Type": request.param}}))
         c = Cluster(lab)
         for n in lab.nodes:
             c.nodes[n.name] = start_node(lab, n, f"-node-labels={LABELS[n.name]}")
@@ -135,6 +152,7 @@ def cluster(request):
         try:
             assert server.stdout is not None and server.stdout.readline() == b"up\n"
             wait_until(lambda: all(c.pings().values()), 10, "every pair pings, no policy")
+            wait_until(lambda: all(c.pings6().values()), 10, "every pair pings -6, no policy")
             yield c
         finally:
             server.kill()
@@ -157,7 +175,12 @@ def test_tenants_by_node_label_blue_pings_blue_and_red_is_denied_both_ways(polic
     c.apply(isolation("blue"), isolation("red"))
     wait_until(lambda: {p for p, ok in c.pings().items() if ok} == BLUE_PAIRS, 5,
                "only blue <-> blue pings")
-    traced = c.policy("trace", "--from", c.containers["n3"][1], "--to", c.containers["n1"][1])
+    # `apply` puts blue, then red: blue alone already gives these pings, so wait for n1 to
+    # hold the ruleset of both before reading the trace
+    trace = ["trace", "--from", c.containers["n3"][1], "--to", c.containers["n1"][1]]
+    wait_until(lambda: "holds this model's ruleset" in c.policy(*trace).stdout, 5,
+               "n1 holds the ruleset of both policies")
+    traced = c.policy(*trace)
     assert traced.returncode == 0, traced.stderr
     out = traced.stdout
     assert "tenant=red" in out and "tenant=blue" in out and "verdict: DENY" in out, out
@@ -165,6 +188,17 @@ def test_tenants_by_node_label_blue_pings_blue_and_red_is_denied_both_ways(polic
     # trace ran on n1, which holds the destination: its kernel holds this model's ruleset
     assert "kernel: this node" in out and "holds this model's ruleset" in out, out
     assert "ingress DENY" in out, out
+
+
+def test_the_tenants_are_isolated_over_ipv6_too(policies):
+    """The node labels cover the IPv6 subnet as well: the same two policies decide IPv6."""
+    c = policies
+    c.apply(isolation("blue"), isolation("red"))
+    wait_until(lambda: {p for p, ok in c.pings6().items() if ok} == BLUE_PAIRS, 5,
+               "only blue <-> blue pings over IPv6")
+    traced = c.policy("trace", "--from", c.containers6["n3"], "--to", c.containers6["n1"])
+    assert traced.returncode == 0, traced.stderr
+    assert "verdict: DENY" in traced.stdout, traced.stdout
 
 
 def test_a_rule_for_tcp_8080_from_red_lets_it_through_while_ping_stays_denied(policies):
