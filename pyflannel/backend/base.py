@@ -117,7 +117,10 @@ class Backend(abc.ABC):
 
     async def reconcile(self) -> None:
         desired = self.desired_routes() if self.lease is not None else {}
-        added, removed, errors = await run_netlink(sync_routes, desired)
+        self.report_route_sync(*await run_netlink(sync_routes, desired))
+
+    def report_route_sync(self, added: int, removed: int, errors: list[str]) -> None:
+        """One line for what a route reconcile changed; a failure said once until it clears."""
         if added or removed:
             log.info("routes reconciled: %d set, %d removed", added, removed)
         if errors:

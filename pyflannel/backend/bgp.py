@@ -328,15 +328,8 @@ class BgpBackend(Backend):
 
     async def reconcile(self) -> None:
         routes = self.speaker.rib.routes() if self.speaker and self.lease is not None else {}
-        added, removed, errors = await run_netlink(_resolve_and_sync, routes,
-                                                   self._sweep_allowed())
-        if added or removed:
-            log.info("routes reconciled: %d set, %d removed", added, removed)
-        if errors:
-            self._errors.error("routes", "cannot set routes yet (%s); will retry",
-                               "; ".join(errors[:3]))
-        else:
-            self._errors.clear("routes", "all routes in place")
+        self.report_route_sync(*await run_netlink(_resolve_and_sync, routes,
+                                                  self._sweep_allowed()))
 
     async def teardown(self) -> None:
         """Close the sessions without NOTIFICATION: peers keep our routes as stale while

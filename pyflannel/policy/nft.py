@@ -236,32 +236,14 @@ def apply_sync(text: str, netns: str | None = None, timeout: float = 30) -> None
         raise NftError(f"nft refused the ruleset: {first}")
 
 
-async def apply(text: str, timeout: float = 30) -> None:
-    """:func:`apply_sync` without blocking the event loop."""
+async def _run_nft(args: Sequence[str], what: str, timeout: float, text: str = "") -> str:
+    """Run ``nft ARGS`` off the event loop, ``text`` on its stdin; its output, or NftError
+    with ``what`` and nft's first line. The input waits in a file (host/childstdin.py), so
+    an nft that stops reading early is its own error, not a broken pipe."""
     try:
-        with stdin_file(text.encode()) as ruleset:
+        with stdin_file(text.encode()) as stdin:
             proc = await asyncio.create_subprocess_exec(
-                "nft", "-f", "-", stdin=ruleset, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE)
-    except OSError as e:
-        raise NftError(f"cannot run nft: {e}") from None
-    try:
-        _, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise NftError(f"nft did not finish in {timeout:.0f} s") from None
-    if proc.returncode != 0:
-        first = (err.decode(errors="replace").strip().splitlines() or ["?"])[0]
-        raise NftError(f"nft refused the ruleset: {first}")
-
-
-async def list_json(timeout: float = 10) -> str:
-    """``nft -j list table`` of the policy table, without blocking the event loop."""
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            "nft", "-j", "list", "table", FAMILY, TABLE, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE)
+                "nft", *args, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     except OSError as e:
         raise NftError(f"cannot run nft: {e}") from None
     try:
@@ -272,8 +254,19 @@ async def list_json(timeout: float = 10) -> str:
         raise NftError(f"nft did not finish in {timeout:.0f} s") from None
     if proc.returncode != 0:
         first = (err.decode(errors="replace").strip().splitlines() or ["?"])[0]
-        raise NftError(f"nft cannot list the table: {first}")
+        raise NftError(f"nft {what}: {first}")
     return out.decode(errors="replace")
+
+
+async def apply(text: str, timeout: float = 30) -> None:
+    """:func:`apply_sync` without blocking the event loop."""
+    await _run_nft(["-f", "-"], "refused the ruleset", timeout, text)
+
+
+async def list_json(timeout: float = 10) -> str:
+    """``nft -j list table`` of the policy table, without blocking the event loop."""
+    return await _run_nft(["-j", "list", "table", FAMILY, TABLE], "cannot list the table",
+                          timeout)
 
 
 def counters(listing: str) -> dict[str, tuple[int, int]]:
