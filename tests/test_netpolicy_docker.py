@@ -234,3 +234,34 @@ def test_a_node_without_docker_says_so_once_at_info_and_follows_it_once_it_appea
     assert said[0] == ("INFO", f"policy: no Docker socket at {tmp_path}/docker.sock; "
                        "containers are followed once it appears")
     assert [s for s in said[1:] if "Docker socket" in s[1] or s[0] != "INFO"] == []
+
+
+def test_a_broken_answer_from_dockerd_is_a_docker_error_that_closes_the_socket(tmp_path):
+    """An over-long header line (or a reset) mid-answer is retried by the watcher itself
+    like any other dockerd trouble, not a task failure; the connection is closed."""
+    from pyflannel.policy.docker import MAX_EVENT, DockerError, _Http
+
+    async def main() -> None:
+        closed = asyncio.Event()
+
+        async def serve(reader, writer) -> None:
+            await reader.readline()
+            writer.write(b"HTTP/1.1 200 OK\r\nX: " + b"y" * (MAX_EVENT + 10) + b"\r\n\r\n")
+            await reader.read()  # ends when the client closes its side
+            closed.set()
+            writer.close()
+
+        path = str(tmp_path / "docker.sock")
+        server = await asyncio.start_unix_server(serve, path)
+        try:
+            error = None
+            try:
+                await _Http(path).open("/events")
+            except DockerError as e:
+                error = e
+            assert error is not None and "broke off" in str(error)
+            await asyncio.wait_for(closed.wait(), 5)
+        finally:
+            server.close()
+
+    asyncio.run(main())

@@ -90,19 +90,25 @@ class _Http:
             raise DockerAbsent(f"no Docker socket at {self.socket_path}") from None
         except OSError as e:
             raise DockerError(f"cannot connect to {self.socket_path}: {e}") from None
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: docker\r\n\r\n".encode())
-        status = await reader.readline()
-        parts = status.decode(errors="replace").split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+        try:  # a reset or an over-long line is dockerd's trouble, retried; the socket closed
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: docker\r\n\r\n".encode())
+            status = await reader.readline()
+            parts = status.decode(errors="replace").split(" ", 2)
+            if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+                raise DockerError(f"dockerd answered {status[:80]!r} to GET {path[:60]}")
+            headers: dict[str, str] = {}
+            while True:
+                line = await reader.readline()
+                if line in (b"\r\n", b"\n", b""):
+                    break
+                name, _, value = line.decode(errors="replace").partition(":")
+                headers[name.strip().lower()] = value.strip()
+        except (OSError, ValueError) as e:
             writer.close()
-            raise DockerError(f"dockerd answered {status[:80]!r} to GET {path[:60]}")
-        headers: dict[str, str] = {}
-        while True:
-            line = await reader.readline()
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, _, value = line.decode(errors="replace").partition(":")
-            headers[name.strip().lower()] = value.strip()
+            raise DockerError(f"dockerd's answer to GET {path[:60]} broke off: {e}") from None
+        except DockerError:
+            writer.close()
+            raise
         if parts[1] != "200":
             writer.close()
             raise DockerError(f"dockerd answered {parts[1]} to GET {path[:60]}")
