@@ -198,20 +198,6 @@ class RawTunnelBackend(UdpBackend):
                     out[p.subnet] = RouteSpec(p.subnet, self.ext.index, p.attrs.public_ip)
         return out
 
-    async def commit(self) -> None:
-        lease, fastpath = self.lease, self.fastpath
-        if fastpath is not None and lease is not None:
-            v6 = self.cfg.enable_ipv6 and lease.ipv6_subnet is not None
-            routes = fastpath.route_rows(self.routes())
-            v4 = lease.has_ipv4
-            await self.install_table(self.device, fastpath.configure_async(
-                lease.subnet if v4 else None,
-                self.cfg.network.network_address if v4 else None, routes,
-                lease.ipv6_subnet if v6 else None,
-                self.cfg.ipv6_network.network_address if v6 else None),
-                [f"{r.subnet} via {r.public_ip}" for r in routes])
-        await self.reconcile()
-
 
 class GreBackend(RawTunnelBackend):
     type = "gre"

@@ -55,6 +55,7 @@ def carries_ipv6(lease: Lease) -> bool:
 
 class UdpBackend(Backend):
     type = "udp"
+    device = DEVICE  # the TUN; the raw-socket tunnels name their own
 
     def __init__(self, cfg, ext, framing: str = "", *, mode: str = "process",
                  gso: bool = True, gro: bool = True, coalesce: bool = True) -> None:
@@ -197,7 +198,7 @@ class UdpBackend(Backend):
         if fastpath is not None and lease is not None:
             v6 = self.cfg.enable_ipv6 and lease.ipv6_subnet is not None
             routes = fastpath.route_rows(self.routes())
-            await self.install_table(DEVICE, fastpath.configure_async(
+            await self.install_table(self.device, fastpath.configure_async(
                 lease.subnet if lease.has_ipv4 else None,
                 self.cfg.network.network_address if lease.has_ipv4 else None,
                 routes,
