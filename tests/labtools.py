@@ -191,6 +191,21 @@ def wait_until(cond, timeout: float = 10, what: str = "condition") -> None:
         assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
         time.sleep(0.1)
 
+
+def pods_ping_every_ordered_pair(lab: Lab, nodes, *, ipv6: bool = False,
+                                 timeout: float = 10) -> None:
+    """Each node's docker0 pings every other's, from its own docker0 address (and over
+    IPv6 too with ``ipv6``), waiting up to ``timeout`` for each pair."""
+    for a in nodes:
+        for b in nodes:
+            if a is b:
+                continue
+            wait_until(lambda a=a, b=b: lab.ping(a.lab_node, b.gw, src_ip=a.gw), timeout,
+                       f"{a.lab_node.name} -> {b.lab_node.name}")
+            if ipv6:
+                wait_until(lambda a=a, b=b: lab.ping(a.lab_node, b.gw6, src_ip=a.gw6), timeout,
+                           f"{a.lab_node.name} -> {b.lab_node.name} over IPv6")
+
 # Print the source address of the first UDP datagram to argv[1]:argv[2].
 UDP_SOURCE_OF = r"""
 import socket, sys

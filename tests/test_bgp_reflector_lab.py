@@ -14,7 +14,14 @@ import json
 import pytest
 
 from pyflannel.lab import Lab, underlay_ip6
-from tests.labtools import CONFIG_KEY, require_lab, start_node, status_json, wait_until
+from tests.labtools import (
+    CONFIG_KEY,
+    pods_ping_every_ordered_pair,
+    require_lab,
+    start_node,
+    status_json,
+    wait_until,
+)
 from tests.test_bgp_lab import Bird
 
 pytestmark = pytest.mark.lab
@@ -107,13 +114,7 @@ def test_nodes_learn_each_other_through_the_reflector_with_the_origin_as_next_ho
 
 def test_pods_ping_every_ordered_pair_over_ipv4_and_ipv6(cluster):
     lab, nodes, *_ = cluster
-    for a in nodes.values():
-        for b in nodes.values():
-            if a is not b:
-                wait_until(lambda a=a, b=b: lab.ping(a.lab_node, b.gw, src_ip=a.gw), 10,
-                           f"{a.lab_node.name} -> {b.lab_node.name}")
-                wait_until(lambda a=a, b=b: lab.ping(a.lab_node, b.gw6, src_ip=a.gw6), 10,
-                           f"{a.lab_node.name} -> {b.lab_node.name} over IPv6")
+    pods_ping_every_ordered_pair(lab, list(nodes.values()), ipv6=True)
 
 
 def test_a_router_peering_over_the_ipv6_underlay_learns_every_nodes_ipv6_subnet(cluster):

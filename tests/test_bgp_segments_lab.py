@@ -17,7 +17,14 @@ import re
 import pytest
 
 from pyflannel.lab import Lab
-from tests.labtools import CONFIG_KEY, require_lab, start_node, status_json, wait_until
+from tests.labtools import (
+    CONFIG_KEY,
+    pods_ping_every_ordered_pair,
+    require_lab,
+    start_node,
+    status_json,
+    wait_until,
+)
 from tests.test_bgp_lab import Bird, GoBgp
 
 pytestmark = pytest.mark.lab
@@ -151,11 +158,7 @@ def test_next_hops_across_the_router_are_resolved_through_it(cluster):
 
 def test_pods_ping_every_ordered_pair_across_the_segments(cluster):
     lab, nodes, *_ = cluster
-    for a in nodes.values():
-        for b in nodes.values():
-            if a is not b:
-                wait_until(lambda a=a, b=b: lab.ping(a.lab_node, b.gw, src_ip=a.gw), 10,
-                           f"{a.lab_node.name} -> {b.lab_node.name}")
+    pods_ping_every_ordered_pair(lab, list(nodes.values()))
 
 
 def test_gobgp_and_bird_learn_every_node_from_the_reflector(cluster):
